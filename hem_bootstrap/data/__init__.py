@@ -1,0 +1,1 @@
+"""Datasets for inference tiles and training chips, and synthetic ortho-scenes."""

@@ -1,0 +1,1 @@
+"""Geo data layer: tiling math, raster reads, vector labels. Never imports torch."""

@@ -1,0 +1,1 @@
+"""Matching detections to ground truth, mining strategies and the negative bank."""

@@ -1,0 +1,1 @@
+"""Detectors, the training engine and the inference engine."""
