@@ -1,0 +1,353 @@
+"""The ``hem`` command line: thin typer commands that parse, load config and call one library function.
+
+Library errors (:class:`~hem_bootstrap.errors.HemError`) become one line on stderr and exit
+code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from hem_bootstrap.errors import HemError
+
+app = typer.Typer(
+    name="hem",
+    help="Offline hard-negative mining (bootstrapping) for torchvision detectors on ortho-imagery.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Validate configs and list every key.", no_args_is_help=True)
+bank_app = typer.Typer(help="Inspect and export a run's negative bank.", no_args_is_help=True)
+review_app = typer.Typer(help="Resolve suspected missing labels held for review.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(bank_app, name="bank")
+app.add_typer(review_app, name="review")
+
+_STATE = {"debug": False}
+
+ConfigArg = Annotated[Path, typer.Argument(help="Experiment config (YAML).", show_default=False)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config key: section.key=value (repeatable)."),
+]
+RunArg = Annotated[Path, typer.Argument(help="Run directory (runs/<name>).", show_default=False)]
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More log output.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
+) -> None:
+    """Offline hard-negative mining for detectors on ortho-imagery.
+
+    Example: hem run configs/demo.yaml
+    """
+    level = logging.DEBUG if verbose else (logging.WARNING if quiet else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    _STATE["debug"] = debug
+    _STATE["quiet"] = quiet
+
+
+def _load(config: Path, overrides: list[str] | None):  # noqa: ANN202 - returns ExperimentConfig
+    from hem_bootstrap.config import load_config
+
+    return load_config(config, overrides)
+
+
+def _echo(text: str) -> None:
+    typer.echo(text)
+
+
+# ------------------------------------------------------------------------- config
+
+
+@config_app.command("validate")
+def config_validate(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Validate a config and print it resolved (defaults filled in, paths absolute).
+
+    Example: hem config validate configs/demo.yaml --set train.steps=100
+    """
+    from hem_bootstrap.config import dump_config
+
+    cfg = _load(config, set_)
+    _echo(dump_config(cfg).rstrip())
+
+
+@config_app.command("show-defaults")
+def config_show_defaults() -> None:
+    """Print every config key with its default and help.
+
+    Example: hem config show-defaults > my_experiment.yaml
+    """
+    from hem_bootstrap.config import describe_defaults
+
+    _echo(describe_defaults().rstrip())
+
+
+# -------------------------------------------------------------------------- synth
+
+
+@app.command()
+def synth(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the scene into.")],
+    size: Annotated[int, typer.Option(help="Raster width and height in pixels.", min=64, max=65536)] = 4096,
+    gsd: Annotated[float, typer.Option(help="Ground sample distance, metres per pixel.", min=0.01)] = 0.125,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same scene).")] = 7,
+    name: Annotated[str, typer.Option(help="Base name of the written files.")] = "scene",
+    vehicles: Annotated[int | None, typer.Option(help="Number of vehicles (default: by density).")] = None,
+    distractors: Annotated[int | None, typer.Option(help="Number of look-alikes (default: by density).")] = None,
+    similarity: Annotated[float, typer.Option(help="How closely look-alikes resemble vehicles, 0..1.")] = 0.7,
+    epsg: Annotated[int, typer.Option(help="Projected CRS of the scene.")] = 32633,
+) -> None:
+    """Write a synthetic ortho-scene: a GeoTIFF, vehicle labels and look-alike distractors.
+
+    Example: hem synth scenes/ --size 4096 --gsd 0.125 --seed 7
+    """
+    from hem_bootstrap.data.synth import SceneSpec, write_scene
+
+    if not 0.0 <= similarity <= 1.0:
+        raise HemError(f"--similarity {similarity}: expected a value in [0, 1]")
+    spec = SceneSpec(
+        size=size,
+        gsd=gsd,
+        seed=seed,
+        n_vehicles=vehicles,
+        n_distractors=distractors,
+        distractor_similarity=similarity,
+        epsg=epsg,
+    )
+    paths = write_scene(out_dir, spec, name=name)
+    for key, p in paths.items():
+        _echo(f"{key}: {p}")
+
+
+# ---------------------------------------------------------------------- pipeline
+
+
+@app.command()
+def train(
+    config: ConfigArg,
+    round_: Annotated[int, typer.Option("--round", help="Round whose training set to use (bank as of then).")] = 0,
+    resume: Annotated[bool, typer.Option(help="Resume from the round's checkpoint.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Train the detector on positives plus the run's current bank negatives.
+
+    Example: hem train configs/demo.yaml --round 1
+    """
+    from hem_bootstrap.rounds import train_round_cli
+
+    cfg = _load(config, set_)
+    path = train_round_cli(cfg, round_idx=round_, resume=resume)
+    _echo(f"model: {path}")
+
+
+@app.command()
+def detect(
+    config: ConfigArg,
+    model: Annotated[Path, typer.Option(help="Model checkpoint (model.pt).")],
+    out: Annotated[Path, typer.Option(help="Output GeoPackage (.gpkg), GeoJSON (.geojson) or COCO (.json).")],
+    images: Annotated[
+        list[str] | None, typer.Option("--images", help="Rasters or glob patterns (default: the pool).")
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run the detector over large rasters, merged across tile seams, streamed to a file.
+
+    Example: hem detect configs/demo.yaml --model runs/demo/round_001/model.pt --images 'tiles/*.tif' --out d.gpkg
+    """
+    from hem_bootstrap.rounds import detect_cli
+
+    cfg = _load(config, set_)
+    summary = detect_cli(cfg, model, images, out)
+    _echo(summary)
+
+
+@app.command()
+def evaluate(
+    config: ConfigArg,
+    model: Annotated[Path, typer.Option(help="Model checkpoint (model.pt).")],
+    out: Annotated[Path | None, typer.Option(help="Write metrics JSON here.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Evaluate a model on the held-out imagery: AP, precision/recall, FP per km².
+
+    Example: hem evaluate configs/demo.yaml --model runs/demo/round_003/model.pt
+    """
+    from hem_bootstrap.rounds import evaluate_cli
+
+    cfg = _load(config, set_)
+    _echo(evaluate_cli(cfg, model, out))
+
+
+@app.command()
+def run(
+    config: ConfigArg,
+    resume: Annotated[bool, typer.Option(help="Continue the run from its last finished step.")] = False,
+    fresh: Annotated[bool, typer.Option(help="Delete an existing run directory of this name first.")] = False,
+    force: Annotated[bool, typer.Option(help="Resume even if the config changed in incompatible ways.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Run the whole loop: round 0, then mine / retrain / evaluate for each round.
+
+    Example: hem run configs/demo.yaml --set rounds.n_rounds=3
+    """
+    from hem_bootstrap.rounds import run_experiment
+
+    cfg = _load(config, set_)
+    run_experiment(cfg, resume=resume, fresh=fresh, force=force, config_path=config)
+
+
+@app.command("round")
+def round_(
+    config: ConfigArg,
+    run_dir: Annotated[Path, typer.Option("--run", help="Run directory to add one round to.")],
+    force: Annotated[bool, typer.Option(help="Continue even if the config changed in incompatible ways.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Run exactly one more round of an existing run.
+
+    Example: hem round configs/demo.yaml --run runs/demo
+    """
+    from hem_bootstrap.rounds import run_one_more_round
+
+    cfg = _load(config, set_)
+    run_one_more_round(cfg, run_dir, force=force, config_path=config)
+
+
+@app.command()
+def status(run_dir: RunArg) -> None:
+    """Print where a run stands: rounds, steps done, bank size, skipped rasters.
+
+    Example: hem status runs/demo
+    """
+    from hem_bootstrap.rounds import run_status
+
+    _echo(run_status(run_dir))
+
+
+@app.command()
+def report(run_dir: RunArg) -> None:
+    """Write report/report.md and plots for a run.
+
+    Example: hem report runs/demo
+    """
+    from hem_bootstrap.report import write_report
+
+    path = write_report(run_dir)
+    _echo(f"report: {path}")
+
+
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Two or more run directories.")],
+    out: Annotated[Path | None, typer.Option(help="Folder for the comparison plot.")] = None,
+) -> None:
+    """Compare runs side by side (e.g. threshold vs cap vs random vs no mining).
+
+    Example: hem compare runs/threshold runs/random --out compare/
+    """
+    from hem_bootstrap.report import compare_runs
+
+    _echo(compare_runs(run_dirs, out))
+
+
+@app.command("export-model")
+def export_model_cmd(
+    run_dir: RunArg,
+    out: Annotated[Path, typer.Option(help="Weights file to write (.pth); a .json model card goes beside it.")],
+    round_idx: Annotated[int | None, typer.Option("--round", help="Round (default: the last finished).")] = None,
+) -> None:
+    """Export a round's weights plus a JSON model card.
+
+    Example: hem export-model runs/demo --out vehicle_detector.pth
+    """
+    from hem_bootstrap.rounds import export_model_cli
+
+    _echo(export_model_cli(run_dir, out, round_idx))
+
+
+# --------------------------------------------------------------------------- bank
+
+
+@bank_app.command("stats")
+def bank_stats(run_dir: RunArg) -> None:
+    """Counts by round and strategy, active/retired, score histogram.
+
+    Example: hem bank stats runs/demo
+    """
+    from hem_bootstrap.rounds import bank_stats_text
+
+    _echo(bank_stats_text(run_dir))
+
+
+@bank_app.command("export")
+def bank_export(
+    run_dir: RunArg,
+    out: Annotated[Path, typer.Option(help="File to write.")],
+    format_: Annotated[str, typer.Option("--format", help="geojson or coco.")] = "geojson",
+) -> None:
+    """Export the bank as GeoJSON or COCO JSON.
+
+    Example: hem bank export runs/demo --format coco --out negatives.json
+    """
+    from hem_bootstrap.rounds import bank_export_cli
+
+    if format_ not in ("geojson", "coco"):
+        raise HemError(f"--format {format_!r}: expected 'geojson' or 'coco'")
+    _echo(bank_export_cli(run_dir, out, format_))
+
+
+@review_app.command("apply")
+def review_apply(
+    run_dir: RunArg,
+    decisions: Annotated[Path, typer.Argument(help="GeoPackage with review_id and decision (positive|negative).")],
+) -> None:
+    """Apply review decisions: new positives join the labels, true negatives join the bank.
+
+    Example: hem review apply runs/demo decisions.gpkg
+    """
+    from hem_bootstrap.rounds import review_apply_cli
+
+    _echo(review_apply_cli(run_dir, decisions))
+
+
+# --------------------------------------------------------------------------- entry
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app, turning library errors into one line and exit code 2."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        app(args=args, standalone_mode=False)
+    except HemError as err:
+        if debug:
+            raise
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except typer.Exit as ex:
+        sys.exit(ex.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    except Exception as err:  # usage errors from typer's click layer carry show() and exit_code
+        show = getattr(err, "show", None)
+        if callable(show) and hasattr(err, "exit_code"):
+            show()
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Config validation: valid files, unknown keys, bad values, overrides, relative paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hem_bootstrap.config import ExperimentConfig, describe_defaults, load_config
+from hem_bootstrap.errors import ConfigError
+
+
+def _write(tmp_path: Path, tree: dict, name: str = "exp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_valid_file_and_defaults(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"tiling": {"tile_size": 128, "overlap": 16}, "rounds": {"n_rounds": 2}})
+    cfg = load_config(path)
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.tiling.tile_size == 128 and cfg.tiling.overlap_px() == 16
+    assert cfg.rounds.n_rounds == 2
+    assert cfg.train.optimizer == "adamw"  # default filled in
+    assert cfg.num_classes == 2
+
+
+def test_unknown_key_names_key_section_and_closest(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"tiling": {"tile_sise": 128}})
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    msg = str(exc.value)
+    assert "tile_sise" in msg and "'tiling'" in msg and "tile_size" in msg
+    assert "\n" not in msg
+
+
+def test_unknown_section_suggests_closest(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="did you mean 'mining'"):
+        load_config(_write(tmp_path, {"minning": {}}))
+
+
+def test_unknown_key_inside_list_item(tmp_path: Path) -> None:
+    tree = {"mining": {"strategies": [{"name": "threshold", "treshold": 0.5}]}}
+    with pytest.raises(ConfigError, match="did you mean 'threshold'"):
+        load_config(_write(tmp_path, tree))
+
+
+@pytest.mark.parametrize(
+    ("tree", "needle"),
+    [
+        ({"tiling": {"tile_size": 0}}, "tiling.tile_size = 0"),
+        ({"tiling": {"tile_size": "big"}}, "tiling.tile_size = 'big'"),
+        ({"mining": {"strategies": [{"name": "threshold", "threshold": 1.5}]}}, "less than or equal to 1"),
+        ({"mining": {"strategies": [{"name": "per_image_cap", "k": 0}]}}, "greater than 0"),
+        ({"mining": {"strategies": [{"name": "per_image_cap"}]}}, "needs k"),
+        ({"tiling": {"tile_size": 64, "overlap": 64}}, "overlap"),
+        ({"data": {"bands": [0, 1]}}, "1-based"),
+    ],
+)
+def test_bad_values_name_field_value_constraint(tmp_path: Path, tree: dict, needle: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(_write(tmp_path, tree))
+    assert needle in str(exc.value)
+    assert str(tmp_path) in str(exc.value)
+
+
+def test_overrides_parse_yaml_values(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"train": {"steps": 10}})
+    cfg = load_config(path, ["train.steps=42", "runtime.amp=false", "evaluate.fixed_recalls=[0.5, 0.7]"])
+    assert cfg.train.steps == 42
+    assert cfg.runtime.amp is False
+    assert cfg.evaluate.fixed_recalls == [0.5, 0.7]
+
+
+def test_override_errors(tmp_path: Path) -> None:
+    path = _write(tmp_path, {})
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(path, ["train.steps"])
+    with pytest.raises(ConfigError, match="unknown key 'stepz'"):
+        load_config(path, ["train.stepz=3"])
+
+
+def test_relative_paths_resolve_against_config_folder(tmp_path: Path) -> None:
+    sub = tmp_path / "exp"
+    sub.mkdir()
+    tree = {
+        "data": {"train": [{"images": ["imgs/*.tif", "a.tif"], "labels": "labels.gpkg"}]},
+        "model": {"weights": "w.pth"},
+        "rounds": {"out_dir": "runs"},
+    }
+    cfg = load_config(_write(sub, tree))
+    s = cfg.data.train[0]
+    assert s.images == [str(sub / "imgs/*.tif"), str(sub / "a.tif")]
+    assert s.labels == str(sub / "labels.gpkg")
+    assert cfg.model.weights == str(sub / "w.pth")
+    assert cfg.rounds.out_dir == str(sub / "runs")
+
+
+def test_missing_and_invalid_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tiling: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(lst)
+
+
+def test_describe_defaults_lists_every_section() -> None:
+    text = describe_defaults()
+    for section in ExperimentConfig.model_fields:
+        assert f"\n{section}:" in "\n" + text
+    assert "tile_size: 256" in text
+
+
+def test_demo_config_validates() -> None:
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "demo.yaml")
+    assert cfg.data.train and cfg.data.pool and cfg.data.test
