@@ -1,0 +1,447 @@
+"""The hot path: batched inference over large rasters, seam merging in map space, streaming output.
+
+DataLoader workers read windows (each with its own raster handle) while the model runs on
+batches; tiles without enough valid pixels never reach the model. Raw per-tile detections of
+one image are merged with class-aware NMS once the image is finished, and yielded as a
+detection frame (see :mod:`hem_bootstrap.contracts`), so memory grows with one image's
+detections, never with the pool or the raster size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import torch
+from shapely import box as shapely_box
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from hem_bootstrap.config import DataConfig, ModelConfig, RuntimeConfig, TilingConfig
+from hem_bootstrap.contracts import DETECTION_COLUMNS
+from hem_bootstrap.data.tiles import TileDataset, TileRef, collate_tiles, plan_tiles
+from hem_bootstrap.errors import DataError
+from hem_bootstrap.geo.raster import RasterInfo, open_raster
+from hem_bootstrap.geo.windows import pixel_to_map_boxes
+
+log = logging.getLogger(__name__)
+
+EDGE_MARGIN_PX = 2.0
+"""A box closer than this to an inner tile edge counts as cut by that edge."""
+
+
+@dataclass
+class RawDetections:
+    """Per-tile detections of one image in full-image pixel coordinates, before seam merging."""
+
+    boxes: list[np.ndarray] = field(default_factory=list)  # (n, 4) xyxy image pixels
+    scores: list[np.ndarray] = field(default_factory=list)
+    labels: list[np.ndarray] = field(default_factory=list)
+    windows: list[np.ndarray] = field(default_factory=list)  # (n, 4) col, row, w, h
+    cut: list[np.ndarray] = field(default_factory=list)  # (n,) bool: touches an inner tile edge
+
+    def add(self, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, win: np.ndarray, cut: np.ndarray) -> None:
+        """Append one tile's detections."""
+        self.boxes.append(boxes)
+        self.scores.append(scores)
+        self.labels.append(labels)
+        self.windows.append(np.repeat(win[None, :], len(boxes), axis=0))
+        self.cut.append(cut)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Concatenated arrays (empty with the right shapes when nothing was detected)."""
+        if not self.boxes:
+            return (
+                np.zeros((0, 4), np.float32),
+                np.zeros((0,), np.float32),
+                np.zeros((0,), np.int64),
+                np.zeros((0, 4), np.int64),
+                np.zeros((0,), bool),
+            )
+        return (
+            np.concatenate(self.boxes).astype(np.float32),
+            np.concatenate(self.scores).astype(np.float32),
+            np.concatenate(self.labels).astype(np.int64),
+            np.concatenate(self.windows).astype(np.int64),
+            np.concatenate(self.cut).astype(bool),
+        )
+
+
+@dataclass
+class DetectStats:
+    """What a scan did, for logs, the manifest and benchmarks."""
+
+    tiles_total: int = 0
+    tiles_run: int = 0
+    tiles_skipped: int = 0
+    detections: int = 0
+    seconds: float = 0.0
+    model_seconds: float = 0.0
+    bad_rasters: list[str] = field(default_factory=list)
+
+    @property
+    def tiles_per_s(self) -> float:
+        """End-to-end tiles per second (skipped tiles included: they were read)."""
+        return self.tiles_total / self.seconds if self.seconds > 0 else 0.0
+
+
+def cut_by_inner_edge(boxes: np.ndarray, win: tuple[int, int, int, int], width: int, height: int) -> np.ndarray:
+    """Which boxes (image pixels) touch an edge of their tile that is not an edge of the image."""
+    col, row, w, h = win
+    if len(boxes) == 0:
+        return np.zeros((0,), bool)
+    m = EDGE_MARGIN_PX
+    left = (boxes[:, 0] <= col + m) & (col > 0)
+    top = (boxes[:, 1] <= row + m) & (row > 0)
+    right = (boxes[:, 2] >= col + w - m) & (col + w < width)
+    bottom = (boxes[:, 3] >= row + h - m) & (row + h < height)
+    return left | top | right | bottom
+
+
+def merge_detections(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    cut: np.ndarray,
+    nms_iou: float,
+    drop_cut: bool = True,
+) -> np.ndarray:
+    """Indices kept after seam merging of one image's raw detections.
+
+    Boxes cut by an inner tile edge are dropped when an uncut box from another tile covers
+    most of them (the neighbour saw the object whole); then class-aware NMS
+    (``torchvision.ops.batched_nms``). Inputs are put in a canonical order first, so the
+    result does not depend on the order tiles were processed in (one process or many).
+    """
+    from torchvision.ops import batched_nms, box_area, box_iou
+
+    n = len(boxes)
+    if n == 0:
+        return np.zeros((0,), np.int64)
+    order = np.lexsort((boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0], labels, -scores))
+    b = torch.from_numpy(boxes[order]).double()
+    s = torch.from_numpy(scores[order]).double()
+    lab = torch.from_numpy(labels[order])
+    keep_mask = torch.ones(n, dtype=torch.bool)
+    c = torch.from_numpy(cut[order])
+    if drop_cut and bool(c.any()) and bool((~c).any()):
+        cut_idx = torch.nonzero(c).flatten()
+        whole_idx = torch.nonzero(~c).flatten()
+        lt = torch.max(b[cut_idx, None, :2], b[None, whole_idx, :2])
+        rb = torch.min(b[cut_idx, None, 2:], b[None, whole_idx, 2:])
+        inter = (rb - lt).clamp(min=0).prod(dim=2)
+        cover = inter / box_area(b[cut_idx]).clamp(min=1e-9)[:, None]
+        same = lab[cut_idx, None] == lab[None, whole_idx]
+        covered = ((cover > 0.5) & same).any(dim=1)
+        keep_mask[cut_idx[covered]] = False
+    idx = torch.nonzero(keep_mask).flatten()
+    kept = batched_nms(b[idx], s[idx], lab[idx], nms_iou)
+    # batched_nms returns by decreasing score; keep that, ties broken by canonical order
+    kept_local = idx[kept].numpy()
+    _ = box_iou  # imported for callers that compare; keeps torchvision ops in one place
+    return order[kept_local]
+
+
+def detections_frame(
+    image: str,
+    info: RasterInfo,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    windows: np.ndarray,
+) -> gpd.GeoDataFrame:
+    """Build a detection frame in the raster's CRS from image-pixel boxes."""
+    map_boxes = pixel_to_map_boxes(boxes, info.transform) if len(boxes) else np.zeros((0, 4))
+    geoms = [shapely_box(*bb) for bb in map_boxes]
+    frame = gpd.GeoDataFrame(
+        {
+            "image": [image] * len(boxes),
+            "label": labels.astype(np.int64),
+            "score": scores.astype(np.float64),
+            "win_col": windows[:, 0].astype(np.int64),
+            "win_row": windows[:, 1].astype(np.int64),
+            "win_w": windows[:, 2].astype(np.int64),
+            "win_h": windows[:, 3].astype(np.int64),
+            "px_xmin": boxes[:, 0].astype(np.float64),
+            "px_ymin": boxes[:, 1].astype(np.float64),
+            "px_xmax": boxes[:, 2].astype(np.float64),
+            "px_ymax": boxes[:, 3].astype(np.float64),
+        },
+        geometry=geoms,
+        crs=info.crs if info.georeferenced else None,
+    )
+    assert all(col in frame.columns for col in DETECTION_COLUMNS)
+    return frame
+
+
+def empty_detections(crs: object = None) -> gpd.GeoDataFrame:
+    """A detection frame with no rows but every column."""
+    z = np.zeros((0,), np.float64)
+    cols = {c: z.astype(np.int64) for c in ("label", "win_col", "win_row", "win_w", "win_h")}
+    frame = gpd.GeoDataFrame(
+        {"image": np.array([], dtype=object), **cols, "score": z,
+         "px_xmin": z, "px_ymin": z, "px_xmax": z, "px_ymax": z},
+        geometry=[],
+        crs=crs,
+    )
+    return frame[["image", "label", "score", "win_col", "win_row", "win_w", "win_h",
+                  "px_xmin", "px_ymin", "px_xmax", "px_ymax", "geometry"]]
+
+
+def usable_rasters(paths: list[Path], on_bad: str) -> tuple[list[Path], list[RasterInfo], list[str]]:
+    """Open every raster once; a broken one is skipped (logged) or fails the scan, by config."""
+    good: list[Path] = []
+    infos: list[RasterInfo] = []
+    bad: list[str] = []
+    for p in paths:
+        try:
+            infos.append(open_raster(p))
+            good.append(Path(p))
+        except DataError as err:
+            if on_bad == "fail":
+                raise
+            log.warning("skipping raster: %s", err)
+            bad.append(f"{p}: {err}")
+    return good, infos, bad
+
+
+def prepare_model(model: torch.nn.Module, device: torch.device, model_cfg: ModelConfig) -> torch.nn.Module:
+    """Move the model to the device in eval mode, with the configured fast path."""
+    model = model.to(device).eval()
+    if model_cfg.fast_path in ("channels_last", "compile") and model_cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if model_cfg.fast_path == "compile":
+        backbone = getattr(model, "backbone", None)
+        if backbone is not None:
+            model.backbone = torch.compile(backbone, dynamic=False)  # type: ignore[assignment]
+    return model
+
+
+def _autocast(device: torch.device, runtime: RuntimeConfig) -> contextlib.AbstractContextManager:
+    if device.type == "cuda" and runtime.amp:
+        dtype = torch.bfloat16 if runtime.amp_dtype == "bf16" else torch.float16
+        return torch.autocast(device_type="cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def shard_refs(refs: list[TileRef], rank: int, world: int) -> list[TileRef]:
+    """A contiguous, balanced, deterministic share of the tiles for one rank."""
+    n = len(refs)
+    lo = (n * rank) // world
+    hi = (n * (rank + 1)) // world
+    return refs[lo:hi]
+
+
+def scan_raw(
+    model: torch.nn.Module,
+    paths: list[Path],
+    infos: list[RasterInfo],
+    refs: list[TileRef],
+    data_cfg: DataConfig,
+    runtime: RuntimeConfig,
+    device: torch.device,
+    stats: DetectStats,
+    progress: bool = True,
+    total_tiles: int | None = None,
+) -> Iterator[tuple[int, RawDetections]]:
+    """Run the model over tiles in order; yield ``(image_idx, raw detections)`` as each image ends."""
+    if not refs:
+        return
+    workers = runtime.workers
+    loader = DataLoader(
+        TileDataset(paths, refs, data_cfg),
+        batch_size=runtime.batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_tiles,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=runtime.prefetch if workers > 0 else None,
+        persistent_workers=False,
+    )
+    current: int | None = None
+    raw = RawDetections()
+    bar = tqdm(total=total_tiles or len(refs), unit="tile", disable=not progress, dynamic_ncols=True,
+               desc="detect", leave=False)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for batch in loader:
+            n_in_batch = len(batch["image_idx"]) + batch["n_skipped"]
+            stats.tiles_total += n_in_batch
+            stats.tiles_skipped += batch["n_skipped"]
+            bar.update(n_in_batch)
+            if batch["images"] is None:
+                continue
+            images = batch["images"].to(device, non_blocking=True)
+            if device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            tm = time.perf_counter()
+            with _autocast(device, runtime):
+                outputs = model(list(images))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            stats.model_seconds += time.perf_counter() - tm
+            stats.tiles_run += len(batch["image_idx"])
+            for out, idx, win in zip(outputs, batch["image_idx"], batch["windows"], strict=True):
+                if current is not None and idx != current:
+                    yield current, raw
+                    raw = RawDetections()
+                current = idx
+                boxes = out["boxes"].float().cpu().numpy()
+                if len(boxes) == 0:
+                    continue
+                vw, vh = win.valid_width, win.valid_height
+                # clip to the valid part of a padded tile, then shift to image pixels
+                boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, vw)
+                boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, vh)
+                ok = (boxes[:, 2] - boxes[:, 0] > 0.5) & (boxes[:, 3] - boxes[:, 1] > 0.5)
+                boxes = boxes[ok]
+                boxes[:, [0, 2]] += win.col_off
+                boxes[:, [1, 3]] += win.row_off
+                info = infos[idx]
+                w_arr = np.array([win.col_off, win.row_off, min(win.width, vw), min(win.height, vh)])
+                cut = cut_by_inner_edge(boxes, tuple(w_arr), info.width, info.height)
+                raw.add(
+                    boxes,
+                    out["scores"].float().cpu().numpy()[ok],
+                    out["labels"].cpu().numpy()[ok],
+                    w_arr,
+                    cut,
+                )
+            if progress:
+                el = time.perf_counter() - t0
+                rate = stats.tiles_total / el if el > 0 else 0.0
+                left = (total_tiles or len(refs)) - stats.tiles_total
+                bar.set_postfix(tiles_s=f"{rate:.1f}", eta_s=f"{left / rate:.0f}" if rate else "?")
+    bar.close()
+    if current is not None:
+        yield current, raw
+
+
+def detect(
+    model: torch.nn.Module,
+    paths: list[Path],
+    data_cfg: DataConfig,
+    tiling: TilingConfig,
+    model_cfg: ModelConfig,
+    runtime: RuntimeConfig,
+    device: torch.device,
+    *,
+    stats: DetectStats | None = None,
+    progress: bool = True,
+    drop_cut: bool = True,
+) -> Iterator[gpd.GeoDataFrame]:
+    """Detect objects over rasters; yields one merged detection frame per image, in the raster's CRS.
+
+    Under ``torchrun`` use :func:`detect_distributed` instead, which shards tiles over ranks.
+    """
+    stats = stats if stats is not None else DetectStats()
+    t0 = time.perf_counter()
+    good, infos, bad = usable_rasters(paths, data_cfg.on_bad_raster)
+    stats.bad_rasters.extend(bad)
+    refs = plan_tiles(good, tiling)
+    model = prepare_model(model, device, model_cfg)
+    seen: set[int] = set()
+    for idx, raw in scan_raw(model, good, infos, refs, data_cfg, runtime, device, stats, progress):
+        seen.add(idx)
+        frame = _merged_frame(good[idx], infos[idx], raw, model_cfg.nms_iou, drop_cut)
+        stats.detections += len(frame)
+        stats.seconds = time.perf_counter() - t0
+        yield frame
+    stats.seconds = time.perf_counter() - t0
+
+
+def _merged_frame(path: Path, info: RasterInfo, raw: RawDetections, nms_iou: float, drop_cut: bool) -> gpd.GeoDataFrame:
+    boxes, scores, labels, windows, cut = raw.arrays()
+    keep = merge_detections(boxes, scores, labels, cut, nms_iou, drop_cut)
+    return detections_frame(str(path), info, boxes[keep], scores[keep], labels[keep], windows[keep])
+
+
+def tiles_per_second_eta(done: int, total: int, seconds: float) -> tuple[float, float]:
+    """Rate and ETA in seconds, for progress lines."""
+    rate = done / seconds if seconds > 0 else 0.0
+    eta = (total - done) / rate if rate > 0 else math.inf
+    return rate, eta
+
+
+def write_detections(
+    frames: Iterator[gpd.GeoDataFrame], out: Path, layer: str = "detections"
+) -> tuple[int, list[str]]:
+    """Stream detection frames into one file, written under a temporary name and renamed at the end.
+
+    GeoPackage (``.gpkg``): one layer per CRS (``detections`` for the first CRS met,
+    ``detections_<epsg>`` for others), appended frame by frame so memory stays flat.
+    GeoJSON (``.geojson``) and COCO (``.json``) are converted from a temporary GeoPackage.
+    Returns the number of rows and the layer names.
+    """
+    import pyogrio
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    suffix = out.suffix.lower()
+    if suffix not in (".gpkg", ".geojson", ".json"):
+        raise DataError(f"{out}: unsupported output format '{suffix}', expected .gpkg, .geojson or .json (COCO)")
+    tmp_gpkg = out.with_name(f".{out.name}.tmp.gpkg")
+    if tmp_gpkg.exists():
+        tmp_gpkg.unlink()
+    layers: dict[str, str] = {}
+    total = 0
+    for frame in frames:
+        key = frame.crs.to_string() if frame.crs is not None else "pixel"
+        if key not in layers:
+            layers[key] = layer if not layers else f"{layer}_{key.replace(':', '_').lower()}"
+            empty = empty_detections(frame.crs)
+            pyogrio.write_dataframe(empty, tmp_gpkg, layer=layers[key], driver="GPKG", append=tmp_gpkg.exists())
+        if len(frame):
+            pyogrio.write_dataframe(frame, tmp_gpkg, layer=layers[key], driver="GPKG", append=True)
+        total += len(frame)
+    if not layers:
+        pyogrio.write_dataframe(empty_detections(None), tmp_gpkg, layer=layer, driver="GPKG")
+        layers["pixel"] = layer
+    if suffix == ".gpkg":
+        os.replace(tmp_gpkg, out)
+    else:
+        frames_back = [gpd.read_file(tmp_gpkg, layer=name) for name in layers.values()]
+        tmp_out = out.with_name(f".{out.name}.tmp")
+        if suffix == ".geojson":
+            merged = frames_back[0] if len(frames_back) == 1 else frames_back[0]
+            if len(frames_back) > 1:
+                log.warning("GeoJSON holds one CRS: only layer %s written", list(layers.values())[0])
+            merged.to_file(tmp_out, driver="GeoJSON")
+        else:
+            _write_coco(frames_back, tmp_out)
+        os.replace(tmp_out, out)
+        tmp_gpkg.unlink()
+    return total, list(layers.values())
+
+
+def _write_coco(frames: list[gpd.GeoDataFrame], out: Path) -> None:
+    import json
+
+    images: dict[str, int] = {}
+    anns = []
+    for frame in frames:
+        for row in frame.itertuples(index=False):
+            img_id = images.setdefault(row.image, len(images) + 1)
+            w = float(row.px_xmax - row.px_xmin)
+            h = float(row.px_ymax - row.px_ymin)
+            anns.append({
+                "id": len(anns) + 1, "image_id": img_id, "category_id": int(row.label),
+                "bbox": [float(row.px_xmin), float(row.px_ymin), w, h], "area": w * h,
+                "score": float(row.score), "iscrowd": 0,
+            })
+    doc = {
+        "images": [{"id": i, "file_name": name} for name, i in images.items()],
+        "annotations": anns,
+        "categories": sorted({a["category_id"] for a in anns}) and [
+            {"id": c, "name": str(c)} for c in sorted({a["category_id"] for a in anns})
+        ],
+    }
+    out.write_text(json.dumps(doc))
