@@ -1,0 +1,378 @@
+"""Opening and validating rasters; windowed reads; band selection; dtype scaling; nodata masks.
+
+A raster is never read whole: tiles are windowed reads, and the statistics that percentile
+scaling needs come from an overview or a sparse sample of small windows.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.enums import MaskFlags, Resampling
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.windows import Window as RioWindow
+
+from hem_bootstrap.config import DataConfig
+from hem_bootstrap.errors import DataError
+from hem_bootstrap.geo.windows import Window
+
+log = logging.getLogger(__name__)
+
+_WARNED: set[tuple[str, str]] = set()
+"""(path, kind) pairs already warned about, so each hint is logged once per raster."""
+
+STATS_MAX_SIDE = 1024
+"""Largest side of the decimated read used for percentile statistics."""
+STATS_GRID = 8
+"""At most ``STATS_GRID**2`` blocks are sampled from a large raster without overviews."""
+STATS_WINDOW = 128
+"""Each sampled block is read decimated to at most this many pixels a side."""
+STATS_BUDGET_BYTES = 32 * 2**20
+"""Decoded bytes of the blocks sampled for statistics (GDAL caches them)."""
+
+
+def _once(path: Path | str, kind: str, level: int, msg: str, *args: Any) -> None:
+    key = (str(path), kind)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    log.log(level, msg, *args)
+
+
+# --------------------------------------------------------------------------- info
+
+
+@dataclass
+class RasterInfo:
+    """What the pipeline needs to know about a raster, read once from its header."""
+
+    path: Path
+    width: int
+    height: int
+    count: int
+    dtypes: tuple[str, ...]
+    crs: CRS | None
+    transform: Affine
+    res: tuple[float, float]
+    nodata: float | None
+    georeferenced: bool
+    tiled: bool
+    block_shape: tuple[int, int]
+    driver: str = ""
+    has_overviews: bool = False
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """Map bounds ``(minx, miny, maxx, maxy)`` of the whole raster."""
+        from hem_bootstrap.geo.windows import pixel_to_map_boxes
+
+        box = np.array([[0, 0, self.width, self.height]], dtype=np.float64)
+        minx, miny, maxx, maxy = pixel_to_map_boxes(box, self.transform)[0]
+        return float(minx), float(miny), float(maxx), float(maxy)
+
+    def pixel_size_m(self) -> tuple[float, float]:
+        """Ground size of one pixel in metres (x, y).
+
+        Projected CRSs use their linear unit; geographic ones use the length of a degree at
+        the raster's centre latitude. Plain images count one pixel as one metre, so areas
+        read as megapixels.
+        """
+        rx, ry = abs(self.res[0]), abs(self.res[1])
+        if not self.georeferenced or self.crs is None:
+            return 1.0, 1.0
+        if self.crs.is_geographic:
+            lat = (self.bounds[1] + self.bounds[3]) / 2
+            m_per_deg = 111_320.0
+            return rx * m_per_deg * max(math.cos(math.radians(lat)), 1e-6), ry * m_per_deg
+        try:
+            factor = float(self.crs.linear_units_factor[1])
+        except Exception:  # noqa: BLE001 - unknown unit: assume metres
+            factor = 1.0
+        return rx * factor, ry * factor
+
+    def area_km2(self, valid_fraction: float = 1.0) -> float:
+        """Ground area in km² (times ``valid_fraction``, the share of pixels with data)."""
+        mx, my = self.pixel_size_m()
+        return self.width * self.height * mx * my * valid_fraction / 1e6
+
+
+def _is_striped(width: int, height: int, block: tuple[int, int]) -> bool:
+    bh, bw = block
+    return bw >= width and bh < height
+
+
+def open_raster(path: str | Path) -> RasterInfo:
+    """Open a raster's header and describe it.
+
+    Raises:
+        DataError: the file is missing or GDAL cannot read it.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: raster not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(p) as src:
+                info = _describe(p, src)
+    except RasterioError as err:
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"{p}: not a readable raster: {msg}") from None
+    if info.count == 0:
+        raise DataError(f"{p}: not a readable raster: it has no bands")
+    if not info.georeferenced:
+        _once(p, "pixel", logging.WARNING, "%s: no georeferencing; working in pixel space", p)
+    if not info.tiled and info.driver == "GTiff":
+        _once(
+            p, "striped", logging.INFO,
+            "%s: striped (untiled) GeoTIFF; `gdal_translate -co TILED=YES in.tif out.tif` makes windowed reads faster",
+            p,
+        )
+    return info
+
+
+def _describe(p: Path, src: Any) -> RasterInfo:
+    georef = src.crs is not None
+    transform = src.transform if georef else Affine.identity()
+    res = (float(transform.a), float(transform.e)) if georef else (1.0, 1.0)
+    block = tuple(src.block_shapes[0]) if src.count else (1, src.width)
+    return RasterInfo(
+        path=p,
+        width=int(src.width),
+        height=int(src.height),
+        count=int(src.count),
+        dtypes=tuple(src.dtypes),
+        crs=src.crs if georef else None,
+        transform=transform,
+        res=res,
+        nodata=src.nodata,
+        georeferenced=georef,
+        tiled=not _is_striped(src.width, src.height, block),  # type: ignore[arg-type]
+        block_shape=block,  # type: ignore[arg-type]
+        driver=str(src.driver),
+        has_overviews=bool(src.count and src.overviews(1)),
+    )
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def valid_fraction(mask: np.ndarray, window: Window | None = None) -> float:
+    """Share of valid pixels in the part of ``mask`` that lies inside the raster."""
+    if window is not None:
+        mask = mask[: window.valid_height, : window.valid_width]
+    return float(mask.mean()) if mask.size else 0.0
+
+
+@dataclass
+class _Scaling:
+    """Per-band affine map ``(v - lo) / (hi - lo)`` followed by a clip to [0, 1]."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+
+    def apply(self, data: np.ndarray) -> np.ndarray:
+        span = np.where(self.hi > self.lo, self.hi - self.lo, 1.0).astype(np.float32)
+        out = (data.astype(np.float32) - self.lo.astype(np.float32)[:, None, None]) / span[:, None, None]
+        return np.clip(out, 0.0, 1.0, out=out)
+
+
+class RasterReader:
+    """Windowed reads of one raster, scaled to float32 in [0, 1] with a validity mask.
+
+    Cheap to construct: the file is opened on the first read, and again after a fork or an
+    unpickle (the handle is dropped when pickled), so each DataLoader worker owns its own
+    GDAL handle.
+    """
+
+    def __init__(self, path: str | Path, data_cfg: DataConfig) -> None:
+        self.path = Path(path)
+        self.data_cfg = data_cfg
+        self._src: Any = None
+        self._pid = -1
+        self._scaling: _Scaling | None = None
+        self._all_valid = False
+
+    def __repr__(self) -> str:
+        return f"RasterReader({str(self.path)!r}, bands={self.bands})"
+
+    # -- lifecycle
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "data_cfg": self.data_cfg, "_scaling": self._scaling}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], state["data_cfg"])  # type: ignore[misc]
+        self._scaling = state.get("_scaling")
+
+    def __enter__(self) -> RasterReader:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the GDAL handle (a later read reopens it)."""
+        if self._src is not None and self._pid == os.getpid():
+            self._src.close()
+        self._src = None
+
+    @property
+    def bands(self) -> list[int]:
+        """1-based band indexes read."""
+        return list(self.data_cfg.bands)
+
+    def dataset(self) -> Any:
+        """The open rasterio dataset of this process, opened (and checked) on first use."""
+        if self._src is not None and self._pid == os.getpid():
+            return self._src
+        if not self.path.exists():
+            raise DataError(f"{self.path}: raster not found")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                src = rasterio.open(self.path)
+        except RasterioError as err:
+            raise DataError(f"{self.path}: not a readable raster: {str(err).splitlines()[0]}") from None
+        bad = [b for b in self.bands if b > src.count]
+        if bad:
+            src.close()
+            raise DataError(
+                f"{self.path}: data.bands asks for band {bad[0]} but the raster has {src.count} band(s)"
+            )
+        self._src, self._pid = src, os.getpid()
+        self._all_valid = all(MaskFlags.all_valid in src.mask_flag_enums[b - 1] for b in self.bands)
+        return src
+
+    # -- reads
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """Read ``window``: float32 ``(C, height, width)`` in [0, 1] and a bool ``(height, width)`` mask.
+
+        Pixels outside the raster (a padded window) are 0 and masked invalid.
+
+        Raises:
+            DataError: the band selection does not fit the raster, or GDAL fails to read.
+        """
+        src = self.dataset()
+        try:
+            raw, mask = self._read_raw(src, window)
+            scaled = self._scale(src, raw)
+        except RasterioError as err:
+            raise DataError(f"{self.path}: read failed at {window}: {str(err).splitlines()[0]}") from None
+        scaled[:, ~mask] = 0.0
+        return scaled, mask
+
+    def _read_raw(self, src: Any, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """Read the in-raster part of a window and pad it to the window's full size."""
+        c0, r0 = max(window.col_off, 0), max(window.row_off, 0)
+        c1 = min(window.col_off + window.width, src.width)
+        r1 = min(window.row_off + window.height, src.height)
+        shape = (len(self.bands), window.height, window.width)
+        if c1 <= c0 or r1 <= r0:
+            return np.zeros(shape, dtype=src.dtypes[self.bands[0] - 1]), np.zeros(shape[1:], dtype=bool)
+        rio_win = RioWindow(c0, r0, c1 - c0, r1 - r0)
+        data = src.read(self.bands, window=rio_win)
+        if self._all_valid:
+            inner = np.ones(data.shape[1:], dtype=bool)
+        else:
+            inner = (src.read_masks(self.bands, window=rio_win) > 0).all(axis=0)
+        if np.issubdtype(data.dtype, np.floating):
+            inner &= np.isfinite(data).all(axis=0)
+        if data.shape == shape:
+            return data, inner
+        out = np.zeros(shape, dtype=data.dtype)
+        mask = np.zeros(shape[1:], dtype=bool)
+        y, x = r0 - window.row_off, c0 - window.col_off
+        out[:, y : y + data.shape[1], x : x + data.shape[2]] = data
+        mask[y : y + data.shape[1], x : x + data.shape[2]] = inner
+        return out, mask
+
+    def _scale(self, src: Any, raw: np.ndarray) -> np.ndarray:
+        return self.scaling().apply(np.nan_to_num(raw, copy=False) if raw.dtype.kind == "f" else raw)
+
+    def scaling(self) -> _Scaling:
+        """The per-band scaling, decided once per raster from config and dtype."""
+        if self._scaling is not None:
+            return self._scaling
+        src = self.dataset()
+        n = len(self.bands)
+        dtype = np.dtype(src.dtypes[self.bands[0] - 1])
+        mode = self.data_cfg.scale
+        if mode == "fixed":
+            sc = _Scaling(np.full(n, self.data_cfg.scale_min), np.full(n, self.data_cfg.scale_max))
+        elif mode == "percentile" or (mode == "auto" and dtype.kind in "iu" and dtype != np.uint8):
+            sc = self._percentile_scaling(src)
+        elif dtype == np.uint8:
+            sc = _Scaling(np.zeros(n), np.full(n, 255.0))
+        else:  # float passthrough (clipped)
+            sc = _Scaling(np.zeros(n), np.ones(n))
+        self._scaling = sc
+        return sc
+
+    def _percentile_scaling(self, src: Any) -> _Scaling:
+        sample, valid = sample_pixels(src, self.bands)
+        lo_p, hi_p = self.data_cfg.percentiles
+        n = len(self.bands)
+        lo, hi = np.zeros(n), np.ones(n)
+        for i in range(n):
+            vals = sample[i][valid]
+            vals = vals[np.isfinite(vals)] if vals.dtype.kind == "f" else vals
+            if vals.size == 0:
+                continue
+            lo[i], hi[i] = np.percentile(vals, [lo_p, hi_p])
+            if hi[i] <= lo[i]:
+                hi[i] = lo[i] + 1.0
+        log.debug("%s: percentile scaling lo=%s hi=%s", self.path, lo, hi)
+        return _Scaling(lo, hi)
+
+
+def sample_pixels(src: Any, bands: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """A small, spread-out sample of a raster's pixels and their validity, never a full read.
+
+    A raster that is small or has overviews gets one decimated read (GDAL picks the
+    overview). A large one without overviews gets a grid of whole blocks, each read
+    decimated; the number of blocks is chosen so that the decoded blocks stay within
+    :data:`STATS_BUDGET_BYTES`, whatever the block layout (tiles or strips).
+    """
+    w, h = src.width, src.height
+    all_valid = all(MaskFlags.all_valid in src.mask_flag_enums[b - 1] for b in bands)
+    if bool(src.overviews(bands[0])) or max(w, h) <= 2 * STATS_MAX_SIDE:
+        scale = min(1.0, STATS_MAX_SIDE / max(w, h))
+        shape = (len(bands), max(1, int(h * scale)), max(1, int(w * scale)))
+        data = src.read(bands, out_shape=shape, resampling=Resampling.nearest)
+        if all_valid:
+            return data, np.ones(shape[1:], dtype=bool)
+        masks = src.read_masks(bands, out_shape=shape, resampling=Resampling.nearest)
+        return data, (masks > 0).all(axis=0)
+    bh, bw = (int(v) for v in src.block_shapes[bands[0] - 1])
+    block_bytes = bh * bw * src.count * np.dtype(src.dtypes[bands[0] - 1]).itemsize
+    n = int(np.clip(STATS_BUDGET_BYTES // max(block_bytes, 1), 4, STATS_GRID**2))
+    n_cols = max(1, min(int(np.sqrt(n)), math.ceil(w / bw)))
+    n_rows = max(1, min(n // n_cols, math.ceil(h / bh)))
+    cols = np.unique(np.linspace(0, math.ceil(w / bw) - 1, n_cols).astype(int)) * bw
+    rows = np.unique(np.linspace(0, math.ceil(h / bh) - 1, n_rows).astype(int)) * bh
+    datas, valids = [], []
+    for r in rows:
+        for c in cols:
+            win = RioWindow(int(c), int(r), min(bw, w - int(c)), min(bh, h - int(r)))
+            shape = (len(bands), min(int(win.height), STATS_WINDOW), min(int(win.width), STATS_WINDOW))
+            data = src.read(bands, window=win, out_shape=shape, resampling=Resampling.nearest)
+            datas.append(data.reshape(len(bands), -1))
+            if all_valid:
+                valids.append(np.ones(data.shape[1] * data.shape[2], dtype=bool))
+            else:
+                m = src.read_masks(bands, window=win, out_shape=shape, resampling=Resampling.nearest)
+                valids.append((m > 0).all(axis=0).reshape(-1))
+    return np.concatenate(datas, axis=1)[:, None, :], np.concatenate(valids)[None, :]
