@@ -12,7 +12,6 @@ import pytest
 import rasterio
 import shapely
 from affine import Affine
-from rasterio.transform import from_origin
 
 UTM_ORIGIN = (500_000.0, 5_000_000.0)
 GSD = 0.5
@@ -20,7 +19,7 @@ GSD = 0.5
 
 def default_transform(gsd: float = GSD) -> Affine:
     """North-up transform at a UTM-like origin."""
-    return from_origin(UTM_ORIGIN[0], UTM_ORIGIN[1], gsd, gsd)
+    return Affine(gsd, 0.0, UTM_ORIGIN[0], 0.0, -gsd, UTM_ORIGIN[1])
 
 
 @pytest.fixture
@@ -83,8 +82,8 @@ def boxes_to_map(boxes_px: np.ndarray, transform: Affine) -> np.ndarray:
     """Pixel xyxy -> map (minx, miny, maxx, maxy), independent of the code under test."""
     out = []
     for x0, y0, x1, y1 in np.asarray(boxes_px, dtype=float):
-        ax, ay = transform * (x0, y0)
-        bx, by = transform * (x1, y1)
+        ax, ay = transform @ (x0, y0)
+        bx, by = transform @ (x1, y1)
         out.append((min(ax, bx), min(ay, by), max(ax, bx), max(ay, by)))
     return np.array(out, dtype=float).reshape(-1, 4)
 
