@@ -168,6 +168,19 @@ def _describe(p: Path, src: Any) -> RasterInfo:
 # --------------------------------------------------------------------------- reading
 
 
+def _gdal_message(err: BaseException) -> str:
+    """One line saying what GDAL reported (rasterio often puts it in the chained cause)."""
+    parts = [str(err).splitlines()[0] if str(err) else type(err).__name__]
+    cause = err.__cause__ or err.__context__
+    if cause is not None and str(cause):
+        parts.append(str(cause).splitlines()[0])
+    return ": ".join(parts)
+
+
+def _fmt_window(window: Window) -> str:
+    return f"window col={window.col_off} row={window.row_off} size={window.width}x{window.height}"
+
+
 def valid_fraction(mask: np.ndarray, window: Window | None = None) -> float:
     """Share of valid pixels in the part of ``mask`` that lies inside the raster."""
     if window is not None:
@@ -269,8 +282,8 @@ class RasterReader:
         try:
             raw, mask = self._read_raw(src, window)
             scaled = self._scale(src, raw)
-        except RasterioError as err:
-            raise DataError(f"{self.path}: read failed at {window}: {str(err).splitlines()[0]}") from None
+        except (RasterioError, OSError) as err:
+            raise DataError(f"{self.path}: read failed at {_fmt_window(window)}: {_gdal_message(err)}") from None
         scaled[:, ~mask] = 0.0
         return scaled, mask
 

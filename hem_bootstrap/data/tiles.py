@@ -1,0 +1,124 @@
+"""Inference dataset: a plan of windows over rasters; workers read pixels with their own handles.
+
+The plan (:func:`plan_tiles`) is pure coordinates; :class:`TileDataset` turns one
+:class:`TileRef` into a tensor. Tiles with too little valid data are flagged ``skip`` and
+dropped by :func:`collate_tiles`, so they never reach the model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from hem_bootstrap.config import DataConfig, TilingConfig
+from hem_bootstrap.geo.raster import RasterReader, open_raster, valid_fraction
+from hem_bootstrap.geo.windows import Window, tile_windows
+
+
+@dataclass(frozen=True)
+class TileRef:
+    """One tile to run: which raster (index into the path list) and which window."""
+
+    image_idx: int
+    window: Window
+
+
+def plan_tiles(paths: list[Path], tiling: TilingConfig) -> list[TileRef]:
+    """Every tile of every raster, raster by raster and row by row (deterministic order).
+
+    Raises:
+        DataError: a raster is missing or unreadable (from :func:`open_raster`).
+    """
+    refs: list[TileRef] = []
+    overlap = tiling.overlap_px()
+    for idx, path in enumerate(paths):
+        info = open_raster(path)
+        refs.extend(TileRef(idx, w) for w in tile_windows(info.width, info.height, tiling.tile_size, overlap))
+    return refs
+
+
+class ReaderPool:
+    """Lazily opened :class:`RasterReader` per path, owned by the current process.
+
+    Pickling (a DataLoader worker start) drops every handle; a fork is noticed by the
+    process id and the inherited handles are discarded unused, so no GDAL handle is ever
+    shared between processes.
+    """
+
+    def __init__(self, data_cfg: DataConfig) -> None:
+        self.data_cfg = data_cfg
+        self._readers: dict[str, RasterReader] = {}
+        self._pid = os.getpid()
+
+    def get(self, path: Path | str) -> RasterReader:
+        """The reader of ``path`` for this process."""
+        if self._pid != os.getpid():
+            self._readers = {}
+            self._pid = os.getpid()
+        key = str(path)
+        reader = self._readers.get(key)
+        if reader is None:
+            reader = RasterReader(path, self.data_cfg)
+            self._readers[key] = reader
+        return reader
+
+    def close(self) -> None:
+        """Close every handle this process opened."""
+        if self._pid == os.getpid():
+            for reader in self._readers.values():
+                reader.close()
+        self._readers = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"data_cfg": self.data_cfg}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["data_cfg"])  # type: ignore[misc]
+
+
+class TileDataset(Dataset):
+    """Tiles of rasters as float32 tensors ``(C, T, T)`` with their window and valid share."""
+
+    def __init__(self, paths: Sequence[Path | str], refs: list[TileRef], data_cfg: DataConfig) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.refs = list(refs)
+        self.data_cfg = data_cfg
+        self._pool = ReaderPool(data_cfg)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        ref = self.refs[i]
+        win = ref.window
+        image, mask = self._pool.get(self.paths[ref.image_idx]).read(win)
+        valid = valid_fraction(mask, win)
+        skip = valid < self.data_cfg.min_valid_fraction or valid == 0.0
+        tensor = torch.from_numpy(image)
+        return {"image": tensor, "image_idx": ref.image_idx, "window": win, "valid": valid, "skip": skip}
+
+    def close(self) -> None:
+        """Close this process's raster handles."""
+        self._pool.close()
+
+
+def collate_tiles(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the tiles to run; skipped tiles are counted and dropped.
+
+    Returns ``images`` (B, C, T, T) or None when every tile was skipped, ``image_idx`` and
+    ``windows`` (lists, kept tiles only) and ``n_skipped``.
+    """
+    kept = [it for it in items if not it["skip"]]
+    images = torch.stack([it["image"] for it in kept]) if kept else None
+    return {
+        "images": images,
+        "image_idx": [int(it["image_idx"]) for it in kept],
+        "windows": [it["window"] for it in kept],
+        "n_skipped": len(items) - len(kept),
+    }
