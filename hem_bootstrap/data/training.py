@@ -1,0 +1,420 @@
+"""Training chips: positives, bank negatives and random background, with box-aware augmentation.
+
+Every chip carries all the ground truth inside it, whatever its kind: a bank negative that
+happens to contain a real (labelled) vehicle still teaches "vehicle" there. Random placement
+is a pure function of ``(seed, index, epoch)`` so runs and resumes are reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, Sampler
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as TF
+
+from hem_bootstrap.config import DataConfig, ImageSet
+from hem_bootstrap.data.tiles import ReaderPool
+from hem_bootstrap.errors import DataError, TrainingError
+from hem_bootstrap.geo.labels import LabelIndex, load_labels, load_zones
+from hem_bootstrap.geo.raster import RasterInfo, open_raster, valid_fraction
+from hem_bootstrap.geo.windows import Window, tile_windows, window_around_box, window_inside
+
+log = logging.getLogger(__name__)
+
+NEG_COLUMNS = ("image", "px_xmin", "px_ymin", "px_xmax", "px_ymax")
+KIND_POS, KIND_NEG, KIND_BG = "pos", "neg", "bg"
+BG_TRIES = 3
+"""Random background windows tried before accepting one with little valid data."""
+
+
+@dataclass
+class TrainImage:
+    """A raster ready for chip sampling: its header and its labels in pixel space."""
+
+    path: Path
+    info: RasterInfo
+    index: LabelIndex
+
+
+def prepare_train_images(image_sets: list[ImageSet], data_cfg: DataConfig) -> list[TrainImage]:
+    """Open every raster of the sets and load its labels (and ignore zones) into an index.
+
+    Raises:
+        DataError: no image at all, or a raster / label file problem.
+    """
+    out: list[TrainImage] = []
+    for s in image_sets:
+        paths = s.resolved_images()
+        if not paths:
+            raise DataError(f"image set {s.images}: no image matched")
+        for path in paths:
+            info = open_raster(path)
+            if s.labels is not None:
+                labels = load_labels(s.labels, info, data_cfg, image_name=path.name)
+            else:
+                labels = load_labels_empty(info)
+            zones = load_zones(s.ignore_zones, info) if s.ignore_zones else None
+            out.append(TrainImage(path, info, LabelIndex(labels, info, data_cfg.min_visible_fraction, zones)))
+    if not out:
+        raise DataError("no training images: the image set list is empty")
+    return out
+
+
+def load_labels_empty(info: RasterInfo) -> Any:
+    """An empty label frame for a raster without a label file."""
+    import geopandas as gpd
+
+    return gpd.GeoDataFrame(
+        {"label": np.zeros(0, np.int64), "class": np.array([], dtype=object)},
+        geometry=[],
+        crs=info.crs if info.georeferenced else None,
+    )
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+class ChipAugment:
+    """Flips, 90-degree rotations and mild colour jitter, boxes kept on their pixels.
+
+    Parameters are drawn from a numpy generator handed in per call (so they follow the
+    chip's seed) and applied with ``torchvision.transforms.v2.functional`` on a
+    ``tv_tensors.Image`` and ``tv_tensors.BoundingBoxes`` pair.
+    """
+
+    def __init__(self, brightness: float = 0.1, contrast: float = 0.1, saturation: float = 0.1) -> None:
+        self.brightness = brightness
+        self.contrast = contrast
+        self.saturation = saturation
+
+    def geometric(
+        self, image: torch.Tensor, boxes: torch.Tensor, hflip: bool, vflip: bool, quarter_turns: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply the chosen flips and counter-clockwise quarter turns (square chips)."""
+        h, w = image.shape[-2:]
+        img: Any = tv_tensors.Image(image)
+        bb: Any = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w))
+        if hflip:
+            img, bb = TF.horizontal_flip(img), TF.horizontal_flip(bb)
+        if vflip:
+            img, bb = TF.vertical_flip(img), TF.vertical_flip(bb)
+        if quarter_turns % 4:
+            angle = 90.0 * (quarter_turns % 4)
+            img, bb = TF.rotate(img, angle), TF.rotate(bb, angle)
+        return img.as_subclass(torch.Tensor), bb.as_subclass(torch.Tensor).round()
+
+    def colour(self, image: torch.Tensor, factors: np.ndarray) -> torch.Tensor:
+        """Mild brightness / contrast (/ saturation for 3-band) changes, staying in [0, 1]."""
+        img = TF.adjust_brightness(image, float(factors[0]))
+        img = TF.adjust_contrast(img, float(factors[1])) if img.shape[0] in (1, 3) else img
+        if img.shape[0] == 3:
+            img = TF.adjust_saturation(img, float(factors[2]))
+        return img.clamp_(0.0, 1.0)
+
+    def __call__(
+        self, image: torch.Tensor, boxes: torch.Tensor, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hflip, vflip = bool(rng.random() < 0.5), bool(rng.random() < 0.5)
+        turns = int(rng.integers(0, 4)) if image.shape[-1] == image.shape[-2] else 0
+        spread = np.array([self.brightness, self.contrast, self.saturation])
+        factors = 1.0 + rng.uniform(-1.0, 1.0, size=3) * spread
+        image, boxes = self.geometric(image, boxes, hflip, vflip, turns)
+        return self.colour(image, factors), boxes
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+class ChipDataset(Dataset):
+    """Positive, bank-negative and random-background chips of ``tile_size`` pixels.
+
+    Item ``i`` gives ``(image float32 (C, T, T), {"boxes": float32 (N, 4), "labels": int64 (N,)})``.
+    ``kinds[i]`` is ``'pos'``, ``'neg'`` or ``'bg'``. Bank negatives refer to their raster by
+    path; it must be among ``images`` or ``negative_images`` (unknown ones are skipped with a
+    warning). An optional ``weight`` column in ``negatives`` is kept in :attr:`weights` for
+    score-weighted sampling.
+
+    Raises:
+        TrainingError: no window of any image contains an object.
+    """
+
+    def __init__(
+        self,
+        images: list[TrainImage],
+        negatives: pd.DataFrame | None,
+        n_background: int,
+        tile_size: int,
+        data_cfg: DataConfig,
+        augment: bool,
+        seed: int,
+        negative_images: list[TrainImage] | None = None,
+        overlap: int | None = None,
+    ) -> None:
+        self.tile_size = int(tile_size)
+        self.data_cfg = data_cfg
+        self.augment = ChipAugment() if augment else None
+        self.seed = int(seed)
+        self.epoch = 0
+        self.images: list[TrainImage] = list(images)
+        by_path = {str(Path(im.path).resolve()): i for i, im in enumerate(self.images)}
+        for im in negative_images or []:
+            key = str(Path(im.path).resolve())
+            if key not in by_path:
+                by_path[key] = len(self.images)
+                self.images.append(im)
+        self._overlap = self.tile_size // 4 if overlap is None else int(overlap)
+        # one row per item: kind, image index, fixed window (pos) or pixel box (neg) or nothing (bg)
+        self._img: list[int] = []
+        self._win: list[Window | None] = []
+        self._box: list[tuple[float, float, float, float] | None] = []
+        kinds: list[str] = []
+        weights: list[float] = []
+        self._add_positives(len(images), kinds, weights)
+        self._add_negatives(negatives, by_path, kinds, weights)
+        self._add_background(len(images), n_background, kinds, weights)
+        self.kinds = np.array(kinds, dtype=object)
+        self.weights = np.array(weights, dtype=np.float64)
+        self._pool = ReaderPool(data_cfg)
+        if self.n_positive == 0:
+            n_labels = sum(im.index.count() for im in images)
+            raise TrainingError(
+                f"no positive training chips: {len(images)} training image(s) with {n_labels} label(s) gave no "
+                f"{self.tile_size}px window containing an object (negatives={self.n_negative}, "
+                f"background={self.n_background}); check data.train labels and data.classes"
+            )
+
+    # -- construction
+    def _add(
+        self,
+        kinds: list[str],
+        weights: list[float],
+        kind: str,
+        img: int,
+        win: Window | None,
+        box: tuple[float, float, float, float] | None,
+        weight: float = 1.0,
+    ) -> None:
+        kinds.append(kind)
+        weights.append(weight)
+        self._img.append(img)
+        self._win.append(win)
+        self._box.append(box)
+
+    def _add_positives(self, n_train: int, kinds: list[str], weights: list[float]) -> None:
+        for i in range(n_train):
+            im = self.images[i]
+            if im.index.count() == 0:
+                continue
+            for win in tile_windows(im.info.width, im.info.height, self.tile_size, self._overlap):
+                if len(im.index.targets(win)["boxes"]):
+                    self._add(kinds, weights, KIND_POS, i, win, None)
+
+    def _add_negatives(
+        self, negatives: pd.DataFrame | None, by_path: dict[str, int], kinds: list[str], weights: list[float]
+    ) -> None:
+        if negatives is None or len(negatives) == 0:
+            return
+        missing = [c for c in NEG_COLUMNS if c not in negatives.columns]
+        if missing:
+            raise DataError(f"bank negatives lack column(s) {missing}; expected {list(NEG_COLUMNS)}")
+        unknown: set[str] = set()
+        has_w = "weight" in negatives.columns
+        for row in negatives.itertuples(index=False):
+            key = str(Path(str(row.image)).resolve())
+            idx = by_path.get(key)
+            if idx is None:
+                unknown.add(str(row.image))
+                continue
+            box = (float(row.px_xmin), float(row.px_ymin), float(row.px_xmax), float(row.px_ymax))
+            self._add(kinds, weights, KIND_NEG, idx, None, box, float(row.weight) if has_w else 1.0)
+        if unknown:
+            log.warning(
+                "%d bank negative image(s) are not among the training/pool rasters, skipped: %s",
+                len(unknown),
+                sorted(unknown)[:3],
+            )
+
+    def _add_background(
+        self, n_train: int, n_background: int, kinds: list[str], weights: list[float]
+    ) -> None:
+        for i in range(n_train):
+            for _ in range(max(0, int(n_background))):
+                self._add(kinds, weights, KIND_BG, i, None, None)
+
+    # -- counts
+    @property
+    def n_positive(self) -> int:
+        """Positive chips (windows containing at least one object)."""
+        return int((self.kinds == KIND_POS).sum())
+
+    @property
+    def n_negative(self) -> int:
+        """Bank-negative chips."""
+        return int((self.kinds == KIND_NEG).sum())
+
+    @property
+    def n_background(self) -> int:
+        """Random background chips."""
+        return int((self.kinds == KIND_BG).sum())
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the random placement of negative/background chips (and augmentation)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.kinds)
+
+    # -- items
+    def _rng(self, i: int, salt: int = 0) -> np.random.Generator:
+        return np.random.default_rng([self.seed, i, self.epoch, salt])
+
+    def window(self, i: int, rng: np.random.Generator | None = None) -> Window:
+        """The window of item ``i`` at the current epoch."""
+        rng = rng if rng is not None else self._rng(i)
+        im = self.images[self._img[i]]
+        w, h, t = im.info.width, im.info.height, self.tile_size
+        kind = self.kinds[i]
+        if kind == KIND_POS:
+            win = self._win[i]
+            assert win is not None
+            return win
+        if kind == KIND_NEG:
+            box = self._box[i]
+            assert box is not None
+            u = rng.random(2)
+            return window_around_box(box, t, w, h, (float(u[0]), float(u[1])))
+        return window_inside(
+            int(rng.integers(0, max(1, w - t + 1))), int(rng.integers(0, max(1, h - t + 1))), t, w, h
+        )
+
+    def _read(self, i: int, rng: np.random.Generator) -> tuple[Window, np.ndarray]:
+        im = self.images[self._img[i]]
+        reader = self._pool.get(im.path)
+        win = self.window(i, rng)
+        image, mask = reader.read(win)
+        tries = 1
+        while (
+            self.kinds[i] == KIND_BG
+            and tries < BG_TRIES
+            and valid_fraction(mask, win) < self.data_cfg.min_valid_fraction
+        ):
+            win = self.window(i, rng)
+            image, mask = reader.read(win)
+            tries += 1
+        return win, image
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        rng = self._rng(i)
+        win, image = self._read(i, rng)
+        tg = self.images[self._img[i]].index.targets(win)
+        img_t = torch.from_numpy(image)
+        boxes = torch.from_numpy(tg["boxes"]).reshape(-1, 4)
+        if self.augment is not None:
+            img_t, boxes = self.augment(img_t, boxes, rng)
+        target = {"boxes": boxes.to(torch.float32).reshape(-1, 4), "labels": torch.from_numpy(tg["labels"])}
+        return img_t.contiguous(), target
+
+
+def collate_chips(
+    batch: list[tuple[torch.Tensor, dict[str, torch.Tensor]]],
+) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Lists of images and targets, as torchvision detection models take them."""
+    images = [b[0] for b in batch]
+    targets = [b[1] for b in batch]
+    return images, targets
+
+
+# --------------------------------------------------------------------------- sampler
+
+
+class RatioBatchSampler(Sampler[list[int]]):
+    """Batches with a fixed share of negatives (bank + background), the rest positives.
+
+    A single global stream of ``batch_size * world_size`` items per step is drawn from
+    ``seed``; rank ``r`` takes its own slice, so ranks see disjoint, deterministic chips.
+    Each group is walked through in shuffled passes (every chip once per pass); bank
+    negatives with a ``weight`` are drawn by weight instead. With no negatives at all the
+    batches are all positives.
+    """
+
+    def __init__(
+        self,
+        dataset: ChipDataset,
+        batch_size: int,
+        neg_fraction: float,
+        num_batches: int | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
+        kinds = dataset.kinds
+        self.pos = np.flatnonzero(kinds == KIND_POS)
+        self.neg = np.flatnonzero((kinds == KIND_NEG) | (kinds == KIND_BG))
+        w = dataset.weights[self.neg] if len(self.neg) else np.zeros(0)
+        self.neg_p = (w / w.sum()) if len(w) and w.sum() > 0 and not np.allclose(w, w[0]) else None
+        self.batch_size = int(batch_size)
+        self.n_neg = int(round(batch_size * neg_fraction)) if len(self.neg) else 0
+        if not len(self.pos):
+            self.n_neg = self.batch_size
+        self.n_pos = self.batch_size - self.n_neg
+        self.num_batches = num_batches
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("an infinite RatioBatchSampler has no length")
+        return int(self.num_batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed, 7919])
+        pos = _Passes(self.pos, rng)
+        neg = _Passes(self.neg, rng)
+        step = 0
+        ws, r = self.world_size, self.rank
+        while self.num_batches is None or step < self.num_batches:
+            p = pos.take(self.n_pos * ws)
+            if self.neg_p is not None:
+                n = rng.choice(self.neg, size=self.n_neg * ws, p=self.neg_p).tolist()
+            else:
+                n = neg.take(self.n_neg * ws)
+            yield p[r * self.n_pos : (r + 1) * self.n_pos] + n[r * self.n_neg : (r + 1) * self.n_neg]
+            step += 1
+
+
+class _Passes:
+    """Shuffled passes over a pool; one draw holds no repeat while the pool allows it."""
+
+    def __init__(self, pool: np.ndarray, rng: np.random.Generator) -> None:
+        self.pool = pool
+        self.rng = rng
+        self.buffer: list[int] = []
+
+    def take(self, k: int) -> list[int]:
+        if k == 0 or not len(self.pool):
+            return []
+        out: list[int] = []
+        seen: set[int] = set()
+        deferred: list[int] = []
+        while len(out) < k:
+            if not self.buffer:
+                self.buffer = self.rng.permutation(self.pool).tolist()
+            x = self.buffer.pop()
+            if x in seen and len(seen) < len(self.pool):
+                deferred.append(x)  # keep it for the next draw rather than repeat it in this one
+                continue
+            out.append(x)
+            seen.add(x)
+        self.buffer.extend(reversed(deferred))
+        return out
