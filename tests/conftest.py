@@ -109,7 +109,9 @@ def make_labels(tmp_path: Path) -> Callable[..., Path]:
     ) -> Path:
         if geoms is None:
             assert boxes_px is not None
-            mb = boxes_to_map(np.asarray(boxes_px), transform if transform is not None else default_transform())
+            mb = boxes_to_map(
+                np.asarray(boxes_px), transform if transform is not None else default_transform()
+            )
             geoms = list(shapely.box(mb[:, 0], mb[:, 1], mb[:, 2], mb[:, 3]))
         n = len(geoms)
         cols: dict[str, Any] = {}

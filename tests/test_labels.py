@@ -41,7 +41,9 @@ def test_labels_in_4326_land_on_the_right_pixels(
     np.testing.assert_allclose(got, px, atol=1.0)
 
 
-def test_points_become_boxes_of_point_box_m(make_raster: Callable[..., Path], make_labels: Callable[..., Path]) -> None:
+def test_points_become_boxes_of_point_box_m(
+    make_raster: Callable[..., Path], make_labels: Callable[..., Path]
+) -> None:
     info = open_raster(make_raster())  # 0.5 m pixels
     x, y = default_transform() @ (50.0, 60.0)
     path = make_labels(geoms=[shapely.Point(x, y)], field=None)
@@ -59,7 +61,9 @@ def test_geojson_input(make_raster: Callable[..., Path], make_labels: Callable[.
     np.testing.assert_allclose(got, [[10, 10, 20, 20]], atol=1e-6)
 
 
-def test_geoparquet_input(make_raster: Callable[..., Path], make_labels: Callable[..., Path], tmp_path: Path) -> None:
+def test_geoparquet_input(
+    make_raster: Callable[..., Path], make_labels: Callable[..., Path], tmp_path: Path
+) -> None:
     pytest.importorskip("pyarrow")
     info = open_raster(make_raster())
     frame = gpd.read_file(make_labels(boxes_px=np.array([[10, 10, 20, 20]])))
@@ -75,7 +79,10 @@ def test_pixel_csv_for_plain_png(make_raster: Callable[..., Path], tmp_path: Pat
     pd.DataFrame(
         {
             "image": ["imgs/scene.png", "other.png", "scene.png"],
-            "xmin": [10, 1, 50], "ymin": [20, 1, 60], "xmax": [30, 5, 70], "ymax": [25, 5, 80],
+            "xmin": [10, 1, 50],
+            "ymin": [20, 1, 60],
+            "xmax": [30, 5, 70],
+            "ymax": [25, 5, 80],
             "label": ["vehicle", "vehicle", "truck"],
         }
     ).to_csv(csv, index=False)
@@ -94,7 +101,9 @@ def test_errors_are_one_line_data_errors(
     with pytest.raises(DataError, match="has no CRS"):
         load_labels(no_crs, info, CFG)
     far = make_labels(name="far.gpkg", geoms=[shapely.box(0, 0, 10, 10)])
-    with pytest.raises(DataError, match=r"do not overlap.*labels bounds \(0, 0, 10, 10\).*raster bounds \(500000,") as ei:
+    with pytest.raises(
+        DataError, match=r"do not overlap.*labels bounds \(0, 0, 10, 10\).*raster bounds \(500000,"
+    ) as ei:
         load_labels(far, info, CFG)
     assert "\n" not in str(ei.value)
     unknown = make_labels(name="unk.gpkg", boxes_px=np.array([[1, 1, 5, 5]]), classes="boat")
@@ -110,7 +119,9 @@ def test_errors_are_one_line_data_errors(
         load_labels(missing_field, info, CFG)
 
 
-def test_empty_label_file_gives_empty_frame(make_raster: Callable[..., Path], make_labels: Callable[..., Path]) -> None:
+def test_empty_label_file_gives_empty_frame(
+    make_raster: Callable[..., Path], make_labels: Callable[..., Path]
+) -> None:
     info = open_raster(make_raster())
     path = make_labels(name="empty.gpkg", geoms=[], field=None)
     frame = load_labels(path, info, CFG)
@@ -146,7 +157,9 @@ def test_label_index_clips_and_ignores_by_visible_fraction(
     np.testing.assert_allclose(t2["boxes"], [[4, 10, 14, 20], [2, 30, 12, 40]])
 
 
-def test_ignore_zones_are_reported(make_raster: Callable[..., Path], make_labels: Callable[..., Path]) -> None:
+def test_ignore_zones_are_reported(
+    make_raster: Callable[..., Path], make_labels: Callable[..., Path]
+) -> None:
     info = open_raster(make_raster())
     zones_path = make_labels(name="zones.gpkg", boxes_px=np.array([[100, 100, 150, 150]]), field=None)
     zones = load_zones(zones_path, info)

@@ -54,7 +54,9 @@ def test_plain_png_runs_in_pixel_space_and_warns_once(
     assert sum("pixel space" in r.message for r in caplog.records) == 1
 
 
-def test_striped_tiff_reads_and_hints_once(make_raster: Callable[..., Path], caplog: pytest.LogCaptureFixture) -> None:
+def test_striped_tiff_reads_and_hints_once(
+    make_raster: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
     p = make_raster(name="striped.tif", tiled=False, width=256, height=256)
     with caplog.at_level(logging.INFO, logger="hem_bootstrap.geo.raster"):
         info = open_raster(p)
@@ -74,7 +76,9 @@ def test_uint8_read_scales_and_pads_small_raster(make_raster: Callable[..., Path
     with RasterReader(p, DataConfig()) as reader:
         img, mask = reader.read(Window(0, 0, 128, 128, 100, 80))
     assert img.shape == (3, 128, 128) and img.dtype == np.float32
-    assert mask.shape == (128, 128) and mask[:80, :100].all() and not mask[80:].any() and not mask[:, 100:].any()
+    assert (
+        mask.shape == (128, 128) and mask[:80, :100].all() and not mask[80:].any() and not mask[:, 100:].any()
+    )
     assert (img[:, 80:, :] == 0).all() and img.max() <= 1.0
     with rasterio.open(p) as src:
         np.testing.assert_allclose(img[:, :80, :100], src.read() / 255.0, atol=1e-6)
@@ -83,7 +87,9 @@ def test_uint8_read_scales_and_pads_small_raster(make_raster: Callable[..., Path
 
 def test_rgbn_uint16_band_selection_and_percentile(make_raster: Callable[..., Path]) -> None:
     rng = np.random.default_rng(0)
-    data = np.stack([rng.integers(1000 * (b + 1), 1000 * (b + 1) + 4000, (256, 256)) for b in range(4)]).astype("uint16")
+    data = np.stack(
+        [rng.integers(1000 * (b + 1), 1000 * (b + 1) + 4000, (256, 256)) for b in range(4)]
+    ).astype("uint16")
     p = make_raster(count=4, dtype="uint16", data=data)
     cfg = DataConfig(bands=[4, 2, 1], scale="percentile", percentiles=(2.0, 98.0))
     with RasterReader(p, cfg) as reader:
@@ -152,9 +158,18 @@ def test_reader_pickles_by_path(make_raster: Callable[..., Path]) -> None:
 
 def _huge_sparse(path: Path, dtype: str) -> Path:
     profile = dict(
-        driver="GTiff", width=30_000, height=30_000, count=3, dtype=dtype, crs="EPSG:32633",
-        transform=Affine(0.5, 0, 500_000, 0, -0.5, 5_000_000), tiled=True, blockxsize=256, blockysize=256,
-        compress="deflate", SPARSE_OK=True,
+        driver="GTiff",
+        width=30_000,
+        height=30_000,
+        count=3,
+        dtype=dtype,
+        crs="EPSG:32633",
+        transform=Affine(0.5, 0, 500_000, 0, -0.5, 5_000_000),
+        tiled=True,
+        blockxsize=256,
+        blockysize=256,
+        compress="deflate",
+        SPARSE_OK=True,
     )
     with rasterio.open(path, "w", **profile) as dst:
         block = np.full((3, 256, 256), 200, dtype=dtype)

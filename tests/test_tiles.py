@@ -74,7 +74,9 @@ def test_dataloader_workers_open_their_own_handles(make_raster: Callable[..., Pa
 
 def test_corrupt_raster_read_names_the_file(make_raster: Callable[..., Path]) -> None:
     rng = np.random.default_rng(0)
-    path = make_raster(name="corrupt.tif", data=rng.integers(0, 255, (3, 256, 256)).astype("uint8"), compress="deflate")
+    path = make_raster(
+        name="corrupt.tif", data=rng.integers(0, 255, (3, 256, 256)).astype("uint8"), compress="deflate"
+    )
     size = path.stat().st_size
     with open(path, "r+b") as f:
         f.seek(size // 2)

@@ -64,7 +64,10 @@ def test_count_is_minimal_and_neighbours_overlap(case: tuple[int, int, int, int]
 
 
 def test_small_image_gets_one_padded_window() -> None:
-    assert tile_windows(100, 300, 256, 32) == [Window(0, 0, 256, 256, 100, 256), Window(0, 44, 256, 256, 100, 256)]
+    assert tile_windows(100, 300, 256, 32) == [
+        Window(0, 0, 256, 256, 100, 256),
+        Window(0, 44, 256, 256, 100, 256),
+    ]
 
 
 def test_bad_overlap_rejected() -> None:

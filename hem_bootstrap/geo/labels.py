@@ -72,7 +72,9 @@ def _class_ids(values: pd.Series | None, n: int, data_cfg: DataConfig, path: Pat
     names = values.astype(str).to_numpy()
     unknown = sorted(set(names) - set(lookup))
     if unknown:
-        raise DataError(f"{path}: unknown class {unknown[0]!r} in '{data_cfg.class_field}'; known classes: {classes}")
+        raise DataError(
+            f"{path}: unknown class {unknown[0]!r} in '{data_cfg.class_field}'; known classes: {classes}"
+        )
     return np.array([lookup[v] for v in names], dtype=np.int64)
 
 
@@ -94,10 +96,14 @@ def _pixel_boxes_from_geoms(
             )
     if mode == "polygon":
         if not types <= _POLYGONS:
-            raise DataError(f"{path}: unsupported geometry type(s) {sorted(types - _POLYGONS)}; expected Polygon")
+            raise DataError(
+                f"{path}: unsupported geometry type(s) {sorted(types - _POLYGONS)}; expected Polygon"
+            )
         return map_to_pixel_boxes(geoms.bounds.to_numpy(), info.transform)
     if not types <= _POINTS | _POLYGONS:
-        raise DataError(f"{path}: unsupported geometry type(s) {sorted(types - _POINTS - _POLYGONS)}; expected Point")
+        raise DataError(
+            f"{path}: unsupported geometry type(s) {sorted(types - _POINTS - _POLYGONS)}; expected Point"
+        )
     centres = geoms.centroid
     pts = np.stack([centres.x.to_numpy(), centres.y.to_numpy()], axis=1)
     px = map_to_pixel_boxes(np.concatenate([pts, pts], axis=1), info.transform)[:, :2]
@@ -144,8 +150,13 @@ def _load_csv(path: Path, info: RasterInfo, data_cfg: DataConfig, image_name: st
         return _empty(info)
     boxes = table[["xmin", "ymin", "xmax", "ymax"]].to_numpy(dtype=np.float64)
     boxes = np.stack(
-        [np.minimum(boxes[:, 0], boxes[:, 2]), np.minimum(boxes[:, 1], boxes[:, 3]),
-         np.maximum(boxes[:, 0], boxes[:, 2]), np.maximum(boxes[:, 1], boxes[:, 3])], axis=1
+        [
+            np.minimum(boxes[:, 0], boxes[:, 2]),
+            np.minimum(boxes[:, 1], boxes[:, 3]),
+            np.maximum(boxes[:, 0], boxes[:, 2]),
+            np.maximum(boxes[:, 1], boxes[:, 3]),
+        ],
+        axis=1,
     )
     ids = _class_ids(table["label"], len(table), data_cfg, path)
     return _keep_overlapping(_frame(boxes, ids, data_cfg, info), info, path)
@@ -155,7 +166,9 @@ def _to_raster_crs(frame: gpd.GeoDataFrame, info: RasterInfo, path: Path) -> gpd
     """Reproject to the raster CRS; refuse a CRS mismatch that cannot be resolved."""
     if info.georeferenced:
         if frame.crs is None:
-            raise DataError(f"{path}: label file has no CRS but raster {info.path.name} is in {info.crs}; set its CRS")
+            raise DataError(
+                f"{path}: label file has no CRS but raster {info.path.name} is in {info.crs}; set its CRS"
+            )
         return frame if frame.crs == info.crs else frame.to_crs(info.crs)
     if frame.crs is not None:
         raise DataError(

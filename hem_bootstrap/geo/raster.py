@@ -135,7 +135,9 @@ def open_raster(path: str | Path) -> RasterInfo:
         _once(p, "pixel", logging.WARNING, "%s: no georeferencing; working in pixel space", p)
     if not info.tiled and info.driver == "GTiff":
         _once(
-            p, "striped", logging.INFO,
+            p,
+            "striped",
+            logging.INFO,
             "%s: striped (untiled) GeoTIFF; `gdal_translate -co TILED=YES in.tif out.tif` makes windowed reads faster",
             p,
         )
@@ -283,7 +285,9 @@ class RasterReader:
             raw, mask = self._read_raw(src, window)
             scaled = self._scale(src, raw)
         except (RasterioError, OSError) as err:
-            raise DataError(f"{self.path}: read failed at {_fmt_window(window)}: {_gdal_message(err)}") from None
+            raise DataError(
+                f"{self.path}: read failed at {_fmt_window(window)}: {_gdal_message(err)}"
+            ) from None
         scaled[:, ~mask] = 0.0
         return scaled, mask
 

@@ -70,9 +70,7 @@ def tile_windows(width: int, height: int, tile_size: int, overlap: int) -> list[
     return [Window(c, r, tile_size, tile_size, vw, vh) for r in rows for c in cols]
 
 
-def window_inside(
-    col_off: int, row_off: int, tile_size: int, width: int, height: int
-) -> Window:
+def window_inside(col_off: int, row_off: int, tile_size: int, width: int, height: int) -> Window:
     """A ``tile_size`` window near ``(col_off, row_off)`` clamped inside the image.
 
     Along an axis shorter than the tile the window sits at 0 and is padded.
@@ -144,7 +142,14 @@ def map_to_pixel_boxes(boxes: np.ndarray, transform: Affine) -> np.ndarray:
 def window_bounds(window: Window, transform: Affine) -> tuple[float, float, float, float]:
     """Map bounds ``(minx, miny, maxx, maxy)`` of the part of ``window`` inside the raster."""
     box = np.array(
-        [[window.col_off, window.row_off, window.col_off + window.valid_width, window.row_off + window.valid_height]],
+        [
+            [
+                window.col_off,
+                window.row_off,
+                window.col_off + window.valid_width,
+                window.row_off + window.valid_height,
+            ]
+        ],
         dtype=np.float64,
     )
     minx, miny, maxx, maxy = pixel_to_map_boxes(box, transform)[0]
@@ -158,7 +163,9 @@ def clip_to_window(boxes: np.ndarray, window: Window) -> tuple[np.ndarray, np.nd
     (0 where nothing is inside; 1 for a degenerate box lying inside).
     """
     arr = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    shifted = arr - np.array([window.col_off, window.row_off, window.col_off, window.row_off], dtype=np.float64)
+    shifted = arr - np.array(
+        [window.col_off, window.row_off, window.col_off, window.row_off], dtype=np.float64
+    )
     clipped = shifted.copy()
     clipped[:, [0, 2]] = clipped[:, [0, 2]].clip(0, window.valid_width)
     clipped[:, [1, 3]] = clipped[:, [1, 3]].clip(0, window.valid_height)
