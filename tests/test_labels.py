@@ -168,3 +168,13 @@ def test_ignore_zones_are_reported(
     t = index.targets(Window(128, 128, 64, 64, 64, 64))
     assert t["boxes"].shape == (0, 4)
     np.testing.assert_allclose(t["ignore"], [[0, 0, 22, 22]])
+
+
+def test_shared_label_file_spanning_a_raster_without_objects_is_empty(
+    make_raster: Callable[..., Path], make_labels: Callable[..., Path]
+) -> None:
+    info = open_raster(make_raster(width=100, height=100))
+    # objects on neighbouring rasters west and east of this one: their extent spans it
+    path = make_labels(boxes_px=np.array([[-300, 10, -290, 20], [400, 10, 410, 20]]))
+    frame = load_labels(path, info, CFG)
+    assert len(frame) == 0

@@ -122,17 +122,23 @@ def _frame(boxes_px: np.ndarray, ids: np.ndarray, data_cfg: DataConfig, info: Ra
 
 
 def _keep_overlapping(frame: gpd.GeoDataFrame, info: RasterInfo, path: Path) -> gpd.GeoDataFrame:
-    """Drop labels off the raster; all of them off it means a CRS or file mix-up."""
+    """Keep the labels on the raster.
+
+    Labels whose overall extent misses the raster mean a CRS or file mix-up and raise; a
+    shared label file whose extent spans the raster but has no label on it (a raster with
+    no objects in a mosaic) gives an empty frame.
+    """
     if frame.empty:
         return frame
     rb = info.bounds
-    hit = frame.intersects(shapely.box(*rb))
-    if not hit.any():
+    raster_box = shapely.box(*rb)
+    hit = frame.intersects(raster_box).to_numpy()
+    if not hit.any() and not shapely.box(*frame.total_bounds).intersects(raster_box):
         raise DataError(
             f"{path}: labels do not overlap the raster {info.path.name}: labels bounds "
             f"{_fmt_bounds(frame.total_bounds)}, raster bounds {_fmt_bounds(rb)}"
         )
-    return frame[hit.to_numpy()].reset_index(drop=True)
+    return frame[hit].reset_index(drop=True)
 
 
 def _load_csv(path: Path, info: RasterInfo, data_cfg: DataConfig, image_name: str | None) -> gpd.GeoDataFrame:
