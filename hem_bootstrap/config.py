@@ -117,6 +117,9 @@ class ModelConfig(_Section):
     fast_path: Literal["none", "compile", "channels_last"] = Field(
         "channels_last", description="CPU/GPU inference fast path."
     )
+    focal_alpha: float = Field(0.25, ge=0, le=1, description="Focal loss alpha (RetinaNet, FCOS, box_focal).")
+    focal_gamma: float = Field(2.0, ge=0, description="Focal loss gamma (RetinaNet, FCOS, box_focal).")
+    box_focal: bool = Field(False, description="Faster R-CNN: focal loss instead of cross-entropy in the box head.")
 
 
 class TrainConfig(_Section):
@@ -137,6 +140,11 @@ class TrainConfig(_Section):
     finetune: bool = Field(True, description="Later rounds fine-tune the previous model (else restart).")
     augment: bool = Field(True, description="Flips, 90-degree rotations, mild colour jitter.")
     checkpoint_every: int = Field(100, gt=0, description="Steps between checkpoints.")
+    ohem: bool = Field(False, description="Online hard example mining of RoIs (two-stage detectors).")
+    ohem_rois: int = Field(128, gt=0, description="OHEM: RoIs kept per image (highest loss after NMS).")
+    ohem_nms_iou: float = Field(0.7, gt=0, le=1, description="OHEM: NMS IoU among RoI candidates.")
+    hard_positive_factor: int = Field(1, ge=1, description="Oversample chips of missed objects this many times.")
+    hard_positive_below: float = Field(0.3, ge=0, le=1, description="An object whose best score is below this is hard.")
 
 
 class StrategySpec(_Section):

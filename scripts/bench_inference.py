@@ -1,0 +1,305 @@
+"""Benchmark the inference hot path against its model-only ceiling (and SAHI when installed).
+
+For each raster size it generates a large RGB GeoTIFF (tiled, compressed; a synthetic scene
+repeated block by block, so the file is realistic but cheap to make) and measures, each in a
+fresh subprocess so peak RSS is the run's own:
+
+* end-to-end tiles/s of ``hem_bootstrap.model.infer.detect`` (workers reading windows,
+  batching, seam NMS, streaming GeoPackage output);
+* model-only tiles/s on pre-loaded tensors with the same model, batch and tile size: the ceiling;
+* their ratio, and peak RSS (the process and its DataLoader workers);
+* with ``--fast-paths``, the model-only ceiling of eager float32, channels_last and
+  torch.compile, and how far their detections differ;
+* with ``--compare-sahi`` (when ``sahi`` is importable), SAHI's sliced prediction with the same
+  torchvision model, tile and overlap.
+
+Example:
+    python scripts/bench_inference.py --sizes 8192 20000 --arch small_fcos --out bench_out/bench_inference.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_big_raster(path: Path, size: int, seed: int = 11) -> None:
+    """Write a size x size RGB GeoTIFF by repeating a 1024 px synthetic scene, block by block."""
+    import rasterio
+    from rasterio.transform import from_origin
+    from rasterio.windows import Window
+
+    from hem_bootstrap.data.synth import SceneSpec, make_scene
+
+    if path.exists():
+        return
+    block = 1024
+    rgb, _, _, _ = make_scene(SceneSpec(size=block, gsd=0.15, seed=seed))
+    profile = {
+        "driver": "GTiff", "width": size, "height": size, "count": 3, "dtype": "uint8",
+        "crs": "EPSG:32633", "transform": from_origin(500000.0, 5400000.0, 0.15, 0.15),
+        "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate", "predictor": 2,
+        "BIGTIFF": "IF_SAFER",
+    }
+    tmp = path.with_suffix(".tmp.tif")
+    with rasterio.open(tmp, "w", **profile) as dst:
+        for row in range(0, size, block):
+            for col in range(0, size, block):
+                h, w = min(block, size - row), min(block, size - col)
+                k = (row // block + col // block) % 4
+                dst.write(np.rot90(rgb, k=k, axes=(1, 2))[:, :h, :w], window=Window(col, row, w, h))
+    tmp.replace(path)
+
+
+def _cfg(arch: str, batch: int, workers: int, tile: int, overlap: int, fast_path: str, threads: int | None):
+    from hem_bootstrap.config import ExperimentConfig
+
+    cfg = ExperimentConfig()
+    cfg.model.arch = arch
+    cfg.model.fast_path = fast_path  # type: ignore[assignment]
+    cfg.runtime.batch_size = batch
+    cfg.runtime.workers = workers
+    cfg.runtime.threads = threads
+    cfg.runtime.device = "cpu" if not _cuda() else "cuda"
+    cfg.tiling.tile_size = tile
+    cfg.tiling.overlap = overlap
+    return cfg
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _peak_rss_mb() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, kids) / 1024.0
+
+
+def child_end_to_end(args: argparse.Namespace) -> dict:
+    """One end-to-end scan of the raster (runs in its own process)."""
+    import torch
+
+    from hem_bootstrap.model.detectors import build_detector
+    from hem_bootstrap.model.infer import DetectStats, detect, write_detections
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = _cfg(args.arch, args.batch, args.workers, args.tile, args.overlap, args.fast_path, args.threads)
+    torch.manual_seed(0)
+    model = build_detector(cfg.model, 2, args.tile)
+    if args.weights:
+        from hem_bootstrap.model.detectors import load_checkpoint
+
+        load_checkpoint(Path(args.weights), model)
+    device = torch.device(cfg.runtime.device)
+    stats = DetectStats()
+    with tempfile.TemporaryDirectory() as tmp:
+        frames = detect(model, [Path(args.raster)], cfg.data, cfg.tiling, cfg.model, cfg.runtime, device,
+                        stats=stats, progress=False)
+        n, _ = write_detections(frames, Path(tmp) / "d.gpkg")
+    return {
+        "tiles": stats.tiles_total, "tiles_run": stats.tiles_run, "seconds": stats.seconds,
+        "tiles_per_s": stats.tiles_per_s, "detections": n, "model_seconds": stats.model_seconds,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def child_model_only(args: argparse.Namespace) -> dict:
+    """The ceiling: the same model on pre-loaded tensors, same batch and tile size."""
+    import torch
+
+    from hem_bootstrap.model.detectors import build_detector
+    from hem_bootstrap.model.infer import prepare_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = _cfg(args.arch, args.batch, 0, args.tile, args.overlap, args.fast_path, args.threads)
+    torch.manual_seed(0)
+    model = build_detector(cfg.model, 2, args.tile)
+    if args.weights:
+        from hem_bootstrap.model.detectors import load_checkpoint
+
+        load_checkpoint(Path(args.weights), model)
+    device = torch.device(cfg.runtime.device)
+    model = prepare_model(model, device, cfg.model)
+    import rasterio
+
+    with rasterio.open(args.raster) as src:
+        arr = src.read(window=rasterio.windows.Window(0, 0, 2048, 2048)).astype(np.float32) / 255.0
+    tiles = [torch.from_numpy(np.ascontiguousarray(arr[:, r:r + args.tile, c:c + args.tile]))
+             for r in range(0, 2048 - args.tile + 1, args.tile) for c in range(0, 2048 - args.tile + 1, args.tile)]
+    batches = [torch.stack(tiles[i:i + args.batch]).to(device) for i in range(0, len(tiles) - args.batch + 1, args.batch)]
+    n_tiles = 0
+    outs = []
+    with torch.inference_mode():
+        model(list(batches[0]))  # warm-up (and compile)
+        t0 = time.perf_counter()
+        deadline = t0 + args.model_seconds
+        while time.perf_counter() < deadline:
+            for b in batches:
+                out = model(list(b))
+                if len(outs) < 4:
+                    outs.append([{k: v.float().cpu() for k, v in o.items()} for o in out])
+                n_tiles += len(b)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        secs = time.perf_counter() - t0
+    torch.save(outs, args.dump) if args.dump else None
+    return {"tiles": n_tiles, "seconds": secs, "tiles_per_s": n_tiles / secs, "peak_rss_mb": _peak_rss_mb()}
+
+
+def child_sahi(args: argparse.Namespace) -> dict:
+    """SAHI's sliced prediction with the same torchvision model, tile and overlap."""
+    import torch
+    from sahi.models.torchvision import TorchVisionDetectionModel  # type: ignore[import-not-found]
+    from sahi.predict import get_sliced_prediction  # type: ignore[import-not-found]
+
+    from hem_bootstrap.model.detectors import build_detector
+
+    cfg = _cfg(args.arch, args.batch, 0, args.tile, args.overlap, "none", args.threads)
+    torch.manual_seed(0)
+    model = build_detector(cfg.model, 2, args.tile).eval()
+    det = TorchVisionDetectionModel(model=model, confidence_threshold=cfg.model.score_floor,
+                                    device="cuda" if _cuda() else "cpu", category_mapping={"1": "vehicle"},
+                                    load_at_init=True, image_size=args.tile)
+    import rasterio
+
+    t0 = time.perf_counter()
+    with rasterio.open(args.raster) as src:
+        image = np.transpose(src.read(), (1, 2, 0))  # SAHI needs the whole image in memory
+    ratio = args.overlap / args.tile
+    res = get_sliced_prediction(image, det, slice_height=args.tile, slice_width=args.tile,
+                                overlap_height_ratio=ratio, overlap_width_ratio=ratio, verbose=0)
+    secs = time.perf_counter() - t0
+    return {"seconds": secs, "detections": len(res.object_prediction_list), "peak_rss_mb": _peak_rss_mb()}
+
+
+def _run_child(kind: str, args: argparse.Namespace, **extra: object) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--raster", str(args.raster), "--arch", args.arch,
+           "--batch", str(args.batch), "--workers", str(args.workers), "--tile", str(args.tile),
+           "--overlap", str(args.overlap), "--fast-path", str(extra.get("fast_path", args.fast_path)),
+           "--model-seconds", str(args.model_seconds)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.weights:
+        cmd += ["--weights", args.weights]
+    if extra.get("dump"):
+        cmd += ["--dump", str(extra["dump"])]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _compare_outputs(a: Path, b: Path) -> dict:
+    import torch
+    from torchvision.ops import box_iou
+
+    oa, ob = torch.load(a), torch.load(b)
+    matched = total = 0
+    max_score_diff = 0.0
+    for ba, bb in zip(oa, ob, strict=False):
+        for da, db in zip(ba, bb, strict=False):
+            keep_a = da["scores"] >= 0.3
+            keep_b = db["scores"] >= 0.3
+            total += int(keep_a.sum())
+            if keep_a.any() and keep_b.any():
+                iou = box_iou(da["boxes"][keep_a], db["boxes"][keep_b])
+                best, j = iou.max(dim=1)
+                ok = best >= 0.9
+                matched += int(ok.sum())
+                if ok.any():
+                    diff = (da["scores"][keep_a][ok] - db["scores"][keep_b][j[ok]]).abs().max()
+                    max_score_diff = max(max_score_diff, float(diff))
+    return {"detections_ref": total, "matched_iou0.9": matched, "max_score_diff": max_score_diff}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[8192, 20000])
+    p.add_argument("--arch", default="small_fcos")
+    p.add_argument("--weights", default=None, help="checkpoint to load (e.g. a demo round's model.pt)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--tile", type=int, default=256)
+    p.add_argument("--overlap", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--fast-path", default="channels_last", choices=["none", "channels_last", "compile"])
+    p.add_argument("--fast-paths", action="store_true", help="also compare eager / channels_last / compile")
+    p.add_argument("--compare-sahi", action="store_true")
+    p.add_argument("--model-seconds", type=float, default=20.0)
+    p.add_argument("--data-dir", default="bench_out/rasters")
+    p.add_argument("--out", default="bench_out/bench_inference.json")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--raster", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--dump", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.child:
+        fn = {"e2e": child_end_to_end, "model": child_model_only, "sahi": child_sahi}[args.child]
+        print(json.dumps(fn(args)))
+        return
+
+    data_dir = Path(args.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    results: dict = {"arch": args.arch, "batch": args.batch, "workers": args.workers, "tile": args.tile,
+                     "overlap": args.overlap, "fast_path": args.fast_path, "cpu_count": os.cpu_count(),
+                     "cuda": _cuda(), "sizes": {}}
+    for size in args.sizes:
+        raster = data_dir / f"big_{size}.tif"
+        t0 = time.perf_counter()
+        make_big_raster(raster, size)
+        print(f"raster {size}x{size}: {raster} ({raster.stat().st_size / 1e6:.0f} MB, {time.perf_counter() - t0:.0f}s)")
+        args.raster = raster
+        e2e = _run_child("e2e", args)
+        model = _run_child("model", args)
+        row = {"end_to_end": e2e, "model_only": model}
+        if "tiles_per_s" in e2e and "tiles_per_s" in model:
+            row["ratio"] = e2e["tiles_per_s"] / model["tiles_per_s"]
+        if args.compare_sahi:
+            try:
+                import sahi  # type: ignore[import-not-found]  # noqa: F401
+
+                sahi_res = _run_child("sahi", args)
+                row["sahi"] = sahi_res
+                if "seconds" in sahi_res and "seconds" in e2e:
+                    row["sahi_wall_ratio"] = sahi_res["seconds"] / e2e["seconds"]
+                    row["rss_ratio_ours_over_sahi"] = e2e["peak_rss_mb"] / sahi_res["peak_rss_mb"]
+            except ImportError:
+                row["sahi"] = "not installed"
+        results["sizes"][str(size)] = row
+        print(json.dumps({size: row}, indent=1))
+    if args.fast_paths:
+        args.raster = data_dir / f"big_{args.sizes[0]}.tif"
+        fp: dict = {}
+        dumps = {}
+        for mode in ("none", "channels_last", "compile"):
+            dumps[mode] = data_dir / f"out_{mode}.pt"
+            fp[mode] = _run_child("model", args, fast_path=mode, dump=dumps[mode])
+        base = fp["none"].get("tiles_per_s")
+        for mode in ("channels_last", "compile"):
+            if base and "tiles_per_s" in fp[mode]:
+                fp[mode]["speedup_vs_eager"] = fp[mode]["tiles_per_s"] / base
+                fp[mode]["agreement"] = _compare_outputs(dumps["none"], dumps[mode])
+        results["fast_paths"] = fp
+        print(json.dumps({"fast_paths": fp}, indent=1))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
