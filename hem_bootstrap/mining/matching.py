@@ -1,0 +1,162 @@
+"""Detections of one image against its ground truth: true positive, false positive or ignore.
+
+Only clear false positives are worth mining, so matching has three outcomes:
+
+* ``tp``: the detection overlaps an object well (IoU >= ``tp_iou``, or centre within
+  ``center_dist_m`` with ``matching="center"``);
+* ``fp``: it overlaps no object at all, or barely (best IoU < ``fp_max_iou``, or centre
+  farther than ``2 * center_dist_m``) — a hard-negative candidate;
+* ``ignore``: everything in between (a loose box on a real object, a neighbour's part) and
+  anything inside an ignore geometry. Ignored detections are never mined.
+
+The decision is **class-agnostic**: a detection on a labelled object of another class is a
+classification error, not background, and mining its box as a negative would teach the
+model that the object is background. Matching is also many-to-one: two detections on the
+same object are both ``tp`` (a duplicate on a real object is no hard negative either;
+one-to-one matching belongs to evaluation).
+"""
+
+from __future__ import annotations
+
+import geopandas as gpd
+import numpy as np
+import shapely
+import torch
+from torchvision.ops import box_iou
+
+from hem_bootstrap.config import MiningConfig
+from hem_bootstrap.errors import DataError
+
+STATUS_TP, STATUS_FP, STATUS_IGNORE = "tp", "fp", "ignore"
+IGNORE_AREA_FRACTION = 0.5
+"""A detection with more than this share of its area inside ignore geometry is ignored."""
+
+
+def match_detections(
+    dets: gpd.GeoDataFrame,
+    gt: gpd.GeoDataFrame,
+    cfg: MiningConfig,
+    ignore: gpd.GeoDataFrame | None = None,
+) -> gpd.GeoDataFrame:
+    """Label each detection of one image ``tp``, ``fp`` or ``ignore``.
+
+    Args:
+        dets: Detection frame of a single image (see :mod:`hem_bootstrap.contracts`).
+        gt: Ground-truth boxes of that image (``label``, ``class``, ``geometry``).
+        cfg: Matching mode and thresholds (``matching``, ``tp_iou``, ``fp_max_iou``,
+            ``center_dist_m``).
+        ignore: Optional geometries (ignore zones, objects clipped at the raster edge) whose
+            detections must not be mined: a detection with more than half of its area, or
+            its centre, inside them is ``ignore`` unless it already matched an object.
+
+    Returns:
+        A copy of ``dets`` with ``status`` (str), ``best_iou`` (float, 0 with no overlap) and
+        ``gt_index`` (int position in ``gt`` of the best-matching object, -1 when none).
+        With ``matching="center"`` the best match is the nearest object centre (``gt_index``
+        -1 for a false positive); ``best_iou`` is still the IoU with that object. Distances
+        are in CRS units (pixels without a CRS).
+
+    Raises:
+        DataError: ``dets`` holds several images.
+    """
+    out = dets.copy()
+    _check_single_image(out)
+    gt_ = _to_crs_of(gt, out, "ground truth")
+    n = len(out)
+    status = np.full(n, STATUS_FP, dtype=object)
+    best_iou = np.zeros(n, dtype=np.float64)
+    gt_index = np.full(n, -1, dtype=np.int64)
+    if n and len(gt_):
+        det_boxes = _bounds(out)
+        gt_boxes = _bounds(gt_)
+        ious = box_iou(det_boxes, gt_boxes)
+        if cfg.matching == "center":
+            status, gt_index, best_iou = _classify_center(det_boxes, gt_boxes, ious, cfg.center_dist_m)
+        else:
+            status, gt_index, best_iou = _classify_iou(ious, cfg.tp_iou, cfg.fp_max_iou)
+    if n and ignore is not None and len(ignore):
+        inside = ignored_mask(out, _to_crs_of(ignore, out, "ignore geometry"))
+        status = np.where(inside & (status != STATUS_TP), STATUS_IGNORE, status)
+    out["status"] = np.asarray(status, dtype=object).astype(str)
+    out["best_iou"] = best_iou
+    out["gt_index"] = gt_index
+    return out
+
+
+def _check_single_image(dets: gpd.GeoDataFrame) -> None:
+    if len(dets) and "image" in dets.columns:
+        images = sorted(set(map(str, dets["image"])))
+        if len(images) > 1:
+            shown = ", ".join(images[:3]) + (", ..." if len(images) > 3 else "")
+            raise DataError(f"match_detections: expected detections of one image, got {len(images)}: {shown}")
+
+
+def _to_crs_of(frame: gpd.GeoDataFrame, ref: gpd.GeoDataFrame, what: str) -> gpd.GeoDataFrame:
+    """``frame`` in ``ref``'s CRS (reprojected when both are set and differ)."""
+    if frame.crs is not None and ref.crs is not None and frame.crs != ref.crs:
+        try:
+            return frame.to_crs(ref.crs)
+        except Exception as err:  # pyproj raises several types
+            raise DataError(f"{what}: cannot reproject from {frame.crs} to {ref.crs}: {err}") from None
+    return frame
+
+
+def _bounds(frame: gpd.GeoDataFrame) -> torch.Tensor:
+    """(N, 4) float64 ``minx, miny, maxx, maxy`` of each geometry."""
+    return torch.from_numpy(
+        np.array(shapely.bounds(np.asarray(frame.geometry.values)), dtype=np.float64).reshape(-1, 4)
+    )
+
+
+def _classify_iou(
+    ious: torch.Tensor, tp_iou: float, fp_max_iou: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Status from each detection's best IoU: >= tp_iou tp, < fp_max_iou (or no overlap) fp."""
+    best, idx = ious.max(dim=1)
+    best_np = best.numpy().astype(np.float64)
+    status = np.where(
+        best_np >= tp_iou,
+        STATUS_TP,
+        np.where((best_np < fp_max_iou) | (best_np <= 0), STATUS_FP, STATUS_IGNORE),
+    )
+    gt_index = np.where(best_np > 0, idx.numpy(), -1).astype(np.int64)
+    return status.astype(object), gt_index, best_np
+
+
+def _classify_center(
+    det_boxes: torch.Tensor, gt_boxes: torch.Tensor, ious: torch.Tensor, dist: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Status from the distance to the nearest object centre: <= d tp, > 2d fp, else ignore."""
+    dc = (det_boxes[:, :2] + det_boxes[:, 2:]) / 2
+    gc = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
+    d, idx = torch.cdist(dc, gc).min(dim=1)
+    d_np = d.numpy()
+    status = np.where(d_np <= dist, STATUS_TP, np.where(d_np > 2 * dist, STATUS_FP, STATUS_IGNORE))
+    best_iou = ious.gather(1, idx[:, None])[:, 0].numpy().astype(np.float64)
+    gt_index = np.where(status == STATUS_FP, -1, idx.numpy()).astype(np.int64)
+    return status.astype(object), gt_index, best_iou
+
+
+def ignored_mask(dets: gpd.GeoDataFrame, ignore: gpd.GeoDataFrame) -> np.ndarray:
+    """True for detections whose centre, or more than half of whose area, lies in ``ignore``.
+
+    A spatial index (shapely STRtree) keeps this linear in practice for large frames.
+    """
+    geoms = np.asarray(dets.geometry.values)
+    zones = np.asarray(ignore.geometry.values)
+    zones = zones[~shapely.is_missing(zones) & ~shapely.is_empty(zones)]
+    out = np.zeros(len(geoms), dtype=bool)
+    if len(zones) == 0 or len(geoms) == 0:
+        return out
+    tree = shapely.STRtree(zones)
+    centres = shapely.centroid(geoms)
+    hit_det, _ = tree.query(centres, predicate="within")
+    out[hit_det] = True
+    det_idx, zone_idx = tree.query(geoms, predicate="intersects")
+    areas = shapely.area(geoms)
+    for i in np.unique(det_idx[~out[det_idx]]):
+        covered = shapely.union_all(zones[zone_idx[det_idx == i]])
+        inter = shapely.area(shapely.intersection(geoms[i], covered))
+        if areas[i] > 0 and inter > IGNORE_AREA_FRACTION * areas[i]:
+            out[i] = True
+    return out
