@@ -48,8 +48,9 @@ CAR_LENGTH_M = 4.5
 """Nominal vehicle length in metres (each vehicle is jittered by +-10 %)."""
 CAR_WIDTH_M = 1.9
 """Nominal vehicle width in metres (each vehicle is jittered by +-10 %)."""
-MAX_SIZE = 16384
-"""Largest scene side in pixels; the scene is rendered in memory (about 40 bytes per pixel)."""
+MAX_SIZE = 8192
+"""Largest scene side in pixels: a scene is rendered in memory, about 100 bytes per pixel at peak
+(1.7 GB for 4096 x 4096). Bigger rasters: tile several scenes (see scripts/bench_inference.py)."""
 DISTRACTOR_KINDS: tuple[str, ...] = ("roof_unit", "container", "shadow", "bush", "boat", "trailer")
 """Values of the ``class`` column of the distractors layer."""
 TILE_SIZE = 256
