@@ -124,7 +124,7 @@ def _check_detections(dets: pd.DataFrame, images: list[EvalImage]) -> dict[str, 
         raise DataError(
             f"detections: missing column(s) {', '.join(missing)}; expected image, label, score, geometry"
         )
-    unknown = sorted({_key(i) for i in dets["image"]} - set(by_key))
+    unknown = sorted({_key(i) for i in pd.unique(dets["image"])} - set(by_key))
     if unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise DataError(
@@ -174,7 +174,8 @@ def _prepare(
     dets: pd.DataFrame, by_key: dict[str, EvalImage], matching: str, thr: float
 ) -> dict[str, _Image]:
     """Per-image arrays, with detections in ignore geometry dropped."""
-    keys = dets["image"].map(_key).to_numpy() if len(dets) else np.zeros(0, dtype=object)
+    names = {i: _key(i) for i in pd.unique(dets["image"])} if len(dets) else {}
+    keys = dets["image"].map(names).to_numpy() if len(dets) else np.zeros(0, dtype=object)
     boxes = _frame_boxes(dets, "detections")
     scores = dets["score"].to_numpy(dtype=np.float64) if len(dets) else np.zeros(0)
     labels = dets["label"].to_numpy(dtype=np.int64) if len(dets) else np.zeros(0, dtype=np.int64)
@@ -220,32 +221,65 @@ def greedy_match(
 
     Per class, detections in descending score order (stable) each take the unmatched ground
     truth with the best IoU >= ``thr`` (or, with ``matching="center"``, the nearest unmatched
-    centre within ``thr`` map units).
+    centre within ``thr`` map units). Only boxes that can reach each other are compared (groups
+    of :func:`overlap_groups`), so a whole raster never builds a dense IoU matrix.
 
     Returns:
         Bool array, True where the detection (input order) is a true positive.
     """
     tp = np.zeros(len(det_boxes), dtype=bool)
-    for lab in np.unique(det_labels):
-        d_idx = np.flatnonzero(det_labels == lab)
-        g_idx = np.flatnonzero(gt_labels == lab)
-        if len(g_idx) == 0:
-            continue
-        d_idx = d_idx[np.argsort(-det_scores[d_idx], kind="mergesort")]
-        if matching == "center":
-            quality = -_center_dist(det_boxes[d_idx], gt_boxes[g_idx])
-            bar = -thr
-        else:
-            quality = _iou(det_boxes[d_idx], gt_boxes[g_idx])
-            bar = min(thr, 1 - 1e-10)  # COCOeval's cap, so IoU 1.0 boxes match at thr=1
-        taken = np.zeros(len(g_idx), dtype=bool)
-        for row, di in enumerate(d_idx):
-            q = np.where(taken, -np.inf, quality[row])
-            j = int(np.argmax(q))
-            if q[j] >= bar:
-                taken[j] = True
-                tp[di] = True
+    if len(det_boxes) == 0 or len(gt_boxes) == 0:
+        return tp
+    if matching == "center":  # squares of side thr around centres meet when centres are <= thr apart per axis
+        centres = np.r_[gt_boxes, det_boxes].reshape(-1, 2, 2).mean(axis=1)
+        reach = np.c_[centres - thr / 2, centres + thr / 2]
+    else:
+        reach = np.r_[gt_boxes, det_boxes]
+    groups = overlap_groups(reach)
+    g_gt, g_det = groups[: len(gt_boxes)], groups[len(gt_boxes) :]
+    gt_by, det_by = _members(g_gt), _members(g_det)
+    for g in np.intersect1d(g_gt, g_det):
+        d_idx, g_idx = det_by[g], gt_by[g]
+        for lab in np.unique(det_labels[d_idx]):
+            d_lab, g_lab = d_idx[det_labels[d_idx] == lab], g_idx[gt_labels[g_idx] == lab]
+            if len(g_lab):
+                tp[_match_block(det_boxes, det_scores, d_lab, gt_boxes, g_lab, thr, matching)] = True
     return tp
+
+
+def _members(groups: np.ndarray) -> dict[int, np.ndarray]:
+    """Indexes of each group's members, ascending."""
+    order = np.argsort(groups, kind="mergesort")
+    ids, starts = np.unique(groups[order], return_index=True)
+    return {int(i): part for i, part in zip(ids, np.split(order, starts[1:]), strict=True)}
+
+
+def _match_block(
+    det_boxes: np.ndarray,
+    det_scores: np.ndarray,
+    d_idx: np.ndarray,
+    gt_boxes: np.ndarray,
+    g_idx: np.ndarray,
+    thr: float,
+    matching: str,
+) -> np.ndarray:
+    """Greedy one-to-one matching of detections ``d_idx`` to truth ``g_idx``; returns matched ``d_idx``."""
+    d_idx = d_idx[np.argsort(-det_scores[d_idx], kind="mergesort")]
+    if matching == "center":
+        quality = -_center_dist(det_boxes[d_idx], gt_boxes[g_idx])
+        bar = -thr
+    else:
+        quality = _iou(det_boxes[d_idx], gt_boxes[g_idx])
+        bar = min(thr, 1 - 1e-10)  # COCOeval's cap, so IoU 1.0 boxes match at thr=1
+    taken = np.zeros(len(g_idx), dtype=bool)
+    hits = []
+    for row, di in enumerate(d_idx):
+        q = np.where(taken, -np.inf, quality[row])
+        j = int(np.argmax(q))
+        if q[j] >= bar:
+            taken[j] = True
+            hits.append(di)
+    return np.asarray(hits, dtype=np.int64)
 
 
 # ------------------------------------------------------------------------------- sweep
@@ -348,38 +382,71 @@ def _pr_curve(sweep: Sweep) -> dict[str, list[float]]:
 # ---------------------------------------------------------------------------------- COCO
 
 
+def overlap_groups(boxes: np.ndarray) -> np.ndarray:
+    """Group id of each box: connected components of the "boxes intersect" graph.
+
+    Boxes in different groups cannot match (IoU 0), so COCOeval gives the same result with
+    each group as its own image; this keeps its per-image O(detections x truth) Python loop
+    small when a whole raster is one image.
+    """
+    n = len(boxes)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    tree = shapely.STRtree(shapely.box(*boxes.T))
+    a, b = tree.query(shapely.box(*boxes.T), predicate="intersects")
+    parent = np.arange(n)
+    while True:  # min-label propagation with pointer jumping: a few passes in practice
+        low = np.minimum(parent[a], parent[b])
+        before = parent.copy()
+        np.minimum.at(parent, a, low)
+        np.minimum.at(parent, b, low)
+        parent = parent[parent]
+        if np.array_equal(parent, before):
+            break
+    return np.unique(parent, return_inverse=True)[1].astype(np.int64)
+
+
 def _coco_precision(prepared: dict[str, _Image], categories: list[int], iou_thrs: np.ndarray) -> np.ndarray:
-    """``COCOeval.eval['precision']`` (T, R, K, 1, 1) for the prepared images, built in memory."""
+    """``COCOeval.eval['precision']`` (T, R, K, 1, 1) for the prepared images, built in memory.
+
+    Each group of mutually overlapping boxes is one COCO image (see :func:`overlap_groups`).
+    """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     images: list[dict[str, Any]] = []
     anns: list[dict[str, Any]] = []
     dets: list[dict[str, Any]] = []
-    for img_id, im in enumerate(prepared.values(), start=1):
-        images.append({"id": img_id})
-        for b, lab in zip(im.gt_boxes, im.gt_labels, strict=True):
+    per_group: list[int] = [0]
+    for im in prepared.values():
+        n_gt = len(im.gt_boxes)
+        groups = overlap_groups(np.r_[im.gt_boxes, im.det_boxes].reshape(-1, 4))
+        base = len(images) + 1
+        images.extend({"id": base + g} for g in range(int(groups.max()) + 1 if len(groups) else 0))
+        for b, lab, g in zip(im.gt_boxes, im.gt_labels, groups[:n_gt], strict=True):
             w, h = float(b[2] - b[0]), float(b[3] - b[1])
             anns.append(
                 {
                     "id": len(anns) + 1,
-                    "image_id": img_id,
+                    "image_id": base + int(g),
                     "category_id": int(lab),
                     "bbox": [float(b[0]), float(b[1]), w, h],
                     "area": w * h,
                     "iscrowd": 0,
                 }
             )
-        for b, s, lab in zip(im.det_boxes, im.det_scores, im.det_labels, strict=True):
+        for b, s, lab, g in zip(im.det_boxes, im.det_scores, im.det_labels, groups[n_gt:], strict=True):
             dets.append(
                 {
-                    "image_id": img_id,
+                    "image_id": base + int(g),
                     "category_id": int(lab),
                     "score": float(s),
                     "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
                 }
             )
-    max_dets = max([len(im.det_boxes) for im in prepared.values()] + [1])
+        if len(groups) > n_gt:
+            per_group.append(int(np.bincount(groups[n_gt:]).max()))
+    max_dets = max(per_group + [1])
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         gt = COCO()
         gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": c} for c in categories]}

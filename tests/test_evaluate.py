@@ -19,6 +19,7 @@ from hem_bootstrap.evaluate import (
     coco_interpolated_ap,
     evaluate,
     greedy_match,
+    overlap_groups,
     write_metrics,
 )
 
@@ -174,9 +175,18 @@ def test_greedy_sweep_agrees_with_cocoeval_on_random_scenes() -> None:
 
 
 def test_more_than_100_detections_per_image_are_all_counted() -> None:
-    rows = [(x * 7 + 1, y * 7 + 1, x * 7 + 5, y * 7 + 5) for x in range(13) for y in range(12)]  # 156
+    # 156 touching boxes: one group of overlapping boxes, so COCOeval sees them as one image
+    rows = [(x * 4, y * 4, x * 4 + 4, y * 4 + 4) for x in range(13) for y in range(12)]
     m = evaluate(det_frame(rows, [0.9] * len(rows)), [image(gt_frame(rows))], EvaluateConfig())
     assert m["ap50"] == pytest.approx(1.0) and m["n_det"] == 156
+
+
+def test_overlap_groups() -> None:
+    chain = [(0, 0, 2, 2), (1, 1, 3, 3), (2, 2, 4, 4), (10, 10, 11, 11), (3.5, 3.5, 5, 5), (20, 0, 21, 1)]
+    groups = overlap_groups(np.array(chain, dtype=np.float64))
+    assert groups[0] == groups[1] == groups[2] == groups[4]
+    assert len({groups[0], groups[3], groups[5]}) == 3
+    assert overlap_groups(np.zeros((0, 4))).shape == (0,)
 
 
 def test_distractor_share_and_classes() -> None:
