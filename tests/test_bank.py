@@ -372,3 +372,18 @@ def test_apply_review_bad_input() -> None:
     with pytest.raises(DataError, match="missing column"):
         apply_review(bank, pd.DataFrame({"review_id": [1]}))
     assert len(bank.review()) == 1
+
+
+def test_re_adding_the_same_round_output_adds_nothing() -> None:
+    rng = np.random.default_rng(5)
+    xy = rng.uniform(0, 500, (60, 2))
+    rows = [
+        (f"i{k % 3}.tif", float(s), (x, y, x + 12, y + 12))
+        for k, ((x, y), s) in enumerate(zip(xy, rng.uniform(0.5, 1, 60), strict=True))
+    ]
+    bank = NegativeBank()
+    first = bank.add(mined(rows), 1, "h", "s", CFG)
+    again = bank.add(mined(rows), 2, "h", "s", CFG)
+    assert again == {"added": 0, "updated": first["added"]}
+    assert (bank.frame["rounds_seen"] == 2).all()
+    assert bank.frame["neg_id"].is_unique

@@ -177,3 +177,20 @@ def test_several_images_rejected() -> None:
     dets.loc[1, "image"] = "b.tif"
     with pytest.raises(DataError, match="one image"):
         match_detections(dets, gt_frame([]), CFG)
+
+
+def test_best_box_iou_chunked_equals_full_matrix() -> None:
+    import torch
+    from torchvision.ops import box_iou
+
+    from hem_bootstrap.mining.matching import best_box_iou
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(50, 2, generator=g, dtype=torch.float64) * 100
+    a = torch.cat([xy, xy + 5 + torch.rand(50, 2, generator=g, dtype=torch.float64) * 10], dim=1)
+    b = a[::3] + 1.5
+    full_best, full_idx = box_iou(a, b).max(dim=1)
+    best, idx = best_box_iou(a, b, chunk=7)
+    assert torch.equal(best, full_best) and torch.equal(idx, full_idx)
+    empty_best, empty_idx = best_box_iou(a[:0], b)
+    assert empty_best.shape == (0,) and empty_idx.shape == (0,)

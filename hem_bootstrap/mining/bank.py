@@ -39,6 +39,7 @@ from torchvision.ops import box_iou, nms
 from hem_bootstrap.config import BankConfig, MiningConfig
 from hem_bootstrap.contracts import DETECTION_COLUMNS
 from hem_bootstrap.errors import DataError, HemError
+from hem_bootstrap.mining.matching import best_box_iou
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,15 @@ def _crs_text(crs: Any) -> str:
     return f"{auth[0]}:{auth[1]}" if auth else c.to_wkt()
 
 
+def _px_array(frame: pd.DataFrame) -> np.ndarray:
+    """(N, 4) float64 pixel boxes, column by column (cheap even on a large GeoDataFrame)."""
+    if len(frame) == 0:
+        return np.zeros((0, 4), dtype=np.float64)
+    return np.column_stack([frame[c].to_numpy(dtype=np.float64) for c in PX_COLUMNS])
+
+
 def _px_tensor(frame: pd.DataFrame) -> torch.Tensor:
-    return torch.from_numpy(frame[list(PX_COLUMNS)].to_numpy(dtype=np.float64).reshape(-1, 4).copy())
+    return torch.from_numpy(_px_array(frame))
 
 
 def _require(frame: pd.DataFrame, columns: tuple[str, ...], what: str) -> None:
@@ -268,18 +276,20 @@ class NegativeBank:
         _require(mined, MINED_COLUMNS, "mined negatives")
         src = _crs_text(getattr(mined, "crs", None))
         mined = _sorted_mined(self._to_bank_crs(mined))
-        new_rows: list[dict[str, Any]] = []
+        bank_px = _px_array(self.frame)
+        bank_images = self.frame["image"].to_numpy(dtype=object)
+        fresh: list[pd.DataFrame] = []
         updated = 0
         for image, group in mined.groupby("image", sort=True):
-            existing = np.flatnonzero(self.frame["image"].to_numpy() == str(image))
-            fresh, n_upd = self._merge_image(group, existing, round_idx, cfg.dedupe_iou)
+            existing = np.flatnonzero(bank_images == str(image))
+            keep, n_upd = self._merge_image(group, existing, bank_px[existing], round_idx, cfg.dedupe_iou)
             updated += n_upd
-            for _, row in fresh.iterrows():
-                new_rows.append(self._new_row(row, round_idx, model_hash, strategy, src))
-        if new_rows:
-            extra = gpd.GeoDataFrame(new_rows, geometry="geometry", crs=self.crs)
+            fresh.append(keep)
+        new = pd.concat(fresh) if fresh else mined.iloc[:0]
+        if len(new):
+            extra = self._new_rows(new, round_idx, model_hash, strategy, src)
             self.frame = _normalize(pd.concat([self.frame, extra], ignore_index=True), NEG_SCHEMA, self.crs)
-        return {"added": len(new_rows), "updated": updated}
+        return {"added": len(new), "updated": updated}
 
     def _to_bank_crs(self, frame: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
         """Adopt the first rows' CRS; reproject later frames in another CRS."""
@@ -296,7 +306,7 @@ class NegativeBank:
         return frame
 
     def _merge_image(
-        self, group: pd.DataFrame, existing: np.ndarray, round_idx: int, iou: float
+        self, group: pd.DataFrame, existing: np.ndarray, existing_px: np.ndarray, round_idx: int, iou: float
     ) -> tuple[pd.DataFrame, int]:
         """Update entries matched by ``group`` rows; return the unmatched, de-duplicated rows."""
         boxes = _px_tensor(group)
@@ -304,52 +314,52 @@ class NegativeBank:
         matched = np.zeros(len(group), dtype=bool)
         n_upd = 0
         if len(existing):
-            ious = box_iou(boxes, _px_tensor(self.frame.iloc[existing]))
-            best, arg = ious.max(dim=1)
+            best, arg = best_box_iou(boxes, torch.from_numpy(existing_px))
             matched = (best > iou).numpy()
-            targets = existing[arg.numpy()]
-            for pos in np.unique(targets[matched]):
-                self._touch(int(pos), float(scores[matched & (targets == pos)].max()), round_idx)
-                n_upd += 1
+            targets = existing[arg.numpy()][matched]
+            if len(targets):
+                top = pd.Series(scores[matched]).groupby(targets).max()
+                self._touch(top.index.to_numpy(), top.to_numpy(), round_idx)
+                n_upd = len(top)
         rest = np.flatnonzero(~matched)
         if len(rest) == 0:
             return group.iloc[[]], n_upd
         keep = nms(boxes[rest], torch.from_numpy(scores[rest]), float(iou)).numpy()
         return group.iloc[np.sort(rest[keep])], n_upd
 
-    def _touch(self, pos: int, score: float, round_idx: int) -> None:
-        """An entry found hard again this round: count the round once, keep the best score."""
+    def _touch(self, pos: np.ndarray, score: np.ndarray, round_idx: int) -> None:
+        """Entries found hard again this round: count the round once, keep the best score."""
         f = self.frame
-        col = f.columns.get_loc
-        if int(f.iat[pos, col("last_round")]) < round_idx:
-            f.iat[pos, col("rounds_seen")] = int(f.iat[pos, col("rounds_seen")]) + 1
-            f.iat[pos, col("last_round")] = round_idx
-            f.iat[pos, col("last_score")] = score
-        else:
-            f.iat[pos, col("last_score")] = max(float(np.nan_to_num(f.iat[pos, col("last_score")])), score)
-        f.iat[pos, col("below_rounds")] = 0
-        f.iat[pos, col("retired")] = False
+        last = f["last_round"].to_numpy()[pos]
+        prev = np.nan_to_num(f["last_score"].to_numpy(dtype=np.float64)[pos], nan=0.0)
+        first_time = last < round_idx
+        f.loc[pos, "last_score"] = np.where(first_time, score, np.maximum(prev, score))
+        f.loc[pos[first_time], "rounds_seen"] += 1
+        f.loc[pos, "last_round"] = np.maximum(last, round_idx)
+        f.loc[pos, "below_rounds"] = 0
+        f.loc[pos, "retired"] = False
 
-    def _new_row(
-        self, row: pd.Series, round_idx: int, model_hash: str, strategy: str, src: str
-    ) -> dict[str, Any]:
-        out = {c: row[c] for c in ("image", "label", "score", *WIN_COLUMNS, *PX_COLUMNS)}
-        out.update(
-            neg_id=self.next_neg_id,
-            image=str(row["image"]),
-            last_score=row["score"],
-            round_added=round_idx,
-            rounds_seen=1,
-            last_round=round_idx,
-            below_rounds=0,
-            retired=False,
-            model_hash=str(model_hash),
-            strategy=str(strategy),
-            src_crs=src,
-            geometry=row["geometry"],
+    def _new_rows(
+        self, rows: pd.DataFrame, round_idx: int, model_hash: str, strategy: str, src: str
+    ) -> gpd.GeoDataFrame:
+        """Bank rows for new entries, with fresh ids in processing order."""
+        n = len(rows)
+        cols: dict[str, Any] = {c: rows[c].to_numpy() for c in ("label", "score", *WIN_COLUMNS, *PX_COLUMNS)}
+        cols.update(
+            neg_id=np.arange(self.next_neg_id, self.next_neg_id + n, dtype=np.int64),
+            image=rows["image"].astype(str).to_numpy(dtype=object),
+            last_score=rows["score"].to_numpy(dtype=np.float64),
+            round_added=np.full(n, round_idx, dtype=np.int64),
+            rounds_seen=np.ones(n, dtype=np.int64),
+            last_round=np.full(n, round_idx, dtype=np.int64),
+            below_rounds=np.zeros(n, dtype=np.int64),
+            retired=np.zeros(n, dtype=bool),
+            model_hash=np.full(n, str(model_hash), dtype=object),
+            strategy=np.full(n, str(strategy), dtype=object),
+            src_crs=np.full(n, src, dtype=object),
         )
-        self.next_neg_id += 1
-        return out
+        self.next_neg_id += n
+        return gpd.GeoDataFrame(cols, geometry=list(np.asarray(rows.geometry.values)), crs=self.crs)
 
     # -------------------------------------------------------------------- refresh / evict
 
@@ -518,59 +528,72 @@ class NegativeBank:
         _require(rows, MINED_COLUMNS, "review rows")
         src = _crs_text(getattr(rows, "crs", None))
         rows = _sorted_mined(self._to_bank_crs(rows))
-        new: list[dict[str, Any]] = []
+        rf = self.review_frame
+        review_px = _px_array(rf)
+        open_images = np.where(
+            rf["decision"].to_numpy(dtype=object) == "", rf["image"].to_numpy(dtype=object), None
+        )
+        fresh: list[pd.DataFrame] = []
         for image, group in rows.groupby("image", sort=True):
-            pending = np.flatnonzero(
-                (self.review_frame["image"].to_numpy() == str(image))
-                & (self.review_frame["decision"] == "").to_numpy()
-            )
-            fresh = self._merge_review(group, pending, round_idx)
-            for _, row in fresh.iterrows():
-                new.append(self._new_review_row(row, round_idx, reason, src))
-        if new:
-            extra = gpd.GeoDataFrame(new, geometry="geometry", crs=self.crs)
+            pending = np.flatnonzero(open_images == str(image))
+            fresh.append(self._merge_review(group, pending, review_px[pending], round_idx))
+        new = pd.concat(fresh) if fresh else rows.iloc[:0]
+        if len(new):
+            extra = self._new_review_rows(new, round_idx, reason, src)
             merged = pd.concat([self.review_frame, extra], ignore_index=True)
             self.review_frame = _normalize(merged, REVIEW_SCHEMA, self.crs)
         return len(new)
 
-    def _merge_review(self, group: pd.DataFrame, pending: np.ndarray, round_idx: int) -> pd.DataFrame:
+    def _merge_review(
+        self, group: pd.DataFrame, pending: np.ndarray, pending_px: np.ndarray, round_idx: int
+    ) -> pd.DataFrame:
+        """Update pending rows matched by ``group``; return the unmatched, de-duplicated rows."""
         boxes = _px_tensor(group)
         scores = _scores(group)
         matched = np.zeros(len(group), dtype=bool)
         if len(pending):
-            best, arg = box_iou(boxes, _px_tensor(self.review_frame.iloc[pending])).max(dim=1)
+            best, arg = best_box_iou(boxes, torch.from_numpy(pending_px))
             matched = (best > REVIEW_DEDUPE_IOU).numpy()
-            rf = self.review_frame
-            for i in np.flatnonzero(matched):
-                pos = int(pending[int(arg[i])])
-                rf.iat[pos, rf.columns.get_loc("score")] = max(
-                    float(np.nan_to_num(rf["score"].iat[pos])), scores[i]
-                )
-                rf.iat[pos, rf.columns.get_loc("last_round")] = round_idx
+            targets = pending[arg.numpy()][matched]
+            if len(targets):
+                top = pd.Series(scores[matched]).groupby(targets).max()
+                pos = top.index.to_numpy()
+                rf = self.review_frame
+                prev = np.nan_to_num(rf["score"].to_numpy(dtype=np.float64)[pos], nan=0.0)
+                rf.loc[pos, "score"] = np.maximum(prev, top.to_numpy())
+                rf.loc[pos, "last_round"] = round_idx
         rest = np.flatnonzero(~matched)
         if len(rest) == 0:
             return group.iloc[[]]
         keep = nms(boxes[rest], torch.from_numpy(scores[rest]), REVIEW_DEDUPE_IOU).numpy()
         return group.iloc[np.sort(rest[keep])]
 
-    def _new_review_row(self, row: pd.Series, round_idx: int, reason: str, src: str) -> dict[str, Any]:
-        own = row.get("reason")
-        out = {c: row[c] for c in ("image", "label", "score", *WIN_COLUMNS, *PX_COLUMNS)}
-        out.update(
-            review_id=self.next_review_id,
-            image=str(row["image"]),
-            round_added=round_idx,
-            last_round=round_idx,
-            reason=str(own) if isinstance(own, str) and own else str(reason),
-            decision="",
-            bank_neg_id=int(row["bank_neg_id"])
-            if "bank_neg_id" in row and pd.notna(row["bank_neg_id"])
-            else -1,
-            src_crs=src,
-            geometry=row["geometry"],
+    def _new_review_rows(self, rows: pd.DataFrame, round_idx: int, reason: str, src: str) -> gpd.GeoDataFrame:
+        """Pending review rows with fresh ids; a row's own ``reason`` wins over ``reason``."""
+        n = len(rows)
+        own = (
+            rows["reason"].fillna("").astype(str).to_numpy(dtype=object)
+            if "reason" in rows
+            else np.full(n, "")
         )
-        self.next_review_id += 1
-        return out
+        neg = (
+            rows["bank_neg_id"].fillna(-1).to_numpy(dtype=np.int64)
+            if "bank_neg_id" in rows
+            else np.full(n, -1)
+        )
+        cols: dict[str, Any] = {c: rows[c].to_numpy() for c in ("label", "score", *WIN_COLUMNS, *PX_COLUMNS)}
+        cols.update(
+            review_id=np.arange(self.next_review_id, self.next_review_id + n, dtype=np.int64),
+            image=rows["image"].astype(str).to_numpy(dtype=object),
+            round_added=np.full(n, round_idx, dtype=np.int64),
+            last_round=np.full(n, round_idx, dtype=np.int64),
+            reason=np.where(own != "", own, str(reason)).astype(object),
+            decision=np.full(n, "", dtype=object),
+            bank_neg_id=neg.astype(np.int64),
+            src_crs=np.full(n, src, dtype=object),
+        )
+        self.next_review_id += n
+        return gpd.GeoDataFrame(cols, geometry=list(np.asarray(rows.geometry.values)), crs=self.crs)
 
 
 def _next_id(frame: pd.DataFrame, col: str) -> int:
@@ -685,19 +708,24 @@ def _repeated(
     act = bank.active()
     if len(act) == 0 or not {*PX_COLUMNS} <= set(mined.columns):
         return
-    veteran = act[(act["rounds_seen"] >= after_rounds) & (act["last_score"] > HIGH_SCORE)]
-    images = mined["image"].astype(str).to_numpy()
-    for image in np.unique(images):
-        ent = veteran[veteran["image"] == image]
+    vet = act[(act["rounds_seen"] >= after_rounds) & (act["last_score"] > HIGH_SCORE)]
+    if len(vet) == 0:
+        return
+    vet_px, vet_images = _px_array(vet), vet["image"].to_numpy(dtype=object)
+    vet_ids, vet_rounds = vet["neg_id"].to_numpy(), vet["rounds_seen"].to_numpy()
+    mined_px = _px_array(mined)
+    images = mined["image"].astype(str).to_numpy(dtype=object)
+    for image in np.unique(images[scores > HIGH_SCORE]):
+        ent = np.flatnonzero(vet_images == image)
         rows = np.flatnonzero((images == image) & (scores > HIGH_SCORE))
-        if len(ent) == 0 or len(rows) == 0:
+        if len(ent) == 0:
             continue
-        best, arg = box_iou(_px_tensor(mined.iloc[rows]), _px_tensor(ent)).max(dim=1)
-        for i, hit, j in zip(rows, (best > MATCH_IOU).tolist(), arg.tolist(), strict=True):
+        best, arg = best_box_iou(torch.from_numpy(mined_px[rows]), torch.from_numpy(vet_px[ent]))
+        for i, hit, j in zip(rows, (best > MATCH_IOU).tolist(), ent[arg.numpy()], strict=True):
             if hit:
-                match_id[i] = int(ent["neg_id"].iat[j])
+                match_id[i] = int(vet_ids[j])
                 if not reason[i]:
-                    reason[i] = f"mined {int(ent['rounds_seen'].iat[j])} rounds"
+                    reason[i] = f"mined {int(vet_rounds[j])} rounds"
 
 
 def apply_review(

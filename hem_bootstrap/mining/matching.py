@@ -30,6 +30,26 @@ from hem_bootstrap.errors import DataError
 STATUS_TP, STATUS_FP, STATUS_IGNORE = "tp", "fp", "ignore"
 IGNORE_AREA_FRACTION = 0.5
 """A detection with more than this share of its area inside ignore geometry is ignored."""
+IOU_CHUNK = 4096
+"""Rows of the IoU matrix computed at once, so memory stays bounded for dense scenes."""
+
+
+def best_box_iou(
+    a: torch.Tensor, b: torch.Tensor, chunk: int = IOU_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each box of ``a`` (N, 4), its best IoU with ``b`` (M, 4) and the index of that box.
+
+    ``torchvision.ops.box_iou`` in row chunks: memory is ``chunk * M`` instead of ``N * M``.
+    ``b`` must not be empty.
+    """
+    best, idx = [], []
+    for start in range(0, len(a), chunk):
+        m, i = box_iou(a[start : start + chunk], b).max(dim=1)
+        best.append(m)
+        idx.append(i)
+    if not best:
+        return torch.zeros(0, dtype=a.dtype), torch.zeros(0, dtype=torch.int64)
+    return torch.cat(best), torch.cat(idx)
 
 
 def match_detections(
@@ -69,11 +89,12 @@ def match_detections(
     if n and len(gt_):
         det_boxes = _bounds(out)
         gt_boxes = _bounds(gt_)
-        ious = box_iou(det_boxes, gt_boxes)
         if cfg.matching == "center":
-            status, gt_index, best_iou = _classify_center(det_boxes, gt_boxes, ious, cfg.center_dist_m)
+            status, gt_index, best_iou = _classify_center(det_boxes, gt_boxes, cfg.center_dist_m)
         else:
-            status, gt_index, best_iou = _classify_iou(ious, cfg.tp_iou, cfg.fp_max_iou)
+            status, gt_index, best_iou = _classify_iou(
+                *best_box_iou(det_boxes, gt_boxes), cfg.tp_iou, cfg.fp_max_iou
+            )
     if n and ignore is not None and len(ignore):
         inside = ignored_mask(out, _to_crs_of(ignore, out, "ignore geometry"))
         status = np.where(inside & (status != STATUS_TP), STATUS_IGNORE, status)
@@ -109,10 +130,9 @@ def _bounds(frame: gpd.GeoDataFrame) -> torch.Tensor:
 
 
 def _classify_iou(
-    ious: torch.Tensor, tp_iou: float, fp_max_iou: float
+    best: torch.Tensor, idx: torch.Tensor, tp_iou: float, fp_max_iou: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Status from each detection's best IoU: >= tp_iou tp, < fp_max_iou (or no overlap) fp."""
-    best, idx = ious.max(dim=1)
     best_np = best.numpy().astype(np.float64)
     status = np.where(
         best_np >= tp_iou,
@@ -124,17 +144,27 @@ def _classify_iou(
 
 
 def _classify_center(
-    det_boxes: torch.Tensor, gt_boxes: torch.Tensor, ious: torch.Tensor, dist: float
+    det_boxes: torch.Tensor, gt_boxes: torch.Tensor, dist: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Status from the distance to the nearest object centre: <= d tp, > 2d fp, else ignore."""
     dc = (det_boxes[:, :2] + det_boxes[:, 2:]) / 2
     gc = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
-    d, idx = torch.cdist(dc, gc).min(dim=1)
-    d_np = d.numpy()
+    parts = [torch.cdist(dc[i : i + IOU_CHUNK], gc).min(dim=1) for i in range(0, len(dc), IOU_CHUNK)]
+    d_np = torch.cat([p.values for p in parts]).numpy()
+    idx = torch.cat([p.indices for p in parts])
     status = np.where(d_np <= dist, STATUS_TP, np.where(d_np > 2 * dist, STATUS_FP, STATUS_IGNORE))
-    best_iou = ious.gather(1, idx[:, None])[:, 0].numpy().astype(np.float64)
+    best_iou = _paired_iou(det_boxes, gt_boxes[idx])
     gt_index = np.where(status == STATUS_FP, -1, idx.numpy()).astype(np.int64)
     return status.astype(object), gt_index, best_iou
+
+
+def _paired_iou(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """IoU of ``a[i]`` with ``b[i]`` for each row."""
+    lt = torch.maximum(a[:, :2], b[:, :2])
+    rb = torch.minimum(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=1)
+    union = (a[:, 2:] - a[:, :2]).prod(dim=1) + (b[:, 2:] - b[:, :2]).prod(dim=1) - inter
+    return torch.where(union > 0, inter / union, torch.zeros_like(inter)).numpy().astype(np.float64)
 
 
 def ignored_mask(dets: gpd.GeoDataFrame, ignore: gpd.GeoDataFrame) -> np.ndarray:
