@@ -185,7 +185,7 @@ def step_train(ctx: Context, r: int, resume: bool = False) -> dict[str, Any]:
     pool_images = []
     if r > 0:
         bank = NegativeBank.load(ctx.run.round_dir(r) / "bank.gpkg")
-        negatives = bank.training_negatives()
+        negatives = bank.training_negatives(cfg.bank)
         if len(negatives):
             pool_images = prepare_train_images(cfg.data.pool, cfg.data)
     dataset = ChipDataset(
@@ -324,6 +324,7 @@ def step_mine(ctx: Context, r: int) -> dict[str, Any]:
         random_windows,
         spatial_dedupe,
         strategy_label,
+        typical_box_px,
     )
     from hem_bootstrap.model.detectors import model_hash
 
@@ -354,7 +355,8 @@ def step_mine(ctx: Context, r: int) -> dict[str, Any]:
     selected = spatial_dedupe(selected, cfg.mining.dedupe_iou)
     if any(isinstance(s, RandomBaseline) for s in getattr(strategy, "strategies", [])):
         avoid = pd.concat([t for t in truths if len(t)], ignore_index=True) if any(len(t) for t in truths) else None
-        selected = random_windows(len(selected), images_meta, cfg.tiling.tile_size, rng, avoid=avoid)
+        box_px = typical_box_px(selected) if len(selected) else None
+        selected = random_windows(len(selected), images_meta, cfg.tiling.tile_size, rng, avoid=avoid, box_px=box_px)
     refreshed = 0
     if cfg.bank.refresh and len(bank.active()):
         scores = _refresh_scores(bank, dets, cfg.bank.dedupe_iou)

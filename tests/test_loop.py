@@ -1,0 +1,100 @@
+"""The multi-round loop end to end on small synthetic scenes: run, table, status, resume, lock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import geopandas as gpd
+import pandas as pd
+import pytest
+import yaml
+
+from hem_bootstrap.config import load_config
+from hem_bootstrap.errors import RunError
+from hem_bootstrap.rounds import run_experiment, run_status
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from hem_bootstrap.data.synth import SceneSpec, write_scene
+
+    root = tmp_path_factory.mktemp("scenes")
+    for name, seed in (("train", 101), ("pool", 102), ("test", 103)):
+        write_scene(root, SceneSpec(size=512, gsd=0.15, seed=seed), name=name)
+    return root
+
+
+def small_config(scenes: Path, tmp_path: Path, name: str = "t", **over: object) -> Path:
+    def imageset(n: str) -> dict:
+        return {
+            "images": [str(scenes / f"{n}.tif")],
+            "labels": str(scenes / f"{n}_labels.gpkg"),
+            "distractors": str(scenes / f"{n}_distractors.gpkg"),
+        }
+
+    tree = {
+        "data": {"train": [imageset("train")], "pool": [imageset("pool")], "test": [imageset("test")]},
+        "tiling": {"tile_size": 256, "overlap": 32},
+        "train": {"steps": 12, "finetune_steps": 6, "batch_size": 4, "background_chips": 4, "warmup_steps": 2,
+                  "checkpoint_every": 4},
+        "mining": {"strategies": [{"name": "per_image_cap", "k": 20}], "review_above": 0.99},
+        "model": {"score_floor": 0.01},
+        "rounds": {"name": name, "out_dir": str(tmp_path / "runs"), "n_rounds": 2, "stop_if_no_new": False},
+        "runtime": {"workers": 0, "batch_size": 4, "seed": 3},
+    }
+    for key, value in over.items():
+        section, field = key.split("__")
+        tree.setdefault(section, {})[field] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def _bank(run: Path) -> pd.DataFrame:
+    frame = gpd.read_file(run / "bank.gpkg", layer="negatives")
+    return pd.DataFrame(frame.drop(columns="geometry")).reset_index(drop=True)
+
+
+def test_two_round_run_resume_and_lock(scenes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg_path = small_config(scenes, tmp_path, name="full")
+    cfg = load_config(cfg_path)
+    run = run_experiment(cfg, config_path=cfg_path)
+    out = capsys.readouterr().out
+    assert "round" in out and "bank" in out
+    for r in (0, 1, 2):
+        assert (run / f"round_{r:03d}" / "model.pt").is_file()
+        assert (run / f"round_{r:03d}" / "metrics.json").is_file()
+    assert (run / "round_001" / "mined.gpkg").is_file()
+    bank = _bank(run)
+    assert len(bank) > 0
+    assert bank["neg_id"].is_unique
+    assert "round 2: done detect,mine,train,evaluate" in run_status(run)
+
+    # the same run again without --resume is refused, naming the way out
+    with pytest.raises(RunError, match="--resume"):
+        run_experiment(load_config(cfg_path), config_path=cfg_path)
+
+    # an interrupted run (stopped after round 1's mining) resumes to the same bank, row for row
+    import hem_bootstrap.rounds as rounds
+
+    cfg2_path = small_config(scenes, tmp_path, name="cut")
+    real_train = rounds.step_train
+
+    def crash(ctx, r, resume=False):  # noqa: ANN001, ANN202
+        if r == 1:
+            raise KeyboardInterrupt
+        return real_train(ctx, r, resume)
+
+    monkeypatch.setattr(rounds, "step_train", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(load_config(cfg2_path), config_path=cfg2_path)
+    monkeypatch.setattr(rounds, "step_train", real_train)
+    cut_run = tmp_path / "runs" / "cut"
+    assert "pending train,evaluate" in run_status(cut_run)
+
+    # a changed config that matters is refused on resume unless forced
+    with pytest.raises(RunError, match="train.steps"):
+        run_experiment(load_config(cfg2_path, ["train.steps=13"]), resume=True)
+    run_experiment(load_config(cfg2_path), resume=True, config_path=cfg2_path)
+    pd.testing.assert_frame_equal(_bank(run), _bank(cut_run))
