@@ -1,0 +1,522 @@
+"""Registry of torchvision detectors with small-object settings, local weights and checkpoints.
+
+Every detector is built without downloading anything (``weights=None, weights_backbone=None``);
+pretrained weights come only from local files named in the config. Tiles enter the network at
+their own size: the transform never resizes, so a 12 px car stays 12 px.
+
+``small_fcos`` (the default) is a light detector assembled from torchvision parts (a four-stage
+conv trunk, :class:`torchvision.ops.FeaturePyramidNetwork` at strides 4/8/16 and torchvision's
+:class:`~torchvision.models.detection.FCOS`) that trains from scratch on a CPU in minutes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import (
+    FCOS,
+    FasterRCNN,
+    fasterrcnn_resnet50_fpn_v2,
+    fcos_resnet50_fpn,
+    retinanet_resnet50_fpn_v2,
+    ssdlite320_mobilenet_v3_large,
+)
+from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
+from torchvision.models.detection.backbone_utils import mobilenet_backbone
+from torchvision.models.detection.fcos import FCOSHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import FeaturePyramidNetwork
+
+from hem_bootstrap.config import ModelConfig
+from hem_bootstrap.errors import ModelError
+
+#: ImageNet statistics, torchvision's default input normalisation.
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+#: Where torchvision keeps downloaded weights; users copy files from there (we never download).
+TORCH_HUB_CACHE = "~/.cache/torch/hub/checkpoints/"
+#: How many missing / unexpected / mismatched keys an error message names.
+_SHOWN_KEYS = 5
+
+
+class TileTransform(GeneralizedRCNNTransform):
+    """torchvision's detection transform without the resize: normalise and batch only.
+
+    Tiles are already cut at the working resolution, and upsampling a 256 px tile to 800 px
+    (torchvision's default) would cost 10x the compute for no gain in ground resolution.
+    """
+
+    def resize(self, image: Tensor, target: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """Return the image and target unchanged."""
+        return image, target
+
+
+def _tile_transform(tile_size: int, mean: list[float], std: list[float], size_divisible: int = 32) -> TileTransform:
+    return TileTransform(tile_size, tile_size, mean, std, size_divisible=size_divisible)
+
+
+def _level_sizes(anchor_sizes: list[int], n_levels: int) -> list[int]:
+    """One size per pyramid level: the configured sizes, extended by doubling or truncated."""
+    sizes = [int(s) for s in anchor_sizes] or [16]
+    while len(sizes) < n_levels:
+        sizes.append(sizes[-1] * 2)
+    return sizes[:n_levels]
+
+
+# ------------------------------------------------------------------------------ small_fcos
+
+
+def _conv_bn_relu(c_in: int, c_out: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)
+    )
+
+
+class SmallTrunk(nn.Module):
+    """Four conv-bn-relu stages; returns feature maps at strides 4, 8 and 16.
+
+    Plain 3x3 convolutions train quickly from scratch and run at full speed on CPU BLAS, unlike
+    depthwise blocks that are cheap in FLOPs but slow per FLOP on a CPU.
+    """
+
+    def __init__(self, widths: tuple[int, int, int, int] = (24, 32, 64, 128)) -> None:
+        super().__init__()
+        a, b, c, d = widths
+        self.stem = _conv_bn_relu(3, a, 2)
+        self.stage1 = nn.Sequential(_conv_bn_relu(a, b, 2), _conv_bn_relu(b, b, 1))
+        self.stage2 = nn.Sequential(_conv_bn_relu(b, c, 2), _conv_bn_relu(c, c, 1))
+        self.stage3 = nn.Sequential(_conv_bn_relu(c, d, 2), _conv_bn_relu(d, d, 1))
+        self.out_widths = [b, c, d]
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        """Features keyed "0" (stride 4), "1" (stride 8), "2" (stride 16)."""
+        c2 = self.stage1(self.stem(x))
+        c3 = self.stage2(c2)
+        c4 = self.stage3(c3)
+        return OrderedDict([("0", c2), ("1", c3), ("2", c4)])
+
+
+class SmallBackbone(nn.Module):
+    """:class:`SmallTrunk` plus torchvision's FPN; ``out_channels`` as torchvision detectors expect."""
+
+    def __init__(self, fpn_channels: int = 64) -> None:
+        super().__init__()
+        self.body = SmallTrunk()
+        self.fpn = FeaturePyramidNetwork(self.body.out_widths, fpn_channels)
+        self.out_channels = fpn_channels
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        """Pyramid features at strides 4, 8, 16."""
+        return self.fpn(self.body(x))
+
+
+#: Strides of the small backbone's pyramid levels.
+SMALL_STRIDES = (4, 8, 16)
+
+
+def _fcos_point_sizes(model_cfg: ModelConfig, strides: tuple[int, ...]) -> tuple[tuple[int], ...]:
+    """FCOS 'anchor' (point) size per level.
+
+    torchvision's FCOS gives level ``l`` the objects whose farthest edge lies 4-8 point sizes
+    from a location, so an object of size ``s`` belongs with point size ``s / 4``. The point
+    size never drops below the stride, or centre sampling could miss every grid point.
+    """
+    sizes = _level_sizes(model_cfg.anchor_sizes, len(strides))
+    return tuple((max(int(stride), int(round(s / 4))),) for s, stride in zip(sizes, strides, strict=True))
+
+
+def _build_small_fcos(model_cfg: ModelConfig, num_classes: int, tile_size: int) -> nn.Module:
+    backbone = SmallBackbone(fpn_channels=64)
+    sizes = _fcos_point_sizes(model_cfg, SMALL_STRIDES)
+    anchors = AnchorGenerator(sizes, ((1.0,),) * len(sizes))
+    head = FCOSHead(backbone.out_channels, 1, num_classes, num_convs=2)
+    model = FCOS(
+        backbone,
+        num_classes,
+        min_size=tile_size,
+        max_size=tile_size,
+        anchor_generator=anchors,
+        head=head,
+        center_sampling_radius=1.5,
+        score_thresh=model_cfg.score_floor,
+        nms_thresh=model_cfg.nms_iou,
+        detections_per_img=model_cfg.detections_per_img,
+        topk_candidates=max(1000, model_cfg.detections_per_img),
+    )
+    model.transform = _tile_transform(tile_size, IMAGENET_MEAN, IMAGENET_STD)
+    return model
+
+
+# ------------------------------------------------------------------------------ torchvision archs
+
+
+def _rcnn_kwargs(model_cfg: ModelConfig, tile_size: int) -> dict[str, Any]:
+    return {
+        "min_size": tile_size,
+        "max_size": tile_size,
+        "box_score_thresh": model_cfg.score_floor,
+        "box_nms_thresh": model_cfg.nms_iou,
+        "box_detections_per_img": model_cfg.detections_per_img,
+    }
+
+
+def _one_stage_kwargs(model_cfg: ModelConfig, tile_size: int) -> dict[str, Any]:
+    return {
+        "min_size": tile_size,
+        "max_size": tile_size,
+        "score_thresh": model_cfg.score_floor,
+        "nms_thresh": model_cfg.nms_iou,
+        "detections_per_img": model_cfg.detections_per_img,
+    }
+
+
+def _build_frcnn_r50(model_cfg: ModelConfig, num_classes: int, tile_size: int) -> nn.Module:
+    """Faster R-CNN v2; five levels (strides 4-64), one size x three ratios per level as torchvision."""
+    model = fasterrcnn_resnet50_fpn_v2(
+        weights=None, weights_backbone=None, num_classes=num_classes, **_rcnn_kwargs(model_cfg, tile_size)
+    )
+    sizes = _level_sizes(model_cfg.anchor_sizes, 5)
+    model.rpn.anchor_generator = AnchorGenerator(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * 5)
+    model.transform = _tile_transform(tile_size, IMAGENET_MEAN, IMAGENET_STD)
+    return model
+
+
+def _build_frcnn_mobilenet(model_cfg: ModelConfig, num_classes: int, tile_size: int) -> nn.Module:
+    """Faster R-CNN on MobileNetV3-Large FPN (strides 16/32/64) with five sizes per level.
+
+    Keeps torchvision's 15 anchors per location, so its COCO weights still fit the RPN head.
+    """
+    backbone = mobilenet_backbone(
+        backbone_name="mobilenet_v3_large", weights=None, fpn=True, trainable_layers=6, norm_layer=nn.BatchNorm2d
+    )
+    sizes = tuple(_level_sizes(model_cfg.anchor_sizes, 5))
+    anchors = AnchorGenerator((sizes,) * 3, ((0.5, 1.0, 2.0),) * 3)
+    model = FasterRCNN(
+        backbone,
+        num_classes=num_classes,
+        rpn_anchor_generator=anchors,
+        rpn_score_thresh=0.05,
+        **_rcnn_kwargs(model_cfg, tile_size),
+    )
+    model.transform = _tile_transform(tile_size, IMAGENET_MEAN, IMAGENET_STD)
+    return model
+
+
+def _build_retinanet_r50(model_cfg: ModelConfig, num_classes: int, tile_size: int) -> nn.Module:
+    """RetinaNet v2 (strides 8-128); three octave scales x three ratios per level as torchvision."""
+    model = retinanet_resnet50_fpn_v2(
+        weights=None, weights_backbone=None, num_classes=num_classes, **_one_stage_kwargs(model_cfg, tile_size)
+    )
+    sizes = _level_sizes(model_cfg.anchor_sizes, 5)
+    per_level = tuple(tuple(int(round(s * 2 ** (k / 3))) for k in range(3)) for s in sizes)
+    model.anchor_generator = AnchorGenerator(per_level, ((0.5, 1.0, 2.0),) * 5)
+    model.transform = _tile_transform(tile_size, IMAGENET_MEAN, IMAGENET_STD)
+    return model
+
+
+def _build_fcos_r50(model_cfg: ModelConfig, num_classes: int, tile_size: int) -> nn.Module:
+    """FCOS on ResNet-50 FPN (strides 8-128)."""
+    model = fcos_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=num_classes, **_one_stage_kwargs(model_cfg, tile_size)
+    )
+    sizes = _fcos_point_sizes(model_cfg, (8, 16, 32, 64, 128))
+    model.anchor_generator = AnchorGenerator(sizes, ((1.0,),) * 5)
+    model.transform = _tile_transform(tile_size, IMAGENET_MEAN, IMAGENET_STD)
+    return model
+
+
+def _build_ssdlite(model_cfg: ModelConfig, num_classes: int, tile_size: int) -> nn.Module:
+    """SSDlite on MobileNetV3-Large; default-box scales taken from the anchor sizes (in tile units).
+
+    torchvision's scales (20-95 % of the image) are far too large for 10-40 px objects.
+    """
+    kwargs = _one_stage_kwargs(model_cfg, tile_size)
+    kwargs.pop("min_size")
+    kwargs.pop("max_size")
+    model = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+    sizes = _level_sizes(model_cfg.anchor_sizes, 7)
+    scales = [min(1.0, s / float(tile_size)) for s in sizes]
+    model.anchor_generator = DefaultBoxGenerator([[2, 3] for _ in range(6)], scales=scales)
+    model.transform = _tile_transform(tile_size, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5], size_divisible=1)
+    return model
+
+
+#: Detector name -> builder ``(model_cfg, num_classes, tile_size) -> nn.Module``.
+ARCHS: dict[str, Callable[[ModelConfig, int, int], nn.Module]] = {
+    "small_fcos": _build_small_fcos,
+    "fasterrcnn_resnet50_fpn_v2": _build_frcnn_r50,
+    "fasterrcnn_mobilenet_v3_large_fpn": _build_frcnn_mobilenet,
+    "retinanet_resnet50_fpn_v2": _build_retinanet_r50,
+    "fcos_resnet50_fpn": _build_fcos_r50,
+    "ssdlite320_mobilenet_v3_large": _build_ssdlite,
+}
+
+
+def build_detector(model_cfg: ModelConfig, num_classes: int, tile_size: int) -> nn.Module:
+    """Build ``model_cfg.arch`` for ``num_classes`` (background included) at ``tile_size`` px.
+
+    Small-object settings come from the config (anchor sizes, score floor, NMS IoU, detections
+    per tile); then optional local backbone weights and full weights are loaded.
+
+    Raises:
+        ModelError: unknown arch, bad class count, or weights that are missing or do not fit.
+    """
+    builder = ARCHS.get(model_cfg.arch)
+    if builder is None:
+        raise ModelError(f"model.arch = {model_cfg.arch!r}: unknown detector; valid names: {', '.join(ARCHS)}")
+    if num_classes < 2:
+        raise ModelError(f"num_classes = {num_classes}: expected >= 2 (background plus at least one class)")
+    if tile_size < 32:
+        raise ModelError(f"tile_size = {tile_size}: expected >= 32 px for a detector")
+    model = builder(model_cfg, num_classes, tile_size)
+    if model_cfg.backbone_weights:
+        load_backbone_weights(model, Path(model_cfg.backbone_weights))
+    if model_cfg.weights:
+        load_weights(model, Path(model_cfg.weights))
+    return model
+
+
+# ------------------------------------------------------------------------------ weights
+
+
+def _read_torch_file(path: Path, what: str) -> Any:
+    """``torch.load`` a local file with clear errors; never downloads."""
+    if not path.is_file():
+        raise ModelError(
+            f"{what} {path}: file not found; nothing is downloaded, put the file there "
+            f"(torchvision's pretrained weights live in {TORCH_HUB_CACHE} once fetched elsewhere)"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        raise ModelError(f"{what} {path}: not a readable torch file ({type(err).__name__}: {err})") from None
+
+
+def _state_dict_of(obj: Any, path: Path, what: str) -> dict[str, Tensor]:
+    """The state_dict inside a raw state_dict, a torchvision weights file or one of our checkpoints."""
+    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        obj = obj["model"]
+    elif isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ModelError(f"{what} {path}: expected a state_dict (name -> tensor) or a checkpoint with key 'model'")
+    return {str(k).removeprefix("module."): v for k, v in obj.items()}
+
+
+def _is_bookkeeping(key: str) -> bool:
+    return key.endswith("num_batches_tracked")
+
+
+def check_state_dict(expected: Mapping[str, Tensor], got: Mapping[str, Tensor]) -> tuple[list[str], list[str], list[str]]:
+    """Missing keys, unexpected keys and ``key: expected shape vs got`` lines (BN counters ignored)."""
+    missing = [k for k in expected if k not in got and not _is_bookkeeping(k)]
+    unexpected = [k for k in got if k not in expected and not _is_bookkeeping(k)]
+    shapes = [
+        f"{k} expected {tuple(expected[k].shape)} got {tuple(got[k].shape)}"
+        for k in expected
+        if k in got and tuple(expected[k].shape) != tuple(got[k].shape)
+    ]
+    return missing, unexpected, shapes
+
+
+def _mismatch_message(path: Path, what: str, missing: list[str], unexpected: list[str], shapes: list[str]) -> str:
+    def part(label: str, items: list[str]) -> str:
+        more = f" (+{len(items) - _SHOWN_KEYS} more)" if len(items) > _SHOWN_KEYS else ""
+        return f"{len(items)} {label}: {', '.join(items[:_SHOWN_KEYS])}{more}"
+
+    parts = [part(lbl, items) for lbl, items in (("missing", missing), ("unexpected", unexpected),
+                                                 ("shape mismatches", shapes)) if items]
+    return f"{what} {path} do not fit the model; " + "; ".join(parts)
+
+
+def _load_strict(module: nn.Module, state: Mapping[str, Tensor], path: Path, what: str) -> None:
+    missing, unexpected, shapes = check_state_dict(module.state_dict(), state)
+    if missing or unexpected or shapes:
+        raise ModelError(_mismatch_message(path, what, missing, unexpected, shapes))
+    module.load_state_dict(state, strict=False)
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a full-detector state_dict strictly from a local file.
+
+    Raises:
+        ModelError: missing/corrupt file, or keys / shapes that do not fit (named in the message).
+    """
+    state = _state_dict_of(_read_torch_file(path, "model.weights"), path, "model.weights")
+    _load_strict(model, state, path, "model.weights")
+
+
+def _trunk_of(model: nn.Module) -> nn.Module:
+    """The classification trunk inside a detector's backbone (ResNet / MobileNet body, SSD features)."""
+    backbone = getattr(model, "backbone", None)
+    if backbone is None:
+        raise ModelError(f"{type(model).__name__} has no backbone to load weights into")
+    return getattr(backbone, "body", backbone)
+
+
+def load_backbone_weights(model: nn.Module, path: Path) -> None:
+    """Load backbone weights (e.g. torchvision's ImageNet ResNet-50 file) into the detector's trunk.
+
+    Every trunk parameter must be in the file with the right shape; keys of parts the detector
+    dropped (classifier head, unused last stage) are ignored. Prefixes ``backbone.body.`` and
+    ``backbone.`` are stripped, so a detector checkpoint also works.
+
+    Raises:
+        ModelError: missing/corrupt file, or trunk keys / shapes missing from it.
+    """
+    what = "model.backbone_weights"
+    state = _state_dict_of(_read_torch_file(path, what), path, what)
+    for prefix in ("backbone.body.", "backbone."):
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            break
+    trunk = _trunk_of(model)
+    expected = trunk.state_dict()
+    missing, _, shapes = check_state_dict(expected, state)
+    if missing or shapes:
+        raise ModelError(_mismatch_message(path, what, missing, [], shapes))
+    trunk.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+
+
+# ------------------------------------------------------------------------------ provenance
+
+
+def model_hash(model: nn.Module) -> str:
+    """Short SHA-256 of the state_dict (names, dtypes, shapes, bytes): which weights made a result."""
+    h = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        t = value.detach().cpu().contiguous()
+        h.update(key.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:12]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside a DDP / DataParallel wrapper."""
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    step: int = 0,
+    round_idx: int = 0,
+    config: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Atomically save model (+ optimizer, scheduler, AMP scaler) state with step, round and config.
+
+    A crash mid-write leaves the previous checkpoint intact, never a truncated file.
+    """
+    plain = _unwrap(model)
+    payload: dict[str, Any] = {
+        "model": plain.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "step": int(step),
+        "round": int(round_idx),
+        "config": config,
+        "extra": extra or {},
+        "model_class": type(plain).__name__,
+        "model_hash": model_hash(plain),
+        "torch": torch.__version__,
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    _atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def load_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+) -> dict[str, Any]:
+    """Restore a checkpoint into ``model`` (and the optional training states); return its metadata.
+
+    Returns:
+        ``{"step", "round", "config", "extra"}``.
+
+    Raises:
+        ModelError: missing or corrupt file, or a model state that does not fit (keys named).
+    """
+    path = Path(path)
+    what = "checkpoint"
+    obj = _read_torch_file(path, what)
+    state = _state_dict_of(obj, path, what)
+    _load_strict(_unwrap(model), state, path, what)
+    meta = obj if isinstance(obj, Mapping) and "model" in obj else {}
+    for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        if target is None or meta.get(name) is None:
+            continue
+        try:
+            target.load_state_dict(meta[name])
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise ModelError(f"{what} {path}: {name} state does not fit ({err})") from None
+    return {
+        "step": int(meta.get("step", 0)),
+        "round": int(meta.get("round", 0)),
+        "config": meta.get("config"),
+        "extra": dict(meta.get("extra") or {}),
+    }
+
+
+def export_model(ckpt_path: Path, out_path: Path, card: dict[str, Any]) -> None:
+    """Write the checkpoint's weights alone to ``out_path`` and a JSON model card beside it.
+
+    The card (``out_path.with_suffix('.json')``) gets the given fields (architecture, classes,
+    tile size, GSD, training data, metrics) plus the weights' hash and the source checkpoint.
+
+    Raises:
+        ModelError: the checkpoint is missing or corrupt.
+    """
+    ckpt_path, out_path = Path(ckpt_path), Path(out_path)
+    obj = _read_torch_file(ckpt_path, "checkpoint")
+    state = _state_dict_of(obj, ckpt_path, "checkpoint")
+    buf = io.BytesIO()
+    torch.save(dict(state), buf)
+    data = buf.getvalue()
+    _atomic_write_bytes(out_path, data)
+    full = dict(card)
+    full.setdefault("weights_file", out_path.name)
+    full["weights_sha256"] = hashlib.sha256(data).hexdigest()
+    full["source_checkpoint"] = str(ckpt_path)
+    if isinstance(obj, Mapping):
+        full.setdefault("trained_steps", obj.get("step"))
+        full.setdefault("model_hash", obj.get("model_hash"))
+    text = json.dumps(full, indent=2, default=str) + "\n"
+    _atomic_write_bytes(out_path.with_suffix(".json"), text.encode())

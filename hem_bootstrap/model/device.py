@@ -1,0 +1,86 @@
+"""Device selection, mixed precision and seeding, shared by training and inference.
+
+Everything here works on a CPU-only machine; CUDA features (AMP, cuDNN flags) switch on only
+when the resolved device is a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from hem_bootstrap.errors import ConfigError
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+def resolve_device(spec: str) -> torch.device:
+    """Turn ``runtime.device`` into a :class:`torch.device`.
+
+    ``auto`` picks CUDA when a GPU is visible, else the CPU, so one config runs anywhere.
+
+    Raises:
+        ConfigError: the spec is malformed, or names a GPU this machine does not have.
+    """
+    text = str(spec).strip().lower()
+    if not _DEVICE_RE.match(text):
+        raise ConfigError(f"runtime.device = {spec!r}: expected auto, cpu, cuda or cuda:N")
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if text.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"runtime.device = {spec!r}: no CUDA GPU is visible; use auto or cpu")
+        dev = torch.device(text)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"runtime.device = {spec!r}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
+        return dev
+    if text == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError(f"runtime.device = {spec!r}: MPS is not available on this machine")
+    return torch.device(text)
+
+
+def amp_dtype(dtype: str) -> torch.dtype:
+    """``"bf16"`` / ``"fp16"`` (the config's spelling) as a torch dtype.
+
+    Raises:
+        ConfigError: any other spelling.
+    """
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ConfigError(f"runtime.amp_dtype = {dtype!r}: expected one of {sorted(table)}")
+    return table[dtype]
+
+
+def amp_enabled(device: torch.device, enabled: bool) -> bool:
+    """AMP runs only on CUDA: CPU autocast is slower than fp32 for these convolutional models."""
+    return bool(enabled) and device.type == "cuda"
+
+
+@contextlib.contextmanager
+def autocast_ctx(device: torch.device, enabled: bool, dtype: str = "bf16") -> Iterator[None]:
+    """Autocast on CUDA with the configured dtype; a no-op on the CPU or when disabled."""
+    if not amp_enabled(device, enabled):
+        yield
+        return
+    with torch.autocast(device_type="cuda", dtype=amp_dtype(dtype)):
+        yield
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) so runs repeat.
+
+    cuDNN autotuning stays on: bit-exact GPU determinism is not promised, CPU runs are.
+    """
+    s = int(seed)
+    random.seed(s)
+    np.random.seed(s % (2**32))
+    torch.manual_seed(s)
+    os.environ.setdefault("PYTHONHASHSEED", str(s))

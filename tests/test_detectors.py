@@ -1,0 +1,235 @@
+"""Detector registry, small-object settings, local weights, checkpoints, export, device helpers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hem_bootstrap.config import ModelConfig
+from hem_bootstrap.errors import ConfigError, ModelError
+from hem_bootstrap.model.detectors import (
+    ARCHS,
+    TileTransform,
+    build_detector,
+    export_model,
+    load_checkpoint,
+    model_hash,
+    save_checkpoint,
+)
+from hem_bootstrap.model.device import autocast_ctx, resolve_device, seed_everything
+from hem_bootstrap.model.train import train_one_step
+
+FAST = ["small_fcos", "fasterrcnn_mobilenet_v3_large_fpn", "ssdlite320_mobilenet_v3_large"]
+HEAVY = ["fasterrcnn_resnet50_fpn_v2", "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn"]
+
+
+def _batch(tile: int = 256) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """One tile with one car-sized box and one negative tile with an empty (0, 4) target."""
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, tile, tile, generator=g) for _ in range(2)]
+    targets = [
+        {"boxes": torch.tensor([[40.0, 50.0, 64.0, 62.0]]), "labels": torch.tensor([1])},
+        {"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64)},
+    ]
+    return images, targets
+
+
+def _step_and_eval(arch: str) -> None:
+    torch.manual_seed(0)
+    model = build_detector(ModelConfig(arch=arch), num_classes=2, tile_size=256)
+    assert isinstance(model.transform, TileTransform)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    loss, parts = train_one_step(model, _batch(), opt, grad_clip=10.0)
+    assert torch.isfinite(loss) and parts and all(torch.isfinite(v) for v in parts.values())
+    model.eval()
+    with torch.inference_mode():
+        out = model(_batch()[0][:1])
+    assert len(out) == 1 and out[0]["boxes"].shape[-1] == 4
+    assert out[0]["boxes"].shape[0] == out[0]["scores"].shape[0] == out[0]["labels"].shape[0] <= 100
+    if len(out[0]["boxes"]):
+        assert float(out[0]["boxes"].max()) <= 256.0 and float(out[0]["scores"].min()) >= 0.05
+
+
+@pytest.mark.parametrize("arch", FAST)
+def test_fast_archs_train_step_and_eval(arch: str) -> None:
+    _step_and_eval(arch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", HEAVY)
+def test_resnet50_archs_train_step_and_eval(arch: str) -> None:
+    _step_and_eval(arch)
+
+
+def test_registry_holds_every_documented_name() -> None:
+    assert set(FAST + HEAVY) == set(ARCHS)
+    assert ModelConfig().arch == "small_fcos"
+
+
+def test_tiles_enter_at_their_own_size() -> None:
+    """No internal resize: a 256 px tile stays 256 px, and boxes keep their pixel coordinates."""
+    model = build_detector(ModelConfig(), 2, 256).train()
+    images, targets = _batch()
+    batched, tgt = model.transform(images, targets)
+    assert batched.image_sizes == [(256, 256), (256, 256)]
+    assert torch.equal(tgt[0]["boxes"], targets[0]["boxes"])
+
+
+def test_small_fcos_levels_fit_small_objects() -> None:
+    """Strides 4/8/16 with point sizes from anchor_sizes / 4 (never below the stride)."""
+    model = build_detector(ModelConfig(anchor_sizes=[16, 32, 64]), 2, 256).eval()
+    assert model.anchor_generator.sizes == ((4,), (8,), (16,))
+    feats = model.backbone(torch.zeros(1, 3, 256, 256))
+    assert [f.shape[-1] for f in feats.values()] == [64, 32, 16]
+    big = build_detector(ModelConfig(anchor_sizes=[32, 64, 128]), 2, 256)
+    assert big.anchor_generator.sizes == ((8,), (16,), (32,))
+
+
+def test_anchor_sizes_and_thresholds_reach_anchor_archs() -> None:
+    cfg = ModelConfig(arch="fasterrcnn_mobilenet_v3_large_fpn", anchor_sizes=[12, 24], score_floor=0.2,
+                      nms_iou=0.4, detections_per_img=50)
+    model = build_detector(cfg, 2, 256)
+    assert model.rpn.anchor_generator.sizes[0] == (12, 24, 48, 96, 192)
+    assert model.roi_heads.score_thresh == 0.2 and model.roi_heads.nms_thresh == 0.4
+    assert model.roi_heads.detections_per_img == 50
+    ssd = build_detector(ModelConfig(arch="ssdlite320_mobilenet_v3_large"), 2, 256)
+    assert ssd.anchor_generator.scales[0] == pytest.approx(16 / 256)
+
+
+def test_unknown_arch_lists_valid_names() -> None:
+    with pytest.raises(ModelError, match="yolo.*small_fcos.*fasterrcnn_resnet50_fpn_v2"):
+        build_detector(ModelConfig(arch="yolo"), 2, 256)
+
+
+def test_missing_weights_file_says_nothing_is_downloaded(tmp_path: Path) -> None:
+    path = tmp_path / "nope.pth"
+    with pytest.raises(ModelError) as err:
+        build_detector(ModelConfig(weights=str(path)), 2, 256)
+    msg = str(err.value)
+    assert str(path) in msg and "nothing is downloaded" in msg and "~/.cache/torch/hub/checkpoints/" in msg
+    assert "\n" not in msg
+
+
+def test_weights_load_from_raw_state_dict_and_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    src = build_detector(ModelConfig(), 2, 256)
+    raw = tmp_path / "raw.pth"
+    torch.save(src.state_dict(), raw)
+    ckpt = tmp_path / "ckpt.pt"
+    save_checkpoint(ckpt, src, step=5)
+    torch.manual_seed(2)
+    for path in (raw, ckpt):
+        model = build_detector(ModelConfig(weights=str(path)), 2, 256)
+        assert model_hash(model) == model_hash(src)
+
+
+def test_weights_mismatch_names_keys_and_shapes(tmp_path: Path) -> None:
+    state = build_detector(ModelConfig(), 3, 256).state_dict()
+    state.pop("backbone.fpn.layer_blocks.0.0.weight")
+    state["head.extra.weight"] = torch.zeros(1)
+    path = tmp_path / "other.pth"
+    torch.save(state, path)
+    with pytest.raises(ModelError) as err:
+        build_detector(ModelConfig(weights=str(path)), 2, 256)
+    msg = str(err.value)
+    assert str(path) in msg
+    assert "missing: backbone.fpn.layer_blocks.0.0.weight" in msg
+    assert "unexpected: head.extra.weight" in msg
+    assert "head.classification_head.cls_logits.weight expected (2, 64, 3, 3) got (3, 64, 3, 3)" in msg
+
+
+def test_backbone_weights_fill_the_trunk_only(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    donor = build_detector(ModelConfig(), 2, 256)
+    trunk = {k: v for k, v in donor.backbone.body.state_dict().items()}
+    trunk["fc.weight"] = torch.zeros(10, 4)  # a classifier head the detector dropped: ignored
+    path = tmp_path / "trunk.pth"
+    torch.save(trunk, path)
+    torch.manual_seed(4)
+    model = build_detector(ModelConfig(backbone_weights=str(path)), 2, 256)
+    for k, v in donor.backbone.body.state_dict().items():
+        assert torch.equal(model.backbone.body.state_dict()[k], v)
+    assert not torch.equal(model.head.classification_head.cls_logits.weight,
+                           donor.head.classification_head.cls_logits.weight)
+    trunk.pop("stem.0.weight")
+    torch.save(trunk, path)
+    with pytest.raises(ModelError, match="backbone_weights.*missing: stem.0.weight"):
+        build_detector(ModelConfig(backbone_weights=str(path)), 2, 256)
+
+
+def test_checkpoint_round_trip_restores_model_and_optimizer(tmp_path: Path) -> None:
+    torch.manual_seed(5)
+    model = build_detector(ModelConfig(), 2, 64).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    train_one_step(model, _batch(64), opt)
+    path = tmp_path / "sub" / "model.pt"
+    save_checkpoint(path, model, opt, step=7, round_idx=2, config={"a": 1}, extra={"note": "x"})
+    assert [p.name for p in path.parent.iterdir()] == ["model.pt"]  # no temporary left behind
+    torch.manual_seed(6)
+    other = build_detector(ModelConfig(), 2, 64)
+    opt2 = torch.optim.AdamW(other.parameters(), lr=1e-3)
+    meta = load_checkpoint(path, other, opt2)
+    assert meta == {"step": 7, "round": 2, "config": {"a": 1}, "extra": {"note": "x"}}
+    assert model_hash(other) == model_hash(model)
+    assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+
+
+def test_checkpoint_errors(tmp_path: Path) -> None:
+    model = build_detector(ModelConfig(), 2, 64)
+    with pytest.raises(ModelError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt", model)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a torch file")
+    with pytest.raises(ModelError, match="bad.pt: not a readable torch file"):
+        load_checkpoint(bad, model)
+    other = tmp_path / "three.pt"
+    save_checkpoint(other, build_detector(ModelConfig(), 3, 64))
+    with pytest.raises(ModelError, match="shape mismatches: head.classification_head.cls_logits"):
+        load_checkpoint(other, model)
+
+
+def test_model_hash_tracks_weights() -> None:
+    torch.manual_seed(7)
+    a = build_detector(ModelConfig(), 2, 64)
+    h = model_hash(a)
+    assert len(h) == 12 and h == model_hash(a)
+    with torch.no_grad():
+        a.head.classification_head.cls_logits.bias.add_(1.0)
+    assert model_hash(a) != h
+
+
+def test_export_writes_weights_and_card(tmp_path: Path) -> None:
+    torch.manual_seed(8)
+    model = build_detector(ModelConfig(), 2, 64)
+    ckpt = tmp_path / "model.pt"
+    save_checkpoint(ckpt, model, step=12)
+    out = tmp_path / "export" / "vehicles.pth"
+    card = {"architecture": "small_fcos", "classes": ["vehicle"], "tile_size": 64, "gsd_m": 0.15,
+            "training_data": ["a.tif"], "metrics": {"ap50": 0.8}}
+    export_model(ckpt, out, card)
+    written = json.loads(out.with_suffix(".json").read_text())
+    assert written["architecture"] == "small_fcos" and written["metrics"] == {"ap50": 0.8}
+    assert written["trained_steps"] == 12 and len(written["weights_sha256"]) == 64
+    loaded = build_detector(ModelConfig(weights=str(out)), 2, 64)
+    assert model_hash(loaded) == model_hash(model)
+
+
+def test_device_helpers() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in {"cpu", "cuda"}
+    with pytest.raises(ConfigError, match="runtime.device = 'gpu0'"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            resolve_device("cuda:0")
+    x = torch.ones(2, 2)
+    with autocast_ctx(torch.device("cpu"), enabled=True, dtype="bf16"):
+        assert (x @ x).dtype == torch.float32  # a no-op on the CPU
+    seed_everything(3)
+    a = torch.rand(3)
+    seed_everything(3)
+    assert torch.equal(a, torch.rand(3))
