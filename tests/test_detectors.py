@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,15 @@ from hem_bootstrap.model.train import train_one_step
 
 FAST = ["small_fcos", "fasterrcnn_mobilenet_v3_large_fpn", "ssdlite320_mobilenet_v3_large"]
 HEAVY = ["fasterrcnn_resnet50_fpn_v2", "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread: on a shared 2-core machine, 2 spinning OpenMP threads run 10-30x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _batch(tile: int = 256) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:

@@ -1,0 +1,395 @@
+"""The training engine: a fixed number of optimizer steps with AMP, clipping, schedule and checkpoints.
+
+Training is counted in steps, not epochs: the chip set changes every round (new bank negatives),
+so a step budget keeps rounds comparable. Each step's batch is a pure function of
+``(seed, step)``, so a run resumed from a checkpoint ends with the same weights as one that was
+never interrupted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from hem_bootstrap.config import RuntimeConfig, TrainConfig
+from hem_bootstrap.errors import TrainingError
+from hem_bootstrap.model.detectors import load_checkpoint, save_checkpoint
+from hem_bootstrap.model.device import amp_dtype, amp_enabled, resolve_device
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[list[Tensor], list[dict[str, Tensor]]]
+
+#: On CUDA the loss is read back (a device sync) only every this many steps.
+CUDA_SYNC_EVERY = 10
+
+
+@dataclass
+class TrainResult:
+    """What a training run did: steps reached, last loss, throughput, time and the loss curve."""
+
+    steps: int
+    final_loss: float
+    chips_per_s: float
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------ sampling
+
+
+def step_seed(seed: int, step: int) -> int:
+    """A 63-bit seed for one step, derived from the run seed and the step alone."""
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step)]).generate_state(2, np.uint64)[0] >> 1)
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Batches drawn with replacement, each from ``(seed, step)``; rank ``r`` takes its slice.
+
+    The global batch is ``batch_size * world_size`` indices; ranks get disjoint slices of it, so
+    a distributed run sees the same chips per step as one process with a larger batch.
+    """
+
+    def __init__(
+        self, n_items: int, batch_size: int, steps: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
+        if n_items <= 0:
+            raise TrainingError("training dataset is empty: no chips to sample")
+        self.n_items, self.batch_size = int(n_items), int(batch_size)
+        self.start, self.steps, self.seed = int(start), int(steps), int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start)
+
+    def batch_at(self, step: int) -> list[int]:
+        """The indices this rank trains on at ``step``."""
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, int(step), 0x5A17])
+        idx = rng.integers(0, self.n_items, size=self.batch_size * self.world_size)
+        return idx[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.steps):
+            yield self.batch_at(step)
+
+
+class _StepWindow(Sampler[list[int]]):
+    """Steps ``start..steps`` of a user batch sampler, re-iterating it if it runs out early."""
+
+    def __init__(self, batch_sampler: Iterable[list[int]], start: int, steps: int) -> None:
+        self.batch_sampler, self.start, self.steps = batch_sampler, int(start), int(steps)
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start)
+
+    def _forever(self) -> Iterator[list[int]]:
+        while True:
+            empty = True
+            for batch in self.batch_sampler:
+                empty = False
+                yield list(batch)
+            if empty:
+                raise TrainingError("batch_sampler yielded no batch: nothing to train on")
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from itertools.islice(self._forever(), self.start, self.steps)
+
+
+def collate_detection(batch: Sequence[tuple[Tensor, dict[str, Tensor]]]) -> Batch:
+    """Lists of images and targets, as torchvision detectors take them."""
+    return [b[0] for b in batch], [b[1] for b in batch]
+
+
+# ------------------------------------------------------------------------------ optimisation
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two groups: weights with decay, and norm parameters / biases (1-d tensors) without.
+
+    Decaying norm scales and biases only pulls them toward zero without regularising anything.
+    """
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": float(weight_decay)},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(model: nn.Module, train_cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov) or AdamW from the config, with decay off for norms and biases."""
+    groups = param_groups(model, train_cfg.weight_decay)
+    if train_cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            groups, lr=train_cfg.lr, momentum=train_cfg.momentum, nesterov=train_cfg.momentum > 0
+        )
+    return torch.optim.AdamW(groups, lr=train_cfg.lr)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the peak LR at ``step``: linear warm-up, then cosine / step / constant."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "step":
+        return 0.1 if step >= (2 * total_steps) // 3 else 1.0
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, train_cfg: TrainConfig, total_steps: int) -> LambdaLR:
+    """A :class:`LambdaLR` over ``total_steps`` following :func:`lr_factor`."""
+
+    def factor(step: int) -> float:
+        return lr_factor(step, total_steps, train_cfg.warmup_steps, train_cfg.schedule)
+
+    return LambdaLR(optimizer, factor)
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    images, targets = batch
+    nb = device.type == "cuda"
+    images = [im.to(device, non_blocking=nb) for im in images]
+    targets = [{k: v.to(device, non_blocking=nb) for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+def train_one_step(
+    model: nn.Module,
+    batch: Batch,
+    optimizer: torch.optim.Optimizer,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    grad_clip: float | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    device_type: str = "cpu",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One forward/backward/update on a batch already on the model's device.
+
+    Returns the total loss and its parts, detached and still on the device (reading them back
+    is the caller's choice, as it synchronises a GPU).
+    """
+    images, targets = batch
+    optimizer.zero_grad(set_to_none=True)
+    if autocast_dtype is not None:
+        with torch.autocast(device_type=device_type, dtype=autocast_dtype):
+            loss_dict = model(images, targets)
+    else:
+        loss_dict = model(images, targets)
+    loss = sum(loss_dict.values())
+    assert isinstance(loss, Tensor)
+    use_scaler = scaler is not None and scaler.is_enabled()
+    if use_scaler:
+        assert scaler is not None
+        scaler.scale(loss).backward()
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+    return loss.detach().float(), {k: v.detach().float() for k, v in loss_dict.items()}
+
+
+# ------------------------------------------------------------------------------ the engine
+
+
+@dataclass
+class _Pending:
+    """Losses not yet read back from the device (CUDA reads them in groups)."""
+
+    steps: list[int] = field(default_factory=list)
+    totals: list[Tensor] = field(default_factory=list)
+    parts: list[dict[str, Tensor]] = field(default_factory=list)
+
+    def flush(self, into: list[float]) -> None:
+        """Read losses back, append them to ``into``; stop at the first non-finite one."""
+        if not self.steps:
+            return
+        values = torch.stack(self.totals).cpu().tolist()
+        for step, value, parts in zip(self.steps, values, self.parts, strict=True):
+            if not math.isfinite(value):
+                shown = {k: round(float(v), 4) for k, v in parts.items()}
+                raise TrainingError(f"non-finite loss at step {step}: {shown}")
+            into.append(float(value))
+        self.steps.clear()
+        self.totals.clear()
+        self.parts.clear()
+
+
+def _dist_rank_world(distributed: bool) -> tuple[int, int]:
+    if distributed and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _wrap_ddp(model: nn.Module, device: torch.device, world: int) -> nn.Module:
+    if world <= 1:
+        return model
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def _make_loader(
+    dataset: Dataset,
+    sampler: Sampler[list[int]],
+    collate_fn: Callable[..., Any] | None,
+    runtime_cfg: RuntimeConfig,
+    device: torch.device,
+    seed: int,
+) -> DataLoader:
+    workers = int(runtime_cfg.workers)
+    extra: dict[str, Any] = {}
+    if workers > 0:
+        extra = {"persistent_workers": True, "prefetch_factor": int(runtime_cfg.prefetch)}
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_fn or collate_detection,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(int(seed)),
+        **extra,
+    )
+
+
+def _resume_state(
+    ckpt_path: Path | None, resume: bool, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any
+) -> tuple[int, list[float]]:
+    """Step to start from and the loss history, from the checkpoint when resuming."""
+    if not (resume and ckpt_path is not None and Path(ckpt_path).is_file()):
+        if resume:
+            log.info("resume requested but no checkpoint at %s: training from step 0", ckpt_path)
+        return 0, []
+    meta = load_checkpoint(Path(ckpt_path), model, optimizer, scheduler, scaler)
+    log.info("resuming from %s at step %d", ckpt_path, meta["step"])
+    return int(meta["step"]), [float(x) for x in meta["extra"].get("losses", [])]
+
+
+def train(
+    model: nn.Module,
+    dataset: Dataset,
+    train_cfg: TrainConfig,
+    runtime_cfg: RuntimeConfig,
+    steps: int,
+    *,
+    batch_sampler: Iterable[list[int]] | None = None,
+    collate_fn: Callable[..., Any] | None = None,
+    ckpt_path: Path | None = None,
+    resume: bool = False,
+    round_idx: int = 0,
+    config_dump: dict[str, Any] | None = None,
+    progress: bool = True,
+    distributed: bool = False,
+    channels_last: bool = False,
+) -> TrainResult:
+    """Train ``model`` in place for ``steps`` optimizer steps on ``dataset``.
+
+    ``dataset[i]`` gives ``(image float (C, H, W) in [0, 1], target)``. Without a
+    ``batch_sampler`` every step draws ``train_cfg.batch_size`` chips with replacement from
+    ``(runtime_cfg.seed, step)``. A given ``batch_sampler`` is resumed by skipping its first
+    batches. Checkpoints (model, optimizer, scheduler, AMP scaler, step, round, config) go to
+    ``ckpt_path`` every ``train_cfg.checkpoint_every`` steps and at the end; with
+    ``resume=True`` an existing checkpoint is continued to ``steps``.
+
+    Under ``torchrun`` with ``distributed=True`` the model is wrapped in DDP, each rank trains
+    on its share of the global batch, and only rank 0 writes checkpoints and shows progress.
+
+    Raises:
+        TrainingError: empty dataset, or a non-finite loss (the step and loss parts named).
+    """
+    device = resolve_device(runtime_cfg.device)
+    if device.type == "cuda" and device.index is None and distributed:
+        device = torch.device("cuda", torch.cuda.current_device())
+    rank, world = _dist_rank_world(distributed)
+    seed = int(runtime_cfg.seed)
+    torch.manual_seed(seed)
+    model.to(device)
+    if channels_last and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    model.train()
+    use_amp = amp_enabled(device, runtime_cfg.amp)
+    ac_dtype = amp_dtype(runtime_cfg.amp_dtype) if use_amp else None
+    optimizer = make_optimizer(model, train_cfg)
+    scheduler = make_scheduler(optimizer, train_cfg, steps)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and ac_dtype == torch.float16)
+    start, losses = _resume_state(ckpt_path, resume, model, optimizer, scheduler, scaler)
+    if start >= steps:
+        return TrainResult(start, losses[-1] if losses else float("nan"), 0.0, 0.0, losses)
+
+    if batch_sampler is None:
+        sampler: Sampler[list[int]] = StepBatchSampler(
+            len(dataset), train_cfg.batch_size, steps, seed, start, rank, world  # type: ignore[arg-type]
+        )
+    else:
+        sampler = _StepWindow(batch_sampler, start, steps)
+    loader = _make_loader(dataset, sampler, collate_fn, runtime_cfg, device, step_seed(seed, start))
+    net = _wrap_ddp(model, device, world)
+    is_main = rank == 0
+    bar = tqdm(total=steps, initial=start, disable=None if (progress and is_main) else True, unit="step", leave=False)
+    pending = _Pending()
+    sync_every = CUDA_SYNC_EVERY if device.type == "cuda" else 1
+    chips = 0
+    t0 = time.perf_counter()
+    step = start
+    for batch in loader:
+        torch.manual_seed(step_seed(seed, step))
+        batch = _to_device(batch, device)
+        if channels_last and device.type == "cuda":
+            batch = ([im.contiguous(memory_format=torch.channels_last) for im in batch[0]], batch[1])
+        loss, parts = train_one_step(
+            net, batch, optimizer, scaler=scaler, grad_clip=train_cfg.grad_clip,
+            autocast_dtype=ac_dtype, device_type=device.type,
+        )
+        scheduler.step()
+        pending.steps.append(step)
+        pending.totals.append(loss)
+        pending.parts.append(parts)
+        chips += len(batch[0]) * world
+        step += 1
+        done = step == steps
+        save_now = ckpt_path is not None and (step % train_cfg.checkpoint_every == 0 or done)
+        if len(pending.steps) >= sync_every or save_now or done:
+            pending.flush(losses)
+            rate = chips / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", chips_s=f"{rate:.1f}", refresh=False)
+        bar.update(1)
+        if save_now and is_main:
+            assert ckpt_path is not None
+            save_checkpoint(
+                Path(ckpt_path), model, optimizer, scheduler, scaler if scaler.is_enabled() else None,
+                step=step, round_idx=round_idx, config=config_dump, extra={"losses": losses},
+            )
+    bar.close()
+    seconds = time.perf_counter() - t0
+    pending.flush(losses)
+    return TrainResult(
+        steps=step,
+        final_loss=losses[-1] if losses else float("nan"),
+        chips_per_s=chips / seconds if seconds > 0 else 0.0,
+        seconds=seconds,
+        losses=losses,
+    )
