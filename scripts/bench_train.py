@@ -62,7 +62,9 @@ class Shape:
         rot = np.array([[c, -s], [s, c]])
         return local @ rot.T + np.array([self.cx, self.cy])
 
-    def mask(self, tile: int, dx: float = 0.0, dy: float = 0.0, along: tuple[float, float] = (-0.5, 0.5)) -> np.ndarray:
+    def mask(
+        self, tile: int, dx: float = 0.0, dy: float = 0.0, along: tuple[float, float] = (-0.5, 0.5)
+    ) -> np.ndarray:
         """Boolean (tile, tile) mask of the rectangle shifted by (dx, dy); ``along`` cuts a slice of its length."""
         yy, xx = np.mgrid[0:tile, 0:tile].astype(np.float32) + 0.5
         c, s = math.cos(self.angle), math.sin(self.angle)
@@ -89,7 +91,9 @@ def _background(rng: np.random.Generator, tile: int) -> np.ndarray:
     smooth = F.interpolate(coarse, size=(tile, tile), mode="bicubic", align_corners=False)[0].numpy()
     img = base[:, None, None] + 0.08 * smooth[:1] + 0.03 * smooth[1:]
     if rng.random() < 0.5:  # a road: grey band with a dashed centre line
-        road = Shape(rng.uniform(0, tile), rng.uniform(0, tile), 3 * tile, rng.uniform(30, 60), rng.uniform(0, math.pi))
+        road = Shape(
+            rng.uniform(0, tile), rng.uniform(0, tile), 3 * tile, rng.uniform(30, 60), rng.uniform(0, math.pi)
+        )
         m = road.mask(tile)
         img[:, m] = rng.uniform(0.3, 0.45)
         line = Shape(road.cx, road.cy, 3 * tile, 1.5, road.angle).mask(tile)
@@ -115,8 +119,9 @@ def _paint_distractor(img: np.ndarray, rng: np.random.Generator, shape: Shape) -
     img[:, m] = rng.uniform(0.0, 1.0, size=3)[:, None].astype(np.float32)
 
 
-def synthetic_chip(rng: np.random.Generator, tile: int = 256, mean_cars: float = 4.0,
-                   mean_distractors: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_chip(
+    rng: np.random.Generator, tile: int = 256, mean_cars: float = 4.0, mean_distractors: float = 3.0
+) -> tuple[np.ndarray, np.ndarray]:
     """One chip: float32 (3, tile, tile) in [0, 1] and its car boxes float32 (N, 4) xyxy.
 
     Cars (labelled) have a shadow and a windscreen, aspect 0.4-0.5; distractors (unlabelled)
@@ -129,12 +134,19 @@ def synthetic_chip(rng: np.random.Generator, tile: int = 256, mean_cars: float =
     for _ in range(rng.poisson(mean_distractors)):
         length = rng.uniform(12, 36)
         aspect = rng.uniform(0.8, 1.0) if rng.random() < 0.5 else rng.uniform(0.12, 0.22)
-        shape = Shape(rng.uniform(0, tile), rng.uniform(0, tile), length, length * aspect, rng.uniform(0, math.pi))
+        shape = Shape(
+            rng.uniform(0, tile), rng.uniform(0, tile), length, length * aspect, rng.uniform(0, math.pi)
+        )
         _paint_distractor(img, rng, shape)
     for _ in range(rng.poisson(mean_cars)):
         length = rng.uniform(12, 36)
-        shape = Shape(rng.uniform(0, tile), rng.uniform(0, tile), length, length * rng.uniform(0.4, 0.5),
-                      rng.uniform(0, 2 * math.pi))
+        shape = Shape(
+            rng.uniform(0, tile),
+            rng.uniform(0, tile),
+            length,
+            length * rng.uniform(0.4, 0.5),
+            rng.uniform(0, 2 * math.pi),
+        )
         _paint_car(img, rng, shape, sun)
         box, vis = shape.box(tile)
         if vis >= 0.5 and box[2] - box[0] >= 2 and box[3] - box[1] >= 2:
@@ -183,9 +195,18 @@ def write_chip_mosaic(path: Path, n: int, tile: int, seed: int) -> tuple[int, li
         r, c = divmod(i, cols)
         data[:, r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = np.round(img * 255).astype(np.uint8)
         all_boxes.append(boxes)
-    profile = {"driver": "GTiff", "width": cols * tile, "height": rows * tile, "count": 3, "dtype": "uint8",
-               "crs": "EPSG:32633", "transform": Affine(0.15, 0, 500000.0, 0, -0.15, 5000000.0),
-               "tiled": True, "blockxsize": 256, "blockysize": 256}
+    profile = {
+        "driver": "GTiff",
+        "width": cols * tile,
+        "height": rows * tile,
+        "count": 3,
+        "dtype": "uint8",
+        "crs": "EPSG:32633",
+        "transform": Affine(0.15, 0, 500000.0, 0, -0.15, 5000000.0),
+        "tiled": True,
+        "blockxsize": 256,
+        "blockysize": 256,
+    }
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(data)
     return cols, all_boxes
@@ -238,12 +259,26 @@ def ap50(model: torch.nn.Module, dataset: Dataset, batch_size: int = 8) -> float
                 images.append({"id": img_id, "width": im.shape[-1], "height": im.shape[-2]})
                 for b in tgt["boxes"].tolist():
                     w, h = b[2] - b[0], b[3] - b[1]
-                    annotations.append({"id": ann_id, "image_id": img_id, "category_id": 1, "bbox": [b[0], b[1], w, h],
-                                        "area": w * h, "iscrowd": 0})
+                    annotations.append(
+                        {
+                            "id": ann_id,
+                            "image_id": img_id,
+                            "category_id": 1,
+                            "bbox": [b[0], b[1], w, h],
+                            "area": w * h,
+                            "iscrowd": 0,
+                        }
+                    )
                     ann_id += 1
                 for b, s in zip(out["boxes"].tolist(), out["scores"].tolist(), strict=True):
-                    results.append({"image_id": img_id, "category_id": 1,
-                                    "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": s})
+                    results.append(
+                        {
+                            "image_id": img_id,
+                            "category_id": 1,
+                            "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                            "score": s,
+                        }
+                    )
     if not annotations:
         return float("nan")
     if not results:
@@ -263,8 +298,9 @@ def ap50(model: torch.nn.Module, dataset: Dataset, batch_size: int = 8) -> float
 # ------------------------------------------------------------------------------ benchmark
 
 
-def bare_loop(model: torch.nn.Module, batches: list[tuple[list[torch.Tensor], list[Target]]],
-              train_cfg: TrainConfig) -> float:
+def bare_loop(
+    model: torch.nn.Module, batches: list[tuple[list[torch.Tensor], list[Target]]], train_cfg: TrainConfig
+) -> float:
     """Seconds for the same optimizer steps on pre-loaded batches: the ceiling for the engine."""
     from hem_bootstrap.model.train import make_optimizer
 
@@ -280,8 +316,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Engine vs bare loop on the same model, data and steps; then AP@0.5 of the engine's model."""
     torch.manual_seed(args.seed)
     model_cfg = ModelConfig(arch=args.arch)
-    train_cfg = TrainConfig(batch_size=args.batch_size, lr=args.lr, warmup_steps=min(20, args.steps // 5),
-                            steps=args.steps, checkpoint_every=max(args.steps, 1))
+    train_cfg = TrainConfig(
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=min(20, args.steps // 5),
+        steps=args.steps,
+        checkpoint_every=max(args.steps, 1),
+    )
     runtime = RuntimeConfig(device="cpu", workers=args.workers, seed=args.seed)
     n_train = args.steps * args.batch_size
     with tempfile.TemporaryDirectory() as tmp:
@@ -307,12 +348,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     chips = args.steps * args.batch_size
     bare_rate = chips / bare_s
     out = {
-        "arch": args.arch, "source": args.source, "steps": args.steps, "batch_size": args.batch_size,
-        "tile": args.tile, "workers": args.workers, "threads": torch.get_num_threads(),
-        "engine_chips_per_s": round(result.chips_per_s, 2), "bare_chips_per_s": round(bare_rate, 2),
+        "arch": args.arch,
+        "source": args.source,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "tile": args.tile,
+        "workers": args.workers,
+        "threads": torch.get_num_threads(),
+        "engine_chips_per_s": round(result.chips_per_s, 2),
+        "bare_chips_per_s": round(bare_rate, 2),
         "ratio": round(result.chips_per_s / bare_rate, 3),
         "engine_steps_per_s": round(result.chips_per_s / args.batch_size, 3),
-        "final_loss": round(result.final_loss, 4), "ap50_held_out": round(ap, 4), "eval_chips": args.eval_chips,
+        "final_loss": round(result.final_loss, 4),
+        "ap50_held_out": round(ap, 4),
+        "eval_chips": args.eval_chips,
     }
     return out
 
@@ -329,7 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-chips", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)"
+    )
     p.add_argument("--out", type=Path, default=Path("bench_out/bench_train.json"))
     args = p.parse_args(argv)
     if args.threads:

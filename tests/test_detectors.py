@@ -100,8 +100,13 @@ def test_small_fcos_levels_fit_small_objects() -> None:
 
 
 def test_anchor_sizes_and_thresholds_reach_anchor_archs() -> None:
-    cfg = ModelConfig(arch="fasterrcnn_mobilenet_v3_large_fpn", anchor_sizes=[12, 24], score_floor=0.2,
-                      nms_iou=0.4, detections_per_img=50)
+    cfg = ModelConfig(
+        arch="fasterrcnn_mobilenet_v3_large_fpn",
+        anchor_sizes=[12, 24],
+        score_floor=0.2,
+        nms_iou=0.4,
+        detections_per_img=50,
+    )
     model = build_detector(cfg, 2, 256)
     assert model.rpn.anchor_generator.sizes[0] == (12, 24, 48, 96, 192)
     assert model.roi_heads.score_thresh == 0.2 and model.roi_heads.nms_thresh == 0.4
@@ -163,8 +168,9 @@ def test_backbone_weights_fill_the_trunk_only(tmp_path: Path) -> None:
     model = build_detector(ModelConfig(backbone_weights=str(path)), 2, 256)
     for k, v in donor.backbone.body.state_dict().items():
         assert torch.equal(model.backbone.body.state_dict()[k], v)
-    assert not torch.equal(model.head.classification_head.cls_logits.weight,
-                           donor.head.classification_head.cls_logits.weight)
+    assert not torch.equal(
+        model.head.classification_head.cls_logits.weight, donor.head.classification_head.cls_logits.weight
+    )
     trunk.pop("stem.0.weight")
     torch.save(trunk, path)
     with pytest.raises(ModelError, match="backbone_weights.*missing: stem.0.weight"):
@@ -218,8 +224,14 @@ def test_export_writes_weights_and_card(tmp_path: Path) -> None:
     ckpt = tmp_path / "model.pt"
     save_checkpoint(ckpt, model, step=12)
     out = tmp_path / "export" / "vehicles.pth"
-    card = {"architecture": "small_fcos", "classes": ["vehicle"], "tile_size": 64, "gsd_m": 0.15,
-            "training_data": ["a.tif"], "metrics": {"ap50": 0.8}}
+    card = {
+        "architecture": "small_fcos",
+        "classes": ["vehicle"],
+        "tile_size": 64,
+        "gsd_m": 0.15,
+        "training_data": ["a.tif"],
+        "metrics": {"ap50": 0.8},
+    }
     export_model(ckpt, out, card)
     written = json.loads(out.with_suffix(".json").read_text())
     assert written["architecture"] == "small_fcos" and written["metrics"] == {"ap50": 0.8}

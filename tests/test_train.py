@@ -145,7 +145,9 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path: Path) -> Non
 
     killed = _model(0)
     with pytest.raises(KeyboardInterrupt):  # dies while loading the batch of step 4 (checkpoint at 3)
-        train(killed, Chips(crash_after=3 * 2 + 1), cfg, RUNTIME, 6, ckpt_path=tmp_path / "b.pt", progress=False)
+        train(
+            killed, Chips(crash_after=3 * 2 + 1), cfg, RUNTIME, 6, ckpt_path=tmp_path / "b.pt", progress=False
+        )
     assert load_checkpoint(tmp_path / "b.pt", _model(9))["step"] == 3
     resumed = _model(5)  # different init: everything must come from the checkpoint
     res2 = train(resumed, Chips(), cfg, RUNTIME, 6, ckpt_path=tmp_path / "b.pt", resume=True, progress=False)
@@ -161,8 +163,17 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path: Path) -> Non
 
 def test_checkpoint_holds_step_round_config_and_training_state(tmp_path: Path) -> None:
     ckpt = tmp_path / "m.pt"
-    train(_model(1), Chips(), _cfg(optimizer="sgd", schedule="step"), RUNTIME, 4, ckpt_path=ckpt,
-          round_idx=2, config_dump={"train": {"steps": 4}}, progress=False)
+    train(
+        _model(1),
+        Chips(),
+        _cfg(optimizer="sgd", schedule="step"),
+        RUNTIME,
+        4,
+        ckpt_path=ckpt,
+        round_idx=2,
+        config_dump={"train": {"steps": 4}},
+        progress=False,
+    )
     raw = torch.load(ckpt, weights_only=False)
     assert raw["step"] == 4 and raw["round"] == 2 and raw["config"] == {"train": {"steps": 4}}
     assert raw["optimizer"]["state"] and raw["scheduler"]["last_epoch"] == 4
@@ -184,7 +195,9 @@ def test_user_batch_sampler_drives_the_steps() -> None:
 def test_non_finite_loss_names_the_step() -> None:
     sampler = [[0], [1], [5], [1]]  # index 5 carries a NaN image: step 2 blows up
     with pytest.raises(TrainingError, match=r"non-finite loss at step 2: \{'classification'"):
-        train(_model(3), Chips(nan_at=5), _cfg(batch_size=1), RUNTIME, 4, batch_sampler=sampler, progress=False)
+        train(
+            _model(3), Chips(nan_at=5), _cfg(batch_size=1), RUNTIME, 4, batch_sampler=sampler, progress=False
+        )
 
 
 def test_engine_with_worker_processes(tmp_path: Path) -> None:

@@ -56,12 +56,16 @@ class TileTransform(GeneralizedRCNNTransform):
     (torchvision's default) would cost 10x the compute for no gain in ground resolution.
     """
 
-    def resize(self, image: Tensor, target: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor] | None]:
+    def resize(
+        self, image: Tensor, target: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor] | None]:
         """Return the image and target unchanged."""
         return image, target
 
 
-def _tile_transform(tile_size: int, mean: list[float], std: list[float], size_divisible: int = 32) -> TileTransform:
+def _tile_transform(
+    tile_size: int, mean: list[float], std: list[float], size_divisible: int = 32
+) -> TileTransform:
     return TileTransform(tile_size, tile_size, mean, std, size_divisible=size_divisible)
 
 
@@ -197,7 +201,11 @@ def _build_frcnn_mobilenet(model_cfg: ModelConfig, num_classes: int, tile_size: 
     Keeps torchvision's 15 anchors per location, so its COCO weights still fit the RPN head.
     """
     backbone = mobilenet_backbone(
-        backbone_name="mobilenet_v3_large", weights=None, fpn=True, trainable_layers=6, norm_layer=nn.BatchNorm2d
+        backbone_name="mobilenet_v3_large",
+        weights=None,
+        fpn=True,
+        trainable_layers=6,
+        norm_layer=nn.BatchNorm2d,
     )
     sizes = tuple(_level_sizes(model_cfg.anchor_sizes, 5))
     anchors = AnchorGenerator((sizes,) * 3, ((0.5, 1.0, 2.0),) * 3)
@@ -215,7 +223,10 @@ def _build_frcnn_mobilenet(model_cfg: ModelConfig, num_classes: int, tile_size: 
 def _build_retinanet_r50(model_cfg: ModelConfig, num_classes: int, tile_size: int) -> nn.Module:
     """RetinaNet v2 (strides 8-128); three octave scales x three ratios per level as torchvision."""
     model = retinanet_resnet50_fpn_v2(
-        weights=None, weights_backbone=None, num_classes=num_classes, **_one_stage_kwargs(model_cfg, tile_size)
+        weights=None,
+        weights_backbone=None,
+        num_classes=num_classes,
+        **_one_stage_kwargs(model_cfg, tile_size),
     )
     sizes = _level_sizes(model_cfg.anchor_sizes, 5)
     per_level = tuple(tuple(int(round(s * 2 ** (k / 3))) for k in range(3)) for s in sizes)
@@ -227,7 +238,10 @@ def _build_retinanet_r50(model_cfg: ModelConfig, num_classes: int, tile_size: in
 def _build_fcos_r50(model_cfg: ModelConfig, num_classes: int, tile_size: int) -> nn.Module:
     """FCOS on ResNet-50 FPN (strides 8-128)."""
     model = fcos_resnet50_fpn(
-        weights=None, weights_backbone=None, num_classes=num_classes, **_one_stage_kwargs(model_cfg, tile_size)
+        weights=None,
+        weights_backbone=None,
+        num_classes=num_classes,
+        **_one_stage_kwargs(model_cfg, tile_size),
     )
     sizes = _fcos_point_sizes(model_cfg, (8, 16, 32, 64, 128))
     model.anchor_generator = AnchorGenerator(sizes, ((1.0,),) * 5)
@@ -243,7 +257,9 @@ def _build_ssdlite(model_cfg: ModelConfig, num_classes: int, tile_size: int) -> 
     kwargs = _one_stage_kwargs(model_cfg, tile_size)
     kwargs.pop("min_size")
     kwargs.pop("max_size")
-    model = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+    model = ssdlite320_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=num_classes, **kwargs
+    )
     sizes = _level_sizes(model_cfg.anchor_sizes, 7)
     scales = [min(1.0, s / float(tile_size)) for s in sizes]
     model.anchor_generator = DefaultBoxGenerator([[2, 3] for _ in range(6)], scales=scales)
@@ -273,7 +289,9 @@ def build_detector(model_cfg: ModelConfig, num_classes: int, tile_size: int) -> 
     """
     builder = ARCHS.get(model_cfg.arch)
     if builder is None:
-        raise ModelError(f"model.arch = {model_cfg.arch!r}: unknown detector; valid names: {', '.join(ARCHS)}")
+        raise ModelError(
+            f"model.arch = {model_cfg.arch!r}: unknown detector; valid names: {', '.join(ARCHS)}"
+        )
     if num_classes < 2:
         raise ModelError(f"num_classes = {num_classes}: expected >= 2 (background plus at least one class)")
     if tile_size < 32:
@@ -311,7 +329,9 @@ def _state_dict_of(obj: Any, path: Path, what: str) -> dict[str, Tensor]:
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ModelError(f"{what} {path}: expected a state_dict (name -> tensor) or a checkpoint with key 'model'")
+        raise ModelError(
+            f"{what} {path}: expected a state_dict (name -> tensor) or a checkpoint with key 'model'"
+        )
     return {str(k).removeprefix("module."): v for k, v in obj.items()}
 
 
@@ -319,7 +339,9 @@ def _is_bookkeeping(key: str) -> bool:
     return key.endswith("num_batches_tracked")
 
 
-def check_state_dict(expected: Mapping[str, Tensor], got: Mapping[str, Tensor]) -> tuple[list[str], list[str], list[str]]:
+def check_state_dict(
+    expected: Mapping[str, Tensor], got: Mapping[str, Tensor]
+) -> tuple[list[str], list[str], list[str]]:
     """Missing keys, unexpected keys and ``key: expected shape vs got`` lines (BN counters ignored)."""
     missing = [k for k in expected if k not in got and not _is_bookkeeping(k)]
     unexpected = [k for k in got if k not in expected and not _is_bookkeeping(k)]
@@ -331,13 +353,18 @@ def check_state_dict(expected: Mapping[str, Tensor], got: Mapping[str, Tensor]) 
     return missing, unexpected, shapes
 
 
-def _mismatch_message(path: Path, what: str, missing: list[str], unexpected: list[str], shapes: list[str]) -> str:
+def _mismatch_message(
+    path: Path, what: str, missing: list[str], unexpected: list[str], shapes: list[str]
+) -> str:
     def part(label: str, items: list[str]) -> str:
         more = f" (+{len(items) - _SHOWN_KEYS} more)" if len(items) > _SHOWN_KEYS else ""
         return f"{len(items)} {label}: {', '.join(items[:_SHOWN_KEYS])}{more}"
 
-    parts = [part(lbl, items) for lbl, items in (("missing", missing), ("unexpected", unexpected),
-                                                 ("shape mismatches", shapes)) if items]
+    parts = [
+        part(lbl, items)
+        for lbl, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes))
+        if items
+    ]
     return f"{what} {path} do not fit the model; " + "; ".join(parts)
 
 
@@ -380,7 +407,7 @@ def load_backbone_weights(model: nn.Module, path: Path) -> None:
     state = _state_dict_of(_read_torch_file(path, what), path, what)
     for prefix in ("backbone.body.", "backbone."):
         if any(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             break
     trunk = _trunk_of(model)
     expected = trunk.state_dict()

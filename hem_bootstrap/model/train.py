@@ -54,7 +54,9 @@ class TrainResult:
 
 def step_seed(seed: int, step: int) -> int:
     """A 63-bit seed for one step, derived from the run seed and the step alone."""
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step)]).generate_state(2, np.uint64)[0] >> 1)
+    return int(
+        np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step)]).generate_state(2, np.uint64)[0] >> 1
+    )
 
 
 class StepBatchSampler(Sampler[list[int]]):
@@ -65,7 +67,14 @@ class StepBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(
-        self, n_items: int, batch_size: int, steps: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1
+        self,
+        n_items: int,
+        batch_size: int,
+        steps: int,
+        seed: int,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if n_items <= 0:
             raise TrainingError("training dataset is empty: no chips to sample")
@@ -122,7 +131,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
     Decaying norm scales and biases only pulls them toward zero without regularising anything.
     """
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -249,7 +259,11 @@ def _dist_rank_world(distributed: bool) -> tuple[int, int]:
 def _wrap_ddp(model: nn.Module, device: torch.device, world: int) -> nn.Module:
     if world <= 1:
         return model
-    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    ids = (
+        [device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda"
+        else None
+    )
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
@@ -341,15 +355,18 @@ def train(
         return TrainResult(start, losses[-1] if losses else float("nan"), 0.0, 0.0, losses)
 
     if batch_sampler is None:
+        n_items = len(dataset)  # type: ignore[arg-type]
         sampler: Sampler[list[int]] = StepBatchSampler(
-            len(dataset), train_cfg.batch_size, steps, seed, start, rank, world  # type: ignore[arg-type]
+            n_items, train_cfg.batch_size, steps, seed, start, rank, world
         )
     else:
         sampler = _StepWindow(batch_sampler, start, steps)
     loader = _make_loader(dataset, sampler, collate_fn, runtime_cfg, device, step_seed(seed, start))
     net = _wrap_ddp(model, device, world)
     is_main = rank == 0
-    bar = tqdm(total=steps, initial=start, disable=None if (progress and is_main) else True, unit="step", leave=False)
+    bar = tqdm(
+        total=steps, initial=start, disable=None if (progress and is_main) else True, unit="step", leave=False
+    )
     pending = _Pending()
     sync_every = CUDA_SYNC_EVERY if device.type == "cuda" else 1
     chips = 0
@@ -361,8 +378,13 @@ def train(
         if channels_last and device.type == "cuda":
             batch = ([im.contiguous(memory_format=torch.channels_last) for im in batch[0]], batch[1])
         loss, parts = train_one_step(
-            net, batch, optimizer, scaler=scaler, grad_clip=train_cfg.grad_clip,
-            autocast_dtype=ac_dtype, device_type=device.type,
+            net,
+            batch,
+            optimizer,
+            scaler=scaler,
+            grad_clip=train_cfg.grad_clip,
+            autocast_dtype=ac_dtype,
+            device_type=device.type,
         )
         scheduler.step()
         pending.steps.append(step)
@@ -380,8 +402,15 @@ def train(
         if save_now and is_main:
             assert ckpt_path is not None
             save_checkpoint(
-                Path(ckpt_path), model, optimizer, scheduler, scaler if scaler.is_enabled() else None,
-                step=step, round_idx=round_idx, config=config_dump, extra={"losses": losses},
+                Path(ckpt_path),
+                model,
+                optimizer,
+                scheduler,
+                scaler if scaler.is_enabled() else None,
+                step=step,
+                round_idx=round_idx,
+                config=config_dump,
+                extra={"losses": losses},
             )
     bar.close()
     seconds = time.perf_counter() - t0
