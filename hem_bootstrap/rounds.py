@@ -205,6 +205,9 @@ def step_train(ctx: Context, r: int, resume: bool = False) -> dict[str, Any]:
         from hem_bootstrap.model.detectors import load_checkpoint
 
         load_checkpoint(init, model)
+    from hem_bootstrap.model.hard_mining import apply_loss_options
+
+    model = apply_loss_options(model, cfg.model, cfg.train)
     sampler = RatioBatchSampler(
         dataset,
         batch_size=cfg.train.batch_size,
