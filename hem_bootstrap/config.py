@@ -150,7 +150,7 @@ class TrainConfig(_Section):
 class StrategySpec(_Section):
     """One mining strategy with its parameters (only those of its kind are used)."""
 
-    name: Literal["threshold", "per_image_cap", "per_tile_cap", "budget", "score_band", "random"] = Field(
+    name: Literal["threshold", "per_image_cap", "per_tile_cap", "budget", "score_band", "random", "none"] = Field(
         ..., description="Strategy kind."
     )
     threshold: float | None = Field(None, ge=0, le=1, description="threshold: keep FPs with score > this.")
@@ -167,6 +167,7 @@ class StrategySpec(_Section):
             "budget": ["k"],
             "score_band": ["lo", "hi"],
             "random": [],
+            "none": [],
         }[self.name]
         missing = [p for p in need if getattr(self, p) is None]
         if missing:

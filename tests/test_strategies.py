@@ -161,7 +161,7 @@ def test_build_strategy_from_config_and_label() -> None:
         strategy_label(cfg.strategies)
         == "threshold>0.5+per_image_cap=50+score_band=[0.2,0.9)+budget=1000+random"
     )
-    assert set(STRATEGIES) == {"threshold", "per_image_cap", "per_tile_cap", "budget", "score_band", "random"}
+    assert set(STRATEGIES) == {"threshold", "per_image_cap", "per_tile_cap", "budget", "score_band", "random", "none"}
 
 
 @pytest.mark.parametrize(
@@ -253,3 +253,13 @@ def test_random_windows_mixed_crs_reprojected_to_first() -> None:
     own = shapely.box(*pixel_to_map_boxes(np.array([[b.px_xmin, b.px_ymin, b.px_xmax, b.px_ymax]]), T)[0])
     back = gpd.GeoSeries([own], crs="EPSG:32634").to_crs(CRS).iloc[0]
     assert back.equals_exact(b.geometry, 1e-6)
+
+
+def test_none_strategy_mines_nothing() -> None:
+    from hem_bootstrap.config import StrategySpec
+    from hem_bootstrap.mining.strategies import build_strategy, strategy_label
+
+    fps = gpd.GeoDataFrame({"image": ["a", "a"], "score": [0.9, 0.6]}, geometry=[shapely.box(0, 0, 1, 1), shapely.box(2, 2, 3, 3)])
+    specs = [StrategySpec(name="none")]
+    assert len(build_strategy(specs).select(fps, np.random.default_rng(0))) == 0
+    assert strategy_label(specs) == "none"

@@ -225,6 +225,22 @@ class RandomBaseline:
         return cls()
 
 
+class NoMining:
+    """Control: mines nothing, so later rounds only fine-tune (the "no mining" baseline)."""
+
+    name: ClassVar[str] = "none"
+    random: ClassVar[bool] = False
+
+    def select(self, fps: gpd.GeoDataFrame, rng: np.random.Generator) -> gpd.GeoDataFrame:
+        """No rows."""
+        return fps.iloc[0:0]
+
+    @classmethod
+    def from_spec(cls, spec: StrategySpec) -> NoMining:
+        """Build from a validated config entry."""
+        return cls()
+
+
 @dataclass(frozen=True)
 class Compose:
     """Strategies applied in order, each narrowing the previous one's selection."""
@@ -247,7 +263,7 @@ class Compose:
 
 
 STRATEGIES: dict[str, Any] = {
-    cls.name: cls for cls in (ScoreThreshold, PerImageCap, PerTileCap, Budget, ScoreBand, RandomBaseline)
+    cls.name: cls for cls in (ScoreThreshold, PerImageCap, PerTileCap, Budget, ScoreBand, RandomBaseline, NoMining)
 }
 """Registry: config name -> strategy class (each has ``from_spec``)."""
 
@@ -303,8 +319,8 @@ def strategy_label(specs: Sequence[StrategySpec]) -> str:
             parts.append(f"threshold>{s.threshold:g}")
         elif s.name == "score_band":
             parts.append(f"score_band=[{s.lo:g},{s.hi:g})")
-        elif s.name == "random":
-            parts.append("random")
+        elif s.name in ("random", "none"):
+            parts.append(s.name)
         else:
             parts.append(f"{s.name}={s.k}")
     return "+".join(parts) if parts else "all"
