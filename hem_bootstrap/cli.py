@@ -51,6 +51,8 @@ def _main(
     """
     level = logging.DEBUG if verbose else (logging.WARNING if quiet else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("pyogrio", "rasterio", "fiona", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)
     _STATE["debug"] = debug
     _STATE["quiet"] = quiet
 
