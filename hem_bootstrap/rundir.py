@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import json
 import os
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -21,6 +22,38 @@ from hem_bootstrap.errors import RunError
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
+
+KILL_ENV = "HEM_KILL_AT"
+"""Fault-injection hook for tests (see :func:`fault_point`); never set it in production."""
+
+_FAULT_HITS: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Test-only fault injection: kill this process at a named point when ``HEM_KILL_AT`` asks for it.
+
+    ``HEM_KILL_AT=NAME`` (first time ``NAME`` is reached) or ``NAME#N`` (the N-th time, counted in
+    this process) sends SIGKILL to the process itself, which is the harshest crash there is: no
+    handler, no ``finally``, no flush. A ``:TERM`` or ``:INT`` suffix sends that signal instead, to
+    check the graceful stop. The crash-safety tests use it to stop a real ``hem run`` at a chosen
+    step deterministically. Points: ``round{r}.{step}.start`` / ``round{r}.{step}.end`` (step files
+    written, manifest not yet), ``bank.replace`` (bank written under its temporary name, not yet
+    renamed), ``train.batch`` (a training batch collated) and ``detect.tile`` (a tile read).
+    Costs one environment lookup when unset.
+    """
+    want = os.environ.get(KILL_ENV)
+    if not want:
+        return
+    sig = signal.SIGKILL
+    if ":" in want:
+        want, sig_name = want.rsplit(":", 1)
+        sig = {"TERM": signal.SIGTERM, "INT": signal.SIGINT, "KILL": signal.SIGKILL}.get(sig_name, signal.SIGKILL)
+    target, _, nth = want.partition("#")
+    if target != name:
+        return
+    _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
+    if _FAULT_HITS[name] == (int(nth) if nth.isdigit() else 1):
+        os.kill(os.getpid(), sig)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -7,6 +7,7 @@ dropped by :func:`collate_tiles`, so they never reach the model.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,8 +18,12 @@ import torch
 from torch.utils.data import Dataset
 
 from hem_bootstrap.config import DataConfig, TilingConfig
+from hem_bootstrap.errors import DataError
 from hem_bootstrap.geo.raster import RasterReader, open_raster, valid_fraction
 from hem_bootstrap.geo.windows import Window, tile_windows
+from hem_bootstrap.rundir import fault_point
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,16 @@ class ReaderPool:
         self.__init__(state["data_cfg"])  # type: ignore[misc]
 
 
+_BAD_READS: set[str] = set()
+"""Rasters whose read failure was already logged in this process (one warning per raster)."""
+
+
+def _warn_bad_read(path: Path, err: DataError) -> None:
+    if str(path) not in _BAD_READS:
+        _BAD_READS.add(str(path))
+        log.warning("skipping unreadable tiles (data.on_bad_raster=skip): %s", err)
+
+
 class TileDataset(Dataset):
     """Tiles of rasters as float32 tensors ``(C, T, T)`` with their window and valid share."""
 
@@ -95,13 +110,38 @@ class TileDataset(Dataset):
         return len(self.refs)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        """One tile; a read failure raises :class:`DataError` naming the file and window."""
         ref = self.refs[i]
         win = ref.window
+        fault_point("detect.tile")
         image, mask = self._pool.get(self.paths[ref.image_idx]).read(win)
         valid = valid_fraction(mask, win)
         skip = valid < self.data_cfg.min_valid_fraction or valid == 0.0
         tensor = torch.from_numpy(image)
         return {"image": tensor, "image_idx": ref.image_idx, "window": win, "valid": valid, "skip": skip}
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        """A batch of tiles, as the DataLoader asks for them; applies ``data.on_bad_raster``.
+
+        A raster that opened fine can still fail inside (a truncated file, a damaged block).
+        With ``skip`` such a tile is logged (once per raster) and flagged ``skip`` with its
+        ``error``, so one bad block does not end a scan of many rasters; with ``fail`` the
+        :class:`DataError` propagates.
+        """
+        return [self._get_or_skip(i) for i in indices]
+
+    def _get_or_skip(self, i: int) -> dict[str, Any]:
+        try:
+            return self[i]
+        except DataError as err:
+            if self.data_cfg.on_bad_raster == "fail":
+                raise
+            ref = self.refs[i]
+            win = ref.window
+            _warn_bad_read(self.paths[ref.image_idx], err)
+            empty = torch.zeros((len(self.data_cfg.bands), win.height, win.width), dtype=torch.float32)
+            return {"image": empty, "image_idx": ref.image_idx, "window": win, "valid": 0.0, "skip": True,
+                    "error": str(err)}
 
     def close(self) -> None:
         """Close this process's raster handles."""
@@ -112,7 +152,8 @@ def collate_tiles(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack the tiles to run; skipped tiles are counted and dropped.
 
     Returns ``images`` (B, C, T, T) or None when every tile was skipped, ``image_idx`` and
-    ``windows`` (lists, kept tiles only) and ``n_skipped``.
+    ``windows`` (lists, kept tiles only), ``n_skipped`` and ``errors`` (read failures skipped
+    under ``data.on_bad_raster: skip``).
     """
     kept = [it for it in items if not it["skip"]]
     images = torch.stack([it["image"] for it in kept]) if kept else None
@@ -121,4 +162,5 @@ def collate_tiles(items: list[dict[str, Any]]) -> dict[str, Any]:
         "image_idx": [int(it["image_idx"]) for it in kept],
         "windows": [it["window"] for it in kept],
         "n_skipped": len(items) - len(kept),
+        "errors": [it["error"] for it in items if it.get("error")],
     }

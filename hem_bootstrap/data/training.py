@@ -26,6 +26,7 @@ from hem_bootstrap.errors import DataError, TrainingError
 from hem_bootstrap.geo.labels import LabelIndex, load_labels, load_zones
 from hem_bootstrap.geo.raster import RasterInfo, open_raster, valid_fraction
 from hem_bootstrap.geo.windows import Window, tile_windows, window_around_box, window_inside
+from hem_bootstrap.rundir import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -327,6 +328,7 @@ def collate_chips(
     batch: list[tuple[torch.Tensor, dict[str, torch.Tensor]]],
 ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
     """Lists of images and targets, as torchvision detection models take them."""
+    fault_point("train.batch")
     images = [b[0] for b in batch]
     targets = [b[1] for b in batch]
     return images, targets

@@ -40,6 +40,7 @@ from hem_bootstrap.config import BankConfig, MiningConfig
 from hem_bootstrap.contracts import DETECTION_COLUMNS
 from hem_bootstrap.errors import DataError, HemError
 from hem_bootstrap.mining.matching import best_box_iou
+from hem_bootstrap.rundir import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +244,7 @@ class NegativeBank:
                 }
             )
             pyogrio.write_dataframe(meta, tmp, layer=META_LAYER, driver="GPKG")
+            fault_point("bank.replace")
             os.replace(tmp, p)
         finally:
             if tmp.exists():
