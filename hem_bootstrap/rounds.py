@@ -26,7 +26,7 @@ import yaml
 
 from hem_bootstrap.config import ExperimentConfig, ImageSet, dump_config
 from hem_bootstrap.errors import DataError, HemError, RunError
-from hem_bootstrap.rundir import RunDir, atomic_write_text
+from hem_bootstrap.rundir import RunDir, atomic_write_text, fault_point
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,47 @@ def _images(sets: list[ImageSet], what: str) -> list[tuple[Path, ImageSet]]:
     return out
 
 
+def _readable_images(sets: list[ImageSet], what: str, cfg: ExperimentConfig) -> list[tuple[Path, ImageSet]]:
+    """The rasters of ``sets`` that open; with ``data.on_bad_raster: skip`` the others are left out.
+
+    The scan already logged and counted them (manifest ``bad_rasters``); mining, evaluation and
+    bank-negative training must skip the same rasters instead of failing on them later.
+    """
+    from hem_bootstrap.geo.raster import open_raster
+
+    out = []
+    for path, s in _images(sets, what):
+        try:
+            open_raster(path)
+        except DataError:
+            if cfg.data.on_bad_raster == "fail":
+                raise
+            continue
+        out.append((path, s))
+    return out
+
+
+def _as_sets(items: list[tuple[Path, ImageSet]]) -> list[ImageSet]:
+    return [s.model_copy(update={"images": [str(p)]}) for p, s in items]
+
+
+@contextmanager
+def _disk_errors(run: RunDir, r: int) -> Iterator[None]:
+    """An OSError while a round writes (disk full, read-only, quota) becomes a one-line RunError.
+
+    Every file is written under a temporary name and renamed and the manifest is saved only
+    after a step's files are in place, so the finished steps stay intact and resumable.
+    """
+    try:
+        yield
+    except OSError as err:
+        where = err.filename or run.path
+        raise RunError(
+            f"{where}: could not write in round {r} ({err.strerror or err}); finished steps are intact, "
+            "free space and resume with: hem run CONFIG --resume"
+        ) from None
+
+
 def read_truth(path: Path, s: ImageSet, cfg: ExperimentConfig) -> tuple[Any, gpd.GeoDataFrame]:
     """Raster info and its labels (empty frame when the set has no labels)."""
     from hem_bootstrap.geo.labels import load_labels
@@ -187,7 +228,7 @@ def step_train(ctx: Context, r: int, resume: bool = False) -> dict[str, Any]:
         bank = NegativeBank.load(ctx.run.round_dir(r) / "bank.gpkg")
         negatives = bank.training_negatives(cfg.bank)
         if len(negatives):
-            pool_images = prepare_train_images(cfg.data.pool, cfg.data)
+            pool_images = prepare_train_images(_as_sets(_readable_images(cfg.data.pool, "pool", cfg)), cfg.data)
     dataset = ChipDataset(
         train_images,
         negatives=negatives,
@@ -339,7 +380,7 @@ def step_mine(ctx: Context, r: int) -> dict[str, Any]:
     matched = []
     images_meta = []
     truths: list[gpd.GeoDataFrame] = []
-    for path, s in _images(cfg.data.pool, "pool"):
+    for path, s in _readable_images(cfg.data.pool, "pool", cfg):
         info, gt = read_truth(path, s, cfg)
         zones = read_overlay(s.ignore_zones, info)
         truths.append(gt)
@@ -415,7 +456,7 @@ def evaluate_model(ctx: Context, model_path: Path, dets_out: Path) -> dict[str, 
         return {}
     dets = _read_detections(dets_out)
     images = []
-    for path, s in _images(cfg.data.test, "test"):
+    for path, s in _readable_images(cfg.data.test, "test", cfg):
         info, gt = read_truth(path, s, cfg)
         images.append(
             EvalImage(
@@ -468,6 +509,7 @@ def run_round(ctx: Context, r: int, manifest: dict[str, Any]) -> dict[str, Any]:
         _check_stop(ctx.run)
         t0 = time.perf_counter()
         log.info("round %d: %s", r, step)
+        fault_point(f"round{r}.{step}.start")
         if step == "train":
             ckpt = ctx.run.round_dir(r) / "model.pt"
             info = step_train(ctx, r, resume=ckpt.exists())
@@ -485,6 +527,7 @@ def run_round(ctx: Context, r: int, manifest: dict[str, Any]) -> dict[str, Any]:
         if step == "mine":
             entry.update({k: info[k] for k in ("bank_size", "new_negatives", "pool_fp", "review")})
         entry["steps"][step] = info
+        fault_point(f"round{r}.{step}.end")
         if ctx.is_main:
             ctx.run.save_manifest(manifest)
         _barrier(ctx)
@@ -594,7 +637,8 @@ def run_experiment(
                 last_round = (max(done) if done else -1) + max_new_rounds
             r = 0
             while r <= last_round:
-                run_round(ctx, r, manifest)
+                with _disk_errors(run, r):
+                    run_round(ctx, r, manifest)
                 reason = _should_stop(cfg, manifest, r)
                 if reason and r < last_round and max_new_rounds is None:
                     log.info("stopping after round %d: %s", r, reason)
