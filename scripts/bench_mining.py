@@ -30,11 +30,11 @@ RECIPES: dict[str, list[dict[str, Any]]] = {
     "none": [{"name": "none"}],
     "random": [{"name": "threshold", "threshold": 0.5}, {"name": "random"}],
     "threshold": [{"name": "threshold", "threshold": 0.5}],
-    "cap": [{"name": "per_image_cap", "k": 40}],
+    "cap": [{"name": "per_image_cap", "k": 50}],
 }
 
 
-def make_scenes(root: Path, seed: int, size: int, pool_size: int, gsd: float) -> Path:
+def make_scenes(root: Path, seed: int, size: int, pool_size: int, test_size: int, gsd: float) -> Path:
     """Train, pool and test scenes for one benchmark seed (seeds the tests never use)."""
     from hem_bootstrap.data.synth import SceneSpec, write_scene
 
@@ -42,9 +42,9 @@ def make_scenes(root: Path, seed: int, size: int, pool_size: int, gsd: float) ->
     if (out / "test.tif").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    write_scene(out, SceneSpec(size=size, gsd=gsd, seed=seed * 10 + 1), name="train")
-    write_scene(out, SceneSpec(size=pool_size, gsd=gsd, seed=seed * 10 + 2), name="pool")
-    write_scene(out, SceneSpec(size=size, gsd=gsd, seed=seed * 10 + 3), name="test")
+    write_scene(out, SceneSpec(size=size, gsd=gsd, seed=seed * 10 + 1), name="train", compress="jpeg")
+    write_scene(out, SceneSpec(size=pool_size, gsd=gsd, seed=seed * 10 + 2), name="pool", compress="jpeg")
+    write_scene(out, SceneSpec(size=test_size, gsd=gsd, seed=seed * 10 + 3), name="test", compress="jpeg")
     return out
 
 
@@ -142,8 +142,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[11, 12, 13])
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--size", type=int, default=1024)
-    p.add_argument("--pool-size", type=int, default=1536)
+    p.add_argument("--size", type=int, default=2048, help="training scene side (px)")
+    p.add_argument("--pool-size", type=int, default=2048)
+    p.add_argument("--test-size", type=int, default=1536)
     p.add_argument("--gsd", type=float, default=0.15)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--finetune-steps", type=int, default=150)
@@ -159,7 +160,7 @@ def main() -> None:
     results: dict[str, dict[int, list[dict[str, Any]]]] = {r: {} for r in args.recipes}
     t0 = time.perf_counter()
     for seed in args.seeds:
-        scenes = make_scenes(work, seed, args.size, args.pool_size, args.gsd)
+        scenes = make_scenes(work, seed, args.size, args.pool_size, args.test_size, args.gsd)
         for recipe in args.recipes:
             run = run_recipe(scenes, runs, seed, recipe, args)
             results[recipe][seed] = collect(run)
