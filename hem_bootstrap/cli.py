@@ -329,15 +329,14 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
-        app(args=args, standalone_mode=False)
+        code = app(args=args, standalone_mode=False)
     except HemError as err:
         if debug:
             raise
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+        _interrupted()
     except typer.Exit as ex:
         sys.exit(ex.exit_code)
     except typer.Abort:
@@ -349,6 +348,16 @@ def main(argv: list[str] | None = None) -> None:
             show()
             sys.exit(2)
         raise
+    # without standalone mode, typer turns Ctrl-C (KeyboardInterrupt) and typer.Exit into a return value
+    if code == 130:
+        _interrupted()
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def _interrupted() -> None:
+    typer.echo("interrupted; a run continues from its last finished step with: hem run CONFIG --resume", err=True)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -627,6 +627,8 @@ def run_experiment(
     ctx = _make_context(cfg, run)
     if ctx.is_main:
         run.acquire()
+        for p in run.remove_stale_temps():
+            log.info("removed %s, left by an interrupted process", p)
     try:
         with graceful_signals():
             _start(ctx, manifest, config_path)

@@ -35,25 +35,24 @@ def fault_point(name: str) -> None:
     ``HEM_KILL_AT=NAME`` (first time ``NAME`` is reached) or ``NAME#N`` (the N-th time, counted in
     this process) sends SIGKILL to the process itself, which is the harshest crash there is: no
     handler, no ``finally``, no flush. A ``:TERM`` or ``:INT`` suffix sends that signal instead, to
-    check the graceful stop. The crash-safety tests use it to stop a real ``hem run`` at a chosen
-    step deterministically. Points: ``round{r}.{step}.start`` / ``round{r}.{step}.end`` (step files
+    check the graceful stop; several points may be given, comma-separated. The crash-safety tests
+    use it to stop a real ``hem run`` at a chosen step deterministically. Points: ``round{r}.{step}.start`` / ``round{r}.{step}.end`` (step files
     written, manifest not yet), ``bank.replace`` (bank written under its temporary name, not yet
     renamed), ``train.batch`` (a training batch collated) and ``detect.tile`` (a tile read).
     Costs one environment lookup when unset.
     """
-    want = os.environ.get(KILL_ENV)
-    if not want:
+    wanted = os.environ.get(KILL_ENV)
+    if not wanted:
         return
-    sig = signal.SIGKILL
-    if ":" in want:
-        want, sig_name = want.rsplit(":", 1)
-        sig = {"TERM": signal.SIGTERM, "INT": signal.SIGINT, "KILL": signal.SIGKILL}.get(sig_name, signal.SIGKILL)
-    target, _, nth = want.partition("#")
-    if target != name:
-        return
-    _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
-    if _FAULT_HITS[name] == (int(nth) if nth.isdigit() else 1):
-        os.kill(os.getpid(), sig)
+    hits = _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
+    for want in wanted.split(","):
+        sig = signal.SIGKILL
+        if ":" in want:
+            want, sig_name = want.rsplit(":", 1)
+            sig = {"TERM": signal.SIGTERM, "INT": signal.SIGINT}.get(sig_name, signal.SIGKILL)
+        target, _, nth = want.strip().partition("#")
+        if target == name and hits == (int(nth) if nth.isdigit() else 1):
+            os.kill(os.getpid(), sig)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -165,6 +164,20 @@ class RunDir:
         fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
         fh.flush()
         self._lock_fh = fh
+
+    def remove_stale_temps(self) -> list[Path]:
+        """Delete temporary files a killed process left behind; call only while holding the lock.
+
+        Every writer names its temporary file ``.NAME...tmp...`` beside the target, so with the
+        lock held none of them can belong to a live writer.
+        """
+        removed = []
+        for p in sorted(self.path.rglob(".*")):
+            if ".tmp" in p.name and p.is_file():
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed.append(p)
+        return removed
 
     def release(self) -> None:
         """Release the lock."""
