@@ -554,6 +554,51 @@ def _should_stop(cfg: ExperimentConfig, manifest: dict[str, Any], r: int) -> str
     return None
 
 
+def preflight(cfg: ExperimentConfig) -> None:
+    """Check every input before a run starts, so a bad path, band or label file fails in seconds, not after training.
+
+    Opens each raster's header and loads its labels once. A pool or test raster that does not
+    open is left to the scan under ``data.on_bad_raster: skip`` (logged and counted there).
+
+    Raises:
+        DataError: no image matched, an image listed twice or in both the pool/train and the
+            held-out set, a missing or unreadable file, a band that does not exist, bad labels.
+        ModelError: a weights file that does not exist.
+    """
+    from hem_bootstrap.errors import ModelError
+    from hem_bootstrap.geo.labels import load_labels
+    from hem_bootstrap.geo.raster import open_raster
+
+    if not cfg.data.train:
+        raise DataError("data.train: no training imagery configured; expected at least one image set")
+    where: dict[Path, str] = {}
+    for what, sets in (("train", cfg.data.train), ("pool", cfg.data.pool), ("test", cfg.data.test)):
+        for path, s in _images(sets, what):
+            other = where.get(path.resolve())
+            if other is not None and "test" in (what, other):
+                raise DataError(f"data.{what}: image {path} is also in data.{other}; held-out imagery must not be "
+                                "trained on or mined")
+            where[path.resolve()] = what
+            try:
+                info = open_raster(path)
+            except DataError:
+                if what == "train" or cfg.data.on_bad_raster == "fail":
+                    raise
+                continue
+            bad = [b for b in cfg.data.bands if b > info.count]
+            if bad:
+                raise DataError(f"{path}: data.bands asks for band {bad[0]} but the raster has {info.count} band(s)")
+            if s.labels is not None:
+                load_labels(s.labels, info, cfg.data, image_name=path.name)
+            for extra in (s.distractors, s.ignore_zones):
+                if extra is not None and not Path(extra).is_file():
+                    raise DataError(f"{extra}: file not found (data.{what})")
+    for key in ("weights", "backbone_weights"):
+        value = getattr(cfg.model, key)
+        if value is not None and not Path(value).is_file():
+            raise ModelError(f"model.{key}: {value} not found; give a local .pth/.pt file")
+
+
 def prepare_run(
     cfg: ExperimentConfig, *, resume: bool, fresh: bool, force: bool, config_path: Path | None
 ) -> tuple[RunDir, dict[str, Any]]:
@@ -605,7 +650,9 @@ def _make_context(cfg: ExperimentConfig, run: RunDir) -> Context:
         import torch
 
         torch.set_num_threads(cfg.runtime.threads)
-    return Context(cfg=cfg, run=run, device=device, rank=rank, world=world)
+    # progress bars follow the log level: `hem -q` (warnings only) shows none
+    progress = logging.getLogger().isEnabledFor(logging.INFO)
+    return Context(cfg=cfg, run=run, device=device, rank=rank, world=world, progress=progress)
 
 
 def run_experiment(
@@ -619,6 +666,7 @@ def run_experiment(
     print_table: bool = True,
 ) -> Path:
     """Run (or resume) the whole experiment; print the round table at the end. Returns the run dir."""
+    preflight(cfg)
     from hem_bootstrap.distributed import init_distributed
 
     init_distributed(cfg.runtime)

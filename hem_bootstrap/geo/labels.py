@@ -175,7 +175,16 @@ def _to_raster_crs(frame: gpd.GeoDataFrame, info: RasterInfo, path: Path) -> gpd
             raise DataError(
                 f"{path}: label file has no CRS but raster {info.path.name} is in {info.crs}; set its CRS"
             )
-        return frame if frame.crs == info.crs else frame.to_crs(info.crs)
+        if frame.crs == info.crs:
+            return frame
+        out = frame.to_crs(info.crs)
+        if not np.isfinite(out.geometry.bounds.to_numpy()).all():
+            b = frame.total_bounds
+            raise DataError(
+                f"{path}: coordinates {_fmt_bounds(b)} are not valid in the file's CRS {frame.crs} "
+                f"(reprojecting them to {info.crs} fails); is the CRS right? (GeoJSON is always lon/lat)"
+            )
+        return out
     if frame.crs is not None:
         raise DataError(
             f"{path}: labels are in {frame.crs} but raster {info.path.name} has no georeferencing; "

@@ -1,0 +1,478 @@
+"""The bad-input matrix (docs/BAD_INPUTS.md): every row goes through the CLI.
+
+A bad input must give exit code 2 and ONE line on stderr naming the file, field or value, and
+no traceback. Inputs that are fine (16-bit, 4-band, smaller than a tile, all nodata, plain
+images) must run, and the row says what happens to them.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import shapely
+import yaml
+
+from hem_bootstrap.cli import main
+from hem_bootstrap.rundir import RunDir
+
+Hem = Callable[..., tuple[int, str, str]]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic train/pool/test scenes plus variants of the pool raster (fine and broken)."""
+    from hem_bootstrap.data.synth import SceneSpec, write_scene
+
+    root = tmp_path_factory.mktemp("bad_inputs")
+    for name, seed in (("train", 101), ("pool", 102), ("test", 103)):
+        write_scene(root, SceneSpec(size=512, gsd=0.15, seed=seed), name=name)
+    with rasterio.open(root / "pool.tif") as src:
+        prof, rgb = src.profile, src.read()
+    tr = prof["transform"]
+
+    def write(name: str, data: np.ndarray, **over: Any) -> Path:
+        p = dict(prof, count=data.shape[0], dtype=str(data.dtype), width=data.shape[2], height=data.shape[1])
+        p.update(over)
+        with rasterio.open(root / name, "w", **p) as dst:
+            dst.write(data)
+        return root / name
+
+    write("pool16.tif", rgb.astype(np.uint16) * 257)
+    nir = (rgb.mean(axis=0, keepdims=True)).astype(np.uint8)
+    write("pool4.tif", np.concatenate([rgb, nir]))
+    write("small.tif", rgb[:, :160, :200].copy())
+    write("nodata.tif", np.zeros_like(rgb), nodata=0)
+    # a tiled file cut short: the header opens, the later blocks fail mid-scan
+    trunc = write("truncated.tif", rgb, tiled=True, blockxsize=128, blockysize=128, compress="deflate")
+    with open(trunc, "r+b") as fh:
+        fh.truncate(int(trunc.stat().st_size * 0.6))
+    (root / "garbage.tif").write_bytes(b"II*\x00 this is not a GeoTIFF" * 20)
+    (root / "notes.txt").write_text("not a vector file\n")
+    with rasterio.open(root / "plain.png", "w", driver="PNG", width=512, height=512, count=3, dtype="uint8") as d:
+        d.write(rgb)
+    # pixel-CSV labels for the plain image, from the georeferenced pool labels
+    labels = gpd.read_file(root / "pool_labels.gpkg")
+    b = labels.geometry.bounds.to_numpy()
+    x0, x1 = (b[:, 0] - tr.c) / tr.a, (b[:, 2] - tr.c) / tr.a  # north-up: rows grow southwards
+    y0, y1 = (b[:, 3] - tr.f) / tr.e, (b[:, 1] - tr.f) / tr.e
+    import pandas as pd
+
+    pd.DataFrame({"image": "plain.png", "xmin": x0, "ymin": y0, "xmax": x1, "ymax": y1, "label": "vehicle"}).to_csv(
+        root / "plain.csv", index=False
+    )
+    return root
+
+
+@pytest.fixture
+def hem(capsys: pytest.CaptureFixture[str]) -> Hem:
+    """Run ``hem ARGS`` in-process; return (exit code, stdout, stderr)."""
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            main(["-q", *args])
+            code = 0
+        except SystemExit as ex:
+            code = int(ex.code or 0)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def iset(scenes: Path, name: str, **over: Any) -> dict[str, Any]:
+    s = {"images": [str(scenes / f"{name}.tif")], "labels": str(scenes / f"{name}_labels.gpkg")}
+    s.update(over)
+    return s
+
+
+def write_config(scenes: Path, folder: Path, name: str = "bad", **sections: dict[str, Any]) -> Path:
+    """A tiny one-round config; ``sections`` replace keys section by section."""
+    tree: dict[str, Any] = {
+        "data": {"train": [iset(scenes, "train")], "pool": [iset(scenes, "pool")], "test": [iset(scenes, "test")]},
+        "tiling": {"tile_size": 256, "overlap": 0},
+        "train": {"steps": 2, "finetune_steps": 1, "batch_size": 2, "background_chips": 2, "warmup_steps": 0},
+        "mining": {"strategies": [{"name": "per_image_cap", "k": 10}], "review_above": 0.99},
+        "model": {"score_floor": 0.01},
+        "rounds": {"name": name, "out_dir": str(folder / "runs"), "n_rounds": 1, "stop_if_no_new": False},
+        "runtime": {"workers": 0, "batch_size": 4, "seed": 1, "threads": 1, "device": "cpu"},
+    }
+    for section, values in sections.items():
+        tree.setdefault(section, {}).update(values)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def one_line_error(result: tuple[int, str, str], *needles: str, warnings_ok: bool = False) -> str:
+    """Exit 2, exactly one non-empty stderr line, no traceback, naming every needle.
+
+    ``warnings_ok`` lets logged WARNING lines precede it (a hint the user should see anyway).
+    """
+    code, _, err = result
+    lines = [ln for ln in err.splitlines() if ln.strip() and not (warnings_ok and ln.startswith("WARNING"))]
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def write_labels(path: Path, geoms: list[Any], classes: list[str], crs: str | None = "EPSG:32633") -> Path:
+    gpd.GeoDataFrame({"class": classes}, geometry=geoms, crs=crs).to_file(path)
+    return path
+
+
+# --------------------------------------------------------------------------- config
+
+
+CONFIG_CASES = [
+    ("typo", "tiling:\n  tile_sise: 128\n", ["unknown key 'tile_sise'", "did you mean 'tile_size'"]),
+    ("unknown section", "trian:\n  steps: 3\n", ["unknown key 'trian'", "train"]),
+    ("wrong type", "train:\n  steps: many\n", ["train.steps", "'many'"]),
+    ("negative", "train:\n  lr: -1\n", ["train.lr = -1", "greater than 0"]),
+    ("absurd tile", "tiling:\n  tile_size: 100000\n", ["tiling.tile_size = 100000", "4096"]),
+    ("overlap >= tile", "tiling:\n  tile_size: 64\n  overlap: 64\n", ["overlap (64", "tile_size (64)"]),
+    ("zero batch", "runtime:\n  batch_size: 0\n", ["runtime.batch_size = 0"]),
+    ("fraction > 1", "train:\n  neg_fraction: 1.5\n", ["train.neg_fraction = 1.5"]),
+    ("band 0", "data:\n  bands: [0, 1, 2]\n", ["data.bands", "1-based"]),
+    ("unknown strategy", "mining:\n  strategies: [{name: best}]\n", ["mining.strategies.0.name", "'best'"]),
+    ("strategy missing param", "mining:\n  strategies: [{name: threshold}]\n", ["needs threshold"]),
+    ("bad YAML", "train: [steps: 3\n", ["not valid YAML at line"]),
+    ("not a mapping", "- train\n- test\n", ["expected a mapping of sections, got list"]),
+    ("on_bad_raster value", "data:\n  on_bad_raster: ignore\n", ["data.on_bad_raster", "'ignore'"]),
+]
+
+
+@pytest.mark.parametrize(("case", "text", "needles"), CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_config_errors(case: str, text: str, needles: list[str], tmp_path: Path, hem: Hem) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    line = one_line_error(hem("config", "validate", str(path)), *needles)
+    assert str(path) in line
+
+
+def test_missing_config_file(tmp_path: Path, hem: Hem) -> None:
+    one_line_error(hem("run", str(tmp_path / "nope.yaml")), "nope.yaml: config file not found")
+
+
+def test_bad_override(tmp_path: Path, hem: Hem) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("{}\n")
+    one_line_error(hem("config", "validate", str(path), "--set", "train.steps"), "--set 'train.steps'", "key=value")
+    one_line_error(hem("config", "validate", str(path), "--set", "train.stepz=3"), "unknown key 'stepz'")
+
+
+# --------------------------------------------------------------------------- data, found before anything runs
+
+
+def test_image_glob_matches_nothing(scenes: Path, tmp_path: Path, hem: Hem) -> None:
+    cfg = write_config(scenes, tmp_path, data={"pool": [{"images": [str(scenes / "nothing_*.tif")]}]})
+    one_line_error(hem("run", str(cfg)), "data.pool: no raster matches", "nothing_*.tif")
+    assert not (tmp_path / "runs" / "bad").exists()  # nothing was created
+
+
+def test_missing_image(scenes: Path, tmp_path: Path, hem: Hem) -> None:
+    cfg = write_config(scenes, tmp_path, data={"train": [iset(scenes, "missing")]})
+    one_line_error(hem("run", str(cfg)), "missing.tif: raster not found")
+
+
+def test_missing_label_file(scenes: Path, tmp_path: Path, hem: Hem) -> None:
+    cfg = write_config(scenes, tmp_path, data={"train": [iset(scenes, "train", labels=str(scenes / "gone.gpkg"))]})
+    one_line_error(hem("run", str(cfg)), "gone.gpkg: label file not found")
+
+
+def test_missing_distractor_file(scenes: Path, tmp_path: Path, hem: Hem) -> None:
+    cfg = write_config(scenes, tmp_path, data={"test": [iset(scenes, "test", distractors=str(scenes / "d.gpkg"))]})
+    one_line_error(hem("run", str(cfg)), "d.gpkg: file not found")
+
+
+def test_label_file_not_a_vector(scenes: Path, tmp_path: Path, hem: Hem) -> None:
+    cfg = write_config(scenes, tmp_path, data={"train": [iset(scenes, "train", labels=str(scenes / "notes.txt"))]})
+    one_line_error(hem("run", str(cfg)), "notes.txt: not a readable vector file")
+
+
+def test_duplicate_image_across_sets(scenes: Path, tmp_path: Path, hem: Hem) -> None:
+    # twice in one set's list is merged silently (ImageSet.resolved_images); in two sets it is an error
+    cfg = write_config(scenes, tmp_path, data={"pool": [iset(scenes, "pool"), iset(scenes, "pool")]})
+    one_line_error(hem("run", str(cfg)), "data.pool: image", "pool.tif is listed twice")
+
+
+def test_held_out_image_also_mined(scenes: Path, tmp_path: Path, hem: Hem) -> None:
+    cfg = write_config(scenes, tmp_path, data={"test": [iset(scenes, "pool")]})
+    one_line_error(hem("run", str(cfg)), "data.test: image", "pool.tif is also in data.pool")
+
+
+def test_crs_mismatch_without_crs(scenes: Path, tmp_path: Path, hem: Hem) -> None:
+    labels = gpd.read_file(scenes / "train_labels.gpkg")
+    path = tmp_path / "nocrs.gpkg"
+    write_labels(path, list(labels.geometry), list(labels["class"]), crs=None)
+    cfg = write_config(scenes, tmp_path, data={"train": [iset(scenes, "train", labels=str(path))]})
+    one_line_error(hem("run", str(cfg)), "nocrs.gpkg: label file has no CRS", "train.tif")
+
+
+def test_geojson_with_projected_coordinates(scenes: Path, tmp_path: Path, hem: Hem) -> None:
+    # GeoJSON is lon/lat by definition: UTM metres in it cannot be reprojected
+    labels = gpd.read_file(scenes / "train_labels.gpkg")
+    path = tmp_path / "utm.geojson"
+    write_labels(path, list(labels.geometry), list(labels["class"]), crs=None)
+    cfg = write_config(scenes, tmp_path, data={"train": [iset(scenes, "train", labels=str(path))]})
+    one_line_error(hem("run", str(cfg)), "utm.geojson: coordinates", "are not valid in the file's CRS EPSG:4326")
+
+
+def test_crs_mixup_labels_elsewhere(scenes: Path, tmp_path: Path, hem: Hem) -> None:
+    # UTM numbers written as if they were in another UTM zone land ~600 km away
+    labels = gpd.read_file(scenes / "train_labels.gpkg").set_crs("EPSG:32631", allow_override=True)
+    path = tmp_path / "zone31.gpkg"
+    labels.to_file(path)
+    cfg = write_config(scenes, tmp_path, data={"train": [iset(scenes, "train", labels=str(path))]})
+    one_line_error(hem("run", str(cfg)), "zone31.gpkg: labels do not overlap the raster train.tif")
+
+
+def test_labels_outside_the_raster(scenes: Path, tmp_path: Path, hem: Hem) -> None:
+    far = [shapely.box(600_000 + i * 10, 5_400_000, 600_004 + i * 10, 5_400_004) for i in range(3)]
+    path = write_labels(tmp_path / "far.gpkg", far, ["vehicle"] * 3)
+    cfg = write_config(scenes, tmp_path, data={"train": [iset(scenes, "train", labels=str(path))]})
+    one_line_error(hem("run", str(cfg)), "far.gpkg: labels do not overlap", "raster bounds")
+
+
+def test_unknown_class(scenes: Path, tmp_path: Path, hem: Hem) -> None:
+    labels = gpd.read_file(scenes / "train_labels.gpkg")
+    labels.loc[0, "class"] = "truck"
+    path = tmp_path / "truck.gpkg"
+    labels.to_file(path)
+    cfg = write_config(scenes, tmp_path, data={"train": [iset(scenes, "train", labels=str(path))]})
+    one_line_error(hem("run", str(cfg)), "truck.gpkg: unknown class 'truck'", "['vehicle']")
+
+
+def test_mixed_geometry_types(scenes: Path, tmp_path: Path, hem: Hem) -> None:
+    geoms = [shapely.box(500_010, 5_399_950, 500_012, 5_399_952), shapely.LineString([(500_020, 5_399_950),
+                                                                                   (500_030, 5_399_960)])]
+    path = write_labels(tmp_path / "mixed.gpkg", geoms, ["vehicle"] * 2)
+    cfg = write_config(scenes, tmp_path, data={"train": [iset(scenes, "train", labels=str(path))]})
+    one_line_error(hem("run", str(cfg)), "mixed.gpkg: unsupported geometry type(s)", "LineString")
+
+
+def test_band_that_does_not_exist(scenes: Path, tmp_path: Path, hem: Hem) -> None:
+    cfg = write_config(scenes, tmp_path, data={"bands": [1, 2, 5]})
+    one_line_error(hem("run", str(cfg)), "train.tif: data.bands asks for band 5", "3 band(s)")
+
+
+def test_corrupt_training_raster(scenes: Path, tmp_path: Path, hem: Hem) -> None:
+    cfg = write_config(scenes, tmp_path, data={"train": [{"images": [str(scenes / "garbage.tif")]}]})
+    one_line_error(hem("run", str(cfg)), "garbage.tif: not a readable raster")
+
+
+def test_corrupt_pool_raster_with_fail(scenes: Path, tmp_path: Path, hem: Hem) -> None:
+    pool = iset(scenes, "pool")
+    pool["images"].append(str(scenes / "garbage.tif"))
+    cfg = write_config(scenes, tmp_path, data={"pool": [pool], "on_bad_raster": "fail"})
+    one_line_error(hem("run", str(cfg)), "garbage.tif: not a readable raster")
+
+
+def test_plain_image_with_georeferenced_labels(scenes: Path, tmp_path: Path, hem: Hem) -> None:
+    cfg = write_config(scenes, tmp_path, data={"train": [{"images": [str(scenes / "plain.png")],
+                                                          "labels": str(scenes / "pool_labels.gpkg")}]})
+    code, out, err = hem("run", str(cfg))
+    assert "plain.png: no georeferencing; working in pixel space" in err  # the once-per-raster warning
+    one_line_error((code, out, err), "pool_labels.gpkg: labels are in EPSG:32633", "plain.png has no georeferencing",
+                   warnings_ok=True)
+
+
+def test_missing_weights_file(scenes: Path, tmp_path: Path, hem: Hem) -> None:
+    cfg = write_config(scenes, tmp_path, model={"weights": str(tmp_path / "coco.pth")})
+    one_line_error(hem("run", str(cfg)), "model.weights", "coco.pth not found")
+
+
+def test_wrong_weights_file(scenes: Path, tmp_path: Path, hem: Hem) -> None:
+    import torch
+
+    wrong = tmp_path / "other.pth"
+    torch.save({"conv.weight": torch.zeros(3, 3)}, wrong)
+    cfg = write_config(scenes, tmp_path, model={"weights": str(wrong)})
+    one_line_error(hem("run", str(cfg)), "other.pth")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a torch file")
+    cfg = write_config(scenes, tmp_path, name="junk", model={"weights": str(junk)})
+    one_line_error(hem("run", str(cfg)), "junk.pth")
+
+
+def test_empty_training_labels(scenes: Path, tmp_path: Path, hem: Hem) -> None:
+    path = write_labels(tmp_path / "empty.gpkg", [], [])
+    cfg = write_config(scenes, tmp_path, data={"train": [iset(scenes, "train", labels=str(path))]})
+    one_line_error(hem("run", str(cfg)), "positive")
+
+
+def test_pixel_csv_without_columns(scenes: Path, tmp_path: Path, hem: Hem) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,x,y\nplain.png,1,2\n")
+    cfg = write_config(scenes, tmp_path, data={"train": [{"images": [str(scenes / "plain.png")], "labels": str(bad)}]})
+    one_line_error(hem("run", str(cfg)), "bad.csv: pixel CSV lacks column(s)", "xmin")
+
+
+# --------------------------------------------------------------------------- run directories
+
+
+@pytest.fixture(scope="module")
+def fine_run(scenes: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One finished run whose pool holds every input that is fine or skipped (shared by the tests below)."""
+    folder = tmp_path_factory.mktemp("fine_run")
+    names = ["pool16", "pool4", "small", "nodata", "truncated", "garbage"]
+    pool = iset(scenes, "pool", images=[str(scenes / f"{n}.tif") for n in names])
+    # score_floor 0: an untrained model's every output counts, so each raster that runs shows up
+    cfg = write_config(scenes, folder, name="fine", data={"pool": [pool]}, model={"score_floor": 0.0})
+    proc = subprocess.run([sys.executable, "-m", "hem_bootstrap.cli", "run", str(cfg)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (folder / "stderr.txt").write_text(proc.stderr)
+    return cfg, folder / "runs" / "fine"
+
+
+def test_fine_inputs_run_and_broken_ones_are_skipped(fine_run: tuple[Path, Path], hem: Hem) -> None:
+    cfg, run = fine_run
+    manifest = json.loads((run / "manifest.json").read_text())
+    detect = next(e for e in manifest["rounds"] if e["round"] == 1)["steps"]["detect"]
+    # garbage.tif does not open: logged, counted in the manifest, shown by `hem status`
+    assert len(manifest["bad_rasters"]) == 1 and "garbage.tif" in manifest["bad_rasters"][0]
+    code, out, _ = hem("status", str(run))
+    assert code == 0 and "skipped rasters: 1" in out and "garbage.tif" in out
+    # 16-bit, 4-band: 4 tiles each; smaller than a tile: 1 padded tile; all-nodata: 4 tiles,
+    # skipped; truncated: 4 tiles, the unreadable ones skipped
+    assert detect["tiles"] == 4 + 4 + 1 + 4 + 4
+    assert detect["tiles_skipped"] == 4 + unreadable_tiles(Path(manifest["bad_rasters"][0].split(":")[0]).parent)
+    stderr = (cfg.parent / "stderr.txt").read_text()
+    assert "skipping raster" in stderr and "garbage.tif" in stderr
+    assert "skipping unreadable tiles" in stderr and "truncated.tif" in stderr
+    dets = gpd.read_file(run / "round_001" / "detections.gpkg")
+    seen = {Path(p).name for p in dets["image"]}
+    assert {"pool16.tif", "pool4.tif", "truncated.tif"} <= seen
+    assert "nodata.tif" not in seen
+    small = dets[dets["image"].str.endswith("small.tif")]  # its one tile ran (not skipped), padded
+    assert (small["px_xmax"] <= 200 + 1e-6).all() and (small["px_ymax"] <= 160 + 1e-6).all()
+
+
+def unreadable_tiles(folder: Path) -> int:
+    """How many 256 px tiles of truncated.tif fail to read (the rest must still be scanned)."""
+    from hem_bootstrap.config import DataConfig
+    from hem_bootstrap.errors import DataError
+    from hem_bootstrap.geo.raster import RasterReader
+    from hem_bootstrap.geo.windows import tile_windows
+
+    reader = RasterReader(folder / "truncated.tif", DataConfig())
+    failed = 0
+    for win in tile_windows(512, 512, 256, 0):
+        try:
+            reader.read(win)
+        except DataError:
+            failed += 1
+    assert 0 < failed < 4
+    return failed
+
+
+def test_run_exists_without_resume(fine_run: tuple[Path, Path], hem: Hem) -> None:
+    cfg, _ = fine_run
+    one_line_error(hem("run", str(cfg)), "a run of this name exists", "--resume")
+
+
+def test_resume_with_changed_config(fine_run: tuple[Path, Path], hem: Hem) -> None:
+    cfg, _ = fine_run
+    one_line_error(hem("run", str(cfg), "--resume", "--set", "train.steps=5"),
+                   "config changed since the run started (train.steps)", "--force")
+
+
+def test_run_directory_locked(fine_run: tuple[Path, Path], hem: Hem) -> None:
+    cfg, run = fine_run
+    other = RunDir(run)
+    other.acquire()  # a second open file description: flock refuses it like another process
+    try:
+        line = one_line_error(hem("run", str(cfg), "--resume"), "run directory is in use by pid")
+        assert str(run) in line
+        code, out, _ = hem("status", str(run))
+        assert code == 0 and "in use by pid" in out
+    finally:
+        other.release()
+
+
+def test_status_of_a_folder_that_is_no_run(tmp_path: Path, hem: Hem) -> None:
+    one_line_error(hem("status", str(tmp_path)), "not a run directory")
+
+
+def test_detect_with_missing_model_and_unmatched_images(fine_run: tuple[Path, Path], tmp_path: Path,
+                                                        hem: Hem) -> None:
+    cfg, run = fine_run
+    model = run / "round_001" / "model.pt"
+    one_line_error(hem("detect", str(cfg), "--model", str(tmp_path / "m.pt"), "--out", str(tmp_path / "d.gpkg")),
+                   "m.pt: model checkpoint not found")
+    one_line_error(hem("detect", str(cfg), "--model", str(model), "--images", str(tmp_path / "x*.tif"),
+                       "--out", str(tmp_path / "d.gpkg")), "--images", "no file matches")
+    one_line_error(hem("detect", str(cfg), "--model", str(model), "--out", str(tmp_path / "d.shp")),
+                   "unsupported output format '.shp'")
+
+
+def test_bank_export_format(fine_run: tuple[Path, Path], tmp_path: Path, hem: Hem) -> None:
+    _, run = fine_run
+    one_line_error(hem("bank", "export", str(run), "--format", "xml", "--out", str(tmp_path / "b.xml")),
+                   "--format 'xml'")
+
+
+def test_plain_image_runs_in_pixel_space(scenes: Path, tmp_path: Path, hem: Hem) -> None:
+    plain = {"images": [str(scenes / "plain.png")], "labels": str(scenes / "plain.csv")}
+    cfg = write_config(scenes, tmp_path, name="plain", data={"pool": [], "test": [plain]}, rounds={"n_rounds": 0})
+    code, _, err = hem("run", str(cfg))
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "runs" / "plain" / "round_000" / "metrics.json").read_text())
+    assert metrics["n_gt"] > 0  # pixel-CSV labels are matched in pixel space; areas count 1 px as 1 m
+
+
+# --------------------------------------------------------------------------- disk full
+
+
+def _enospc_on(monkeypatch: pytest.MonkeyPatch, match: Callable[[str], bool]) -> None:
+    real = os.replace
+
+    def replace(src: Any, dst: Any, *a: Any, **k: Any) -> None:
+        if match(str(dst)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        real(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def test_disk_full_on_the_manifest(scenes: Path, tmp_path: Path, hem: Hem, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = write_config(scenes, tmp_path, name="full")
+    _enospc_on(monkeypatch, lambda dst: dst.endswith("manifest.json"))
+    one_line_error(hem("run", str(cfg)), "manifest.json: could not write (No space left on device)",
+                   "previous version is intact")
+
+
+def test_disk_full_on_the_bank_keeps_finished_steps(scenes: Path, tmp_path: Path, hem: Hem,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = write_config(scenes, tmp_path, name="fullbank")
+    run = tmp_path / "runs" / "fullbank"
+    _enospc_on(monkeypatch, lambda dst: dst.endswith("round_001/bank.gpkg"))
+    one_line_error(hem("run", str(cfg)), "round_001/bank.gpkg: could not write in round 1",
+                   "No space left on device", "finished steps are intact", "--resume")
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert [sorted(e["steps"]) for e in manifest["rounds"]] == [["evaluate", "train"], ["detect"]]
+    assert len(gpd.read_file(run / "round_000" / "bank.gpkg", layer="negatives")) == 0  # round 0's bank, intact
+    assert not (run / "round_001" / "bank.gpkg").exists() and not (run / "bank.gpkg").exists()
+    assert not [p for p in run.rglob(".*tmp*")]
+    monkeypatch.undo()
+    code, _, err = hem("run", str(cfg), "--resume")
+    assert code == 0, err
+    assert len(gpd.read_file(run / "bank.gpkg", layer="negatives")) > 0
