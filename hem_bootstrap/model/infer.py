@@ -251,8 +251,13 @@ def scan_raw(
     stats: DetectStats,
     progress: bool = True,
     total_tiles: int | None = None,
+    progress_scale: float = 1.0,
 ) -> Iterator[tuple[int, RawDetections]]:
-    """Run the model over tiles in order; yield ``(image_idx, raw detections)`` as each image ends."""
+    """Run the model over tiles in order; yield ``(image_idx, raw detections)`` as each image ends.
+
+    The progress bar counts ``total_tiles``; each tile read advances it by ``progress_scale``,
+    so rank 0 of a sharded scan can show the whole job's progress and rate from its own share.
+    """
     if not refs:
         return
     workers = runtime.workers
@@ -268,15 +273,19 @@ def scan_raw(
     )
     current: int | None = None
     raw = RawDetections()
-    bar = tqdm(total=total_tiles or len(refs), unit="tile", disable=not progress, dynamic_ncols=True,
-               desc="detect", leave=False)
+    total = total_tiles or len(refs)
+    bar = tqdm(total=total, unit="tile", disable=not progress, dynamic_ncols=True, desc="detect", leave=False)
+    read, shown = 0, 0.0
     t0 = time.perf_counter()
     with torch.inference_mode():
         for batch in loader:
             n_in_batch = len(batch["image_idx"]) + batch["n_skipped"]
             stats.tiles_total += n_in_batch
             stats.tiles_skipped += batch["n_skipped"]
-            bar.update(n_in_batch)
+            read += n_in_batch
+            shown_next = min(float(total), read * progress_scale)
+            bar.update(round(shown_next) - round(shown))
+            shown = shown_next
             if batch["images"] is None:
                 continue
             images = batch["images"].to(device, non_blocking=True)
@@ -317,8 +326,8 @@ def scan_raw(
                 )
             if progress:
                 el = time.perf_counter() - t0
-                rate = stats.tiles_total / el if el > 0 else 0.0
-                left = (total_tiles or len(refs)) - stats.tiles_total
+                rate = shown / el if el > 0 else 0.0
+                left = total - shown
                 bar.set_postfix(tiles_s=f"{rate:.1f}", eta_s=f"{left / rate:.0f}" if rate else "?")
     bar.close()
     if current is not None:

@@ -19,13 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from hem_bootstrap.config import RuntimeConfig, TrainConfig
+from hem_bootstrap.distributed import all_mean, rank_world
 from hem_bootstrap.errors import TrainingError
 from hem_bootstrap.model.detectors import load_checkpoint, save_checkpoint
 from hem_bootstrap.model.device import amp_dtype, amp_enabled, resolve_device
@@ -235,11 +235,19 @@ class _Pending:
     totals: list[Tensor] = field(default_factory=list)
     parts: list[dict[str, Tensor]] = field(default_factory=list)
 
-    def flush(self, into: list[float]) -> None:
-        """Read losses back, append them to ``into``; stop at the first non-finite one."""
+    def flush(self, into: list[float], distributed: bool = False) -> None:
+        """Read losses back, append them to ``into``; stop at the first non-finite one.
+
+        Distributed, the losses are averaged over ranks first: the log and checkpoint show the
+        global batch's loss, and a non-finite loss on any rank stops every rank at the same step
+        (none is left waiting in a collective).
+        """
         if not self.steps:
             return
-        values = torch.stack(self.totals).cpu().tolist()
+        stacked = torch.stack(self.totals)
+        if distributed:
+            stacked = all_mean(stacked, "loss all_reduce")
+        values = stacked.cpu().tolist()
         for step, value, parts in zip(self.steps, values, self.parts, strict=True):
             if not math.isfinite(value):
                 shown = {k: round(float(v), 4) for k, v in parts.items()}
@@ -251,12 +259,43 @@ class _Pending:
 
 
 def _dist_rank_world(distributed: bool) -> tuple[int, int]:
-    if distributed and dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return rank_world() if distributed else (0, 1)
+
+
+#: Devices where :class:`torch.nn.SyncBatchNorm` works (it refuses CPU tensors).
+SYNC_BN_DEVICES = ("cuda", "xpu", "hpu")
+
+_WARNED = {"per_rank_bn": False}
+
+
+def _has_trainable_bn(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
+
+
+def prepare_ddp_model(model: nn.Module, device: torch.device, world: int) -> nn.Module:
+    """Make BatchNorm see the global batch where possible, before the optimizer is built.
+
+    On CUDA, BatchNorm layers become :class:`torch.nn.SyncBatchNorm` (same parameters and
+    state-dict keys, so checkpoints load into the plain model): statistics then cover the global
+    batch, as in one process. SyncBatchNorm does not run on a CPU, so under gloo each rank
+    normalises with its own share of the batch (standard DDP behaviour); a warning says so.
+    """
+    if world <= 1 or not _has_trainable_bn(model):
+        return model
+    if device.type in SYNC_BN_DEVICES:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if rank_world()[0] == 0 and not _WARNED["per_rank_bn"]:
+        _WARNED["per_rank_bn"] = True
+        log.warning(
+            "distributed training on %s: BatchNorm statistics are per rank (SyncBatchNorm needs a GPU), "
+            "so results differ slightly from one process with the same global batch",
+            device.type,
+        )
+    return model
 
 
 def _wrap_ddp(model: nn.Module, device: torch.device, world: int) -> nn.Module:
+    """DDP around ``model`` (the model itself in one process): gradients averaged over ranks."""
     if world <= 1:
         return model
     ids = (
@@ -329,8 +368,13 @@ def train(
     ``ckpt_path`` every ``train_cfg.checkpoint_every`` steps and at the end; with
     ``resume=True`` an existing checkpoint is continued to ``steps``.
 
-    Under ``torchrun`` with ``distributed=True`` the model is wrapped in DDP, each rank trains
-    on its share of the global batch, and only rank 0 writes checkpoints and shows progress.
+    Under ``torchrun`` with ``distributed=True`` the model is wrapped in DDP: ``batch_size`` is
+    per rank, each rank trains on its own slice of the global batch (``batch_size * world``),
+    gradients are averaged, losses are averaged over ranks before they are logged, and only
+    rank 0 writes checkpoints and shows progress. On CUDA BatchNorm becomes SyncBatchNorm (see
+    :func:`prepare_ddp_model`). Detection losses are normalised per rank (e.g. FCOS divides by
+    the rank's foreground count), so DDP equals one process with the global batch exactly only
+    when ranks hold equal normalisers; otherwise it is the usual DDP approximation.
 
     Raises:
         TrainingError: empty dataset, or a non-finite loss (the step and loss parts named).
@@ -345,6 +389,7 @@ def train(
     if channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     model.train()
+    model = prepare_ddp_model(model, device, world)
     use_amp = amp_enabled(device, runtime_cfg.amp)
     ac_dtype = amp_dtype(runtime_cfg.amp_dtype) if use_amp else None
     optimizer = make_optimizer(model, train_cfg)
@@ -395,7 +440,7 @@ def train(
         done = step == steps
         save_now = ckpt_path is not None and (step % train_cfg.checkpoint_every == 0 or done)
         if len(pending.steps) >= sync_every or save_now or done:
-            pending.flush(losses)
+            pending.flush(losses, distributed=world > 1)
             rate = chips / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", chips_s=f"{rate:.1f}", refresh=False)
         bar.update(1)
@@ -414,7 +459,7 @@ def train(
             )
     bar.close()
     seconds = time.perf_counter() - t0
-    pending.flush(losses)
+    pending.flush(losses, distributed=world > 1)
     return TrainResult(
         steps=step,
         final_loss=losses[-1] if losses else float("nan"),
