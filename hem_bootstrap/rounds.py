@@ -304,15 +304,17 @@ def _scan(ctx: Context, model_path: Path, sets: list[ImageSet], what: str, out: 
     if ctx.is_main:
         n, _ = write_detections(frames, out)
     else:
-        n = sum(len(f) for f in frames)
-    return {
+        n = sum(len(f) for f in frames)  # drives the collectives; rank 0 alone writes
+    from hem_bootstrap.distributed import broadcast_from_rank0
+
+    return broadcast_from_rank0({
         "detections": n,
         "tiles": stats.tiles_total,
         "tiles_skipped": stats.tiles_skipped,
         "tiles_per_s": round(stats.tiles_per_s, 2),
         "seconds": round(stats.seconds, 1),
         "bad_rasters": stats.bad_rasters,
-    }
+    }, what=f"{what} scan summary")
 
 
 def _read_detections(path: Path) -> gpd.GeoDataFrame:
@@ -502,10 +504,13 @@ def run_round(ctx: Context, r: int, manifest: dict[str, Any]) -> dict[str, Any]:
     entry.setdefault("metrics", f"round_{r:03d}/metrics.json")
     if r > 0:
         entry.setdefault("mined", f"round_{r:03d}/mined.gpkg")
+    from hem_bootstrap.distributed import any_rank, broadcast_from_rank0, run_on_rank0
+
     funcs = {"detect": step_detect, "mine": step_mine, "train": step_train, "evaluate": step_evaluate}
     for step in steps:
         if step in entry["steps"]:
             continue
+        _StopFlag.requested = any_rank(_StopFlag.requested)  # every rank stops at the same step
         _check_stop(ctx.run)
         t0 = time.perf_counter()
         log.info("round %d: %s", r, step)
@@ -513,8 +518,11 @@ def run_round(ctx: Context, r: int, manifest: dict[str, Any]) -> dict[str, Any]:
         if step == "train":
             ckpt = ctx.run.round_dir(r) / "model.pt"
             info = step_train(ctx, r, resume=ckpt.exists())
+        elif step == "mine":  # once, on rank 0: the bank never gets duplicate or interleaved rows
+            info = run_on_rank0(step_mine, ctx, r, what=f"round {r} mining")
         else:
             info = funcs[step](ctx, r)
+        info = broadcast_from_rank0(info, what=f"round {r} {step}")  # same manifest on every rank
         info["seconds_total"] = round(time.perf_counter() - t0, 1)
         if step == "detect" and info.get("bad_rasters"):
             manifest.setdefault("bad_rasters", [])
@@ -536,9 +544,9 @@ def run_round(ctx: Context, r: int, manifest: dict[str, Any]) -> dict[str, Any]:
 
 def _barrier(ctx: Context) -> None:
     if ctx.world > 1:
-        import torch.distributed as dist
+        from hem_bootstrap.distributed import barrier
 
-        dist.barrier()
+        barrier("run step barrier")
 
 
 def _should_stop(cfg: ExperimentConfig, manifest: dict[str, Any], r: int) -> str | None:
@@ -667,11 +675,12 @@ def run_experiment(
 ) -> Path:
     """Run (or resume) the whole experiment; print the round table at the end. Returns the run dir."""
     preflight(cfg)
-    from hem_bootstrap.distributed import init_distributed
+    from hem_bootstrap.distributed import init_distributed, run_on_rank0
 
     init_distributed(cfg.runtime)
-    run, manifest = prepare_run(cfg, resume=resume or max_new_rounds is not None, fresh=fresh, force=force,
-                                config_path=config_path)
+    # rank 0 alone checks, clears or reopens the run directory; the others get its manifest or error
+    run, manifest = run_on_rank0(prepare_run, cfg, resume=resume or max_new_rounds is not None, fresh=fresh,
+                                 force=force, config_path=config_path, what="preparing the run directory")
     ctx = _make_context(cfg, run)
     if ctx.is_main:
         run.acquire()
