@@ -782,8 +782,13 @@ def train_round_cli(cfg: ExperimentConfig, round_idx: int, resume: bool) -> Path
     run = _run_from_cfg(cfg)
     if round_idx > 0 and not (run.round_dir(round_idx) / "bank.gpkg").exists():
         raise RunError(f"{run.path}: round {round_idx} has no bank yet; run `hem round` or mine first")
+    from contextlib import nullcontext
+
+    from hem_bootstrap.distributed import init_distributed
+
+    init_distributed(cfg.runtime)
     ctx = _make_context(cfg, run)
-    with run.locked():
+    with run.locked() if ctx.is_main else nullcontext():  # under torchrun rank 0 holds the lock
         step_train(ctx, round_idx, resume=resume)
     return run.round_dir(round_idx) / "model.pt"
 
@@ -821,12 +826,15 @@ def evaluate_cli(cfg: ExperimentConfig, model: Path, out: Path | None) -> str:
     import json
     import tempfile
 
+    from hem_bootstrap.distributed import broadcast_from_rank0, init_distributed
     from hem_bootstrap.evaluate import write_metrics
 
+    init_distributed(cfg.runtime)
     ctx = _make_context(cfg, _run_from_cfg(cfg))
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # under torchrun rank 0's scan output; the others write none
         metrics = evaluate_model(ctx, _check_model(model), Path(tmp) / "dets.gpkg")
-    if out is not None:
+    metrics = broadcast_from_rank0(metrics, what="evaluation metrics")
+    if out is not None and ctx.is_main:
         write_metrics(out, metrics)
     keys = ["ap50", "ap", "precision", "recall", "f1", "fp_per_km2", "fp_per_km2_at_recall",
             "recall_at_fp_per_km2", "fp_on_distractors_share", "n_gt", "n_det", "area_km2"]
