@@ -69,7 +69,13 @@ def _class_ids(values: pd.Series | None, n: int, data_cfg: DataConfig, path: Pat
             f"configured; expected one of {classes} per row"
         )
     lookup = {name: i + 1 for i, name in enumerate(classes)}
-    names = values.astype(str).to_numpy()
+    missing = values.isna().to_numpy()
+    if missing.any():
+        raise DataError(
+            f"{path}: {int(missing.sum())} label(s) have no value in '{data_cfg.class_field}' (data.class_field); "
+            f"expected one of {classes} per row"
+        )
+    names = np.array([str(v) for v in values], dtype=object)
     unknown = sorted(set(names) - set(lookup))
     if unknown:
         raise DataError(
@@ -110,6 +116,19 @@ def _pixel_boxes_from_geoms(
     mx, my = info.pixel_size_m()
     half = np.array([data_cfg.point_box_m / 2 / mx, data_cfg.point_box_m / 2 / my])
     return np.concatenate([px - half, px + half], axis=1)
+
+
+def _drop_degenerate(boxes_px: np.ndarray, ids: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Drop boxes without area (a zero-width polygon, a line-like box) or with non-finite corners.
+
+    A detector cannot learn from them (torchvision refuses zero-size target boxes), so they
+    are dropped with one warning instead of failing training later.
+    """
+    ok = np.isfinite(boxes_px).all(axis=1)
+    ok &= (boxes_px[:, 2] - boxes_px[:, 0] > 0) & (boxes_px[:, 3] - boxes_px[:, 1] > 0)
+    if not ok.all():
+        log.warning("%s: %d label(s) without area or with invalid coordinates ignored", path, int((~ok).sum()))
+    return boxes_px[ok], ids[ok]
 
 
 def _frame(boxes_px: np.ndarray, ids: np.ndarray, data_cfg: DataConfig, info: RasterInfo) -> gpd.GeoDataFrame:
@@ -165,6 +184,7 @@ def _load_csv(path: Path, info: RasterInfo, data_cfg: DataConfig, image_name: st
         axis=1,
     )
     ids = _class_ids(table["label"], len(table), data_cfg, path)
+    boxes, ids = _drop_degenerate(boxes, ids, path)
     return _keep_overlapping(_frame(boxes, ids, data_cfg, info), info, path)
 
 
@@ -223,6 +243,7 @@ def load_labels(
     values = frame[data_cfg.class_field] if data_cfg.class_field in frame.columns else None
     ids = _class_ids(values, len(frame), data_cfg, p)
     boxes = _pixel_boxes_from_geoms(frame.geometry, info, data_cfg, p)
+    boxes, ids = _drop_degenerate(boxes, ids, p)
     return _keep_overlapping(_frame(boxes, ids, data_cfg, info), info, p)
 
 
