@@ -18,6 +18,7 @@ from typing import Any
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pytest
 import rasterio
 import shapely
@@ -69,8 +70,6 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     b = labels.geometry.bounds.to_numpy()
     x0, x1 = (b[:, 0] - tr.c) / tr.a, (b[:, 2] - tr.c) / tr.a  # north-up: rows grow southwards
     y0, y1 = (b[:, 3] - tr.f) / tr.e, (b[:, 1] - tr.f) / tr.e
-    import pandas as pd
-
     pd.DataFrame({"image": "plain.png", "xmin": x0, "ymin": y0, "xmax": x1, "ymax": y1, "label": "vehicle"}).to_csv(
         root / "plain.csv", index=False
     )
@@ -258,6 +257,48 @@ def test_unknown_class(scenes: Path, tmp_path: Path, hem: Hem) -> None:
     labels.to_file(path)
     cfg = write_config(scenes, tmp_path, data={"train": [iset(scenes, "train", labels=str(path))]})
     one_line_error(hem("run", str(cfg)), "truck.gpkg: unknown class 'truck'", "['vehicle']")
+
+
+def test_label_without_class_value(scenes: Path, tmp_path: Path, hem: Hem) -> None:
+    labels = gpd.read_file(scenes / "train_labels.gpkg")
+    labels.loc[[0, 1], "class"] = None
+    path = tmp_path / "noclass.gpkg"
+    labels.to_file(path)
+    cfg = write_config(scenes, tmp_path, data={"train": [iset(scenes, "train", labels=str(path))]})
+    one_line_error(hem("run", str(cfg)), "noclass.gpkg: 2 label(s) have no value in 'class'", "['vehicle']")
+
+
+def test_label_variants_that_run(scenes: Path, tmp_path: Path, hem: Hem) -> None:
+    """Another CRS, labels partly off the raster, empty/zero-area geometries, an empty test file: all run."""
+    labels = gpd.read_file(scenes / "train_labels.gpkg")
+    n = len(labels)
+    extra = gpd.GeoDataFrame(
+        {"class": ["vehicle"] * 3},
+        geometry=[shapely.Polygon(), shapely.box(500_010, 5_399_950, 500_010, 5_399_960),  # empty, zero width
+                  shapely.box(700_000, 5_000_000, 700_004, 5_000_004)],  # far off the raster
+        crs=labels.crs,
+    )
+    mixed = gpd.GeoDataFrame(pd.concat([labels, extra], ignore_index=True), crs=labels.crs).to_crs("EPSG:3857")
+    train_labels = tmp_path / "web_mercator.gpkg"
+    mixed.to_file(train_labels)
+    empty = write_labels(tmp_path / "empty.gpkg", [], [])
+    cfg = write_config(scenes, tmp_path, name="variants", rounds={"n_rounds": 0}, data={
+        "train": [iset(scenes, "train", labels=str(train_labels))], "pool": [],
+        "test": [iset(scenes, "test", labels=str(empty))]})
+    code, _, err = hem("run", str(cfg))
+    assert code == 0, err
+    assert "label(s) with empty geometry ignored" in err and "without area" in err
+    run = tmp_path / "runs" / "variants"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["rounds"][0]["steps"]["train"]["chips"]["pos"] > 0
+    metrics = json.loads((run / "round_000" / "metrics.json").read_text())
+    assert metrics["n_gt"] == 0  # an empty held-out label file: a scene without objects
+    from hem_bootstrap.config import DataConfig
+    from hem_bootstrap.geo.labels import load_labels
+    from hem_bootstrap.geo.raster import open_raster
+
+    loaded = load_labels(train_labels, open_raster(scenes / "train.tif"), DataConfig())
+    assert len(loaded) == n and loaded.crs == labels.crs  # reprojected back; the 3 bad rows dropped
 
 
 def test_mixed_geometry_types(scenes: Path, tmp_path: Path, hem: Hem) -> None:

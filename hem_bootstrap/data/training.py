@@ -320,8 +320,13 @@ class ChipDataset(Dataset):
         boxes = torch.from_numpy(tg["boxes"]).reshape(-1, 4)
         if self.augment is not None:
             img_t, boxes = self.augment(img_t, boxes, rng)
-        target = {"boxes": boxes.to(torch.float32).reshape(-1, 4), "labels": torch.from_numpy(tg["labels"])}
-        return img_t.contiguous(), target
+        boxes = boxes.to(torch.float32).reshape(-1, 4)
+        labels = torch.from_numpy(tg["labels"])
+        # a sliver thinner than float32 resolution collapses to zero size, which torchvision refuses
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        if not bool(keep.all()):
+            boxes, labels = boxes[keep], labels[keep]
+        return img_t.contiguous(), {"boxes": boxes, "labels": labels}
 
 
 def collate_chips(

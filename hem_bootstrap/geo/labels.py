@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 CSV_COLUMNS = ("image", "xmin", "ymin", "xmax", "ymax", "label")
 _POLYGONS = {"Polygon", "MultiPolygon"}
 _POINTS = {"Point", "MultiPoint"}
+MIN_SIDE_PX = 0.01
+"""Labels thinner than this (pixels) are slivers, e.g. a line drawn as a polygon; they are dropped."""
 
 
 # --------------------------------------------------------------------------- reading
@@ -119,13 +121,13 @@ def _pixel_boxes_from_geoms(
 
 
 def _drop_degenerate(boxes_px: np.ndarray, ids: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Drop boxes without area (a zero-width polygon, a line-like box) or with non-finite corners.
+    """Drop boxes without area (a zero-width polygon, a sliver under MIN_SIDE_PX) or with non-finite corners.
 
     A detector cannot learn from them (torchvision refuses zero-size target boxes), so they
     are dropped with one warning instead of failing training later.
     """
     ok = np.isfinite(boxes_px).all(axis=1)
-    ok &= (boxes_px[:, 2] - boxes_px[:, 0] > 0) & (boxes_px[:, 3] - boxes_px[:, 1] > 0)
+    ok &= (boxes_px[:, 2] - boxes_px[:, 0] >= MIN_SIDE_PX) & (boxes_px[:, 3] - boxes_px[:, 1] >= MIN_SIDE_PX)
     if not ok.all():
         log.warning("%s: %d label(s) without area or with invalid coordinates ignored", path, int((~ok).sum()))
     return boxes_px[ok], ids[ok]
