@@ -28,6 +28,7 @@ from hem_bootstrap.geo.labels import load_labels
 from hem_bootstrap.geo.raster import open_raster
 from hem_bootstrap.geo.windows import tile_windows
 
+
 def fuzz(n: int) -> settings:
     """Bounded examples, no deadline (file I/O), tmp_path reused across examples on purpose."""
     return settings(max_examples=n, deadline=None,
