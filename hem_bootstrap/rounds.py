@@ -9,6 +9,7 @@ finished step and the bank never gains duplicate or lost rows.
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 import signal
@@ -170,9 +171,11 @@ def _disk_errors(run: RunDir, r: int) -> Iterator[None]:
         yield
     except OSError as err:
         where = err.filename or run.path
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+        what, fix = ("could not write", "free space") if full else ("I/O error", "fix it")
         raise RunError(
-            f"{where}: could not write in round {r} ({err.strerror or err}); finished steps are intact, "
-            "free space and resume with: hem run CONFIG --resume"
+            f"{where}: {what} in round {r} ({err.strerror or err}); finished steps are intact, "
+            f"{fix} and resume with: hem run CONFIG --resume"
         ) from None
 
 
