@@ -99,7 +99,7 @@ def config_show_defaults() -> None:
 @app.command()
 def synth(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the scene into.")],
-    size: Annotated[int, typer.Option(help="Raster width and height in pixels.", min=64, max=65536)] = 4096,
+    size: Annotated[int, typer.Option(help="Raster width and height in pixels.", min=64, max=8192)] = 4096,
     gsd: Annotated[float, typer.Option(help="Ground sample distance, metres per pixel.", min=0.01)] = 0.125,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same scene).")] = 7,
     name: Annotated[str, typer.Option(help="Base name of the written files.")] = "scene",
@@ -107,6 +107,7 @@ def synth(
     distractors: Annotated[int | None, typer.Option(help="Number of look-alikes (default: by density).")] = None,
     similarity: Annotated[float, typer.Option(help="How closely look-alikes resemble vehicles, 0..1.")] = 0.7,
     epsg: Annotated[int, typer.Option(help="Projected CRS of the scene.")] = 32633,
+    compress: Annotated[str, typer.Option(help="GeoTIFF compression: deflate (lossless) or jpeg.")] = "deflate",
 ) -> None:
     """Write a synthetic ortho-scene: a GeoTIFF, vehicle labels and look-alike distractors.
 
@@ -125,7 +126,7 @@ def synth(
         distractor_similarity=similarity,
         epsg=epsg,
     )
-    paths = write_scene(out_dir, spec, name=name)
+    paths = write_scene(out_dir, spec, name=name, compress=compress)
     for key, p in paths.items():
         _echo(f"{key}: {p}")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -125,3 +127,59 @@ def make_labels(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def synth_scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three small synthetic scenes (train / pool / test, 768 px at 0.15 m) shared by the slow-ish tests.
+
+    Seeds picked for content: at this size a scene holds a few parcels, and these have parking
+    lots (train 57 vehicles / 28 look-alikes, pool 25 / 26, test 37 / 27).
+    """
+    from hem_bootstrap.data.synth import SceneSpec, write_scene
+
+    root = tmp_path_factory.mktemp("scenes")
+    for name, seed in (("train", 110), ("pool", 106), ("test", 115)):
+        write_scene(root, SceneSpec(size=768, gsd=0.15, seed=seed), name=name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_small_model(synth_scenes: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small_fcos checkpoint trained for real (briefly, 1 thread) on the synthetic train scene."""
+    import torch
+
+    from hem_bootstrap.config import config_from_tree
+    from hem_bootstrap.data.training import ChipDataset, RatioBatchSampler, collate_chips, prepare_train_images
+    from hem_bootstrap.model.detectors import build_detector
+    from hem_bootstrap.model.train import train
+
+    s = synth_scenes
+    cfg = config_from_tree(
+        {
+            "data": {"train": [{"images": [str(s / "train.tif")], "labels": str(s / "train_labels.gpkg")}]},
+            "train": {"steps": 150, "batch_size": 4, "warmup_steps": 10, "lr": 2e-3, "background_chips": 4},
+            "runtime": {"workers": 0, "seed": 0},
+        },
+        s,
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        images = prepare_train_images(cfg.data.train, cfg.data)
+        ds = ChipDataset(images, None, 4, 256, cfg.data, True, 0, overlap=128)
+        model = build_detector(cfg.model, cfg.num_classes, 256)
+        ckpt = tmp_path_factory.mktemp("model") / "model.pt"
+        cached = os.environ.get("HEM_TEST_MODEL_CACHE")  # reuse a trained fixture model while debugging
+        if cached and Path(cached).is_file():
+            return Path(cached)
+        sampler = RatioBatchSampler(ds, 4, 0.25, num_batches=cfg.train.steps, seed=0)
+        train(model, ds, cfg.train, cfg.runtime, cfg.train.steps, batch_sampler=sampler, collate_fn=collate_chips,
+              ckpt_path=ckpt, progress=False)
+        if cached:
+            import shutil
+
+            shutil.copyfile(ckpt, cached)
+    finally:
+        torch.set_num_threads(threads)
+    return ckpt

@@ -15,13 +15,8 @@ from hem_bootstrap.rounds import run_experiment, run_status
 
 
 @pytest.fixture(scope="module")
-def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from hem_bootstrap.data.synth import SceneSpec, write_scene
-
-    root = tmp_path_factory.mktemp("scenes")
-    for name, seed in (("train", 101), ("pool", 102), ("test", 103)):
-        write_scene(root, SceneSpec(size=512, gsd=0.15, seed=seed), name=name)
-    return root
+def scenes(synth_scenes: Path) -> Path:
+    return synth_scenes
 
 
 def small_config(scenes: Path, tmp_path: Path, name: str = "t", **over: object) -> Path:
