@@ -64,7 +64,11 @@ def _load(config: Path, overrides: list[str] | None):  # noqa: ANN202 - returns 
 
 
 def _echo(text: str) -> None:
-    typer.echo(text)
+    """Print a command's result once: under torchrun only rank 0 prints."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(text)
 
 
 # ------------------------------------------------------------------------- config
