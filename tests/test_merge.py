@@ -49,3 +49,19 @@ def test_empty() -> None:
     keep = merge_detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64),
                             np.zeros(0, bool), 0.5)
     assert keep.shape == (0,)
+
+
+def test_sparse_nms_equals_torchvision_batched_nms() -> None:
+    import torch
+    from torchvision.ops import batched_nms
+
+    rng = np.random.default_rng(1)
+    n = 2000
+    xy = rng.uniform(0, 1500, size=(n, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(10, 40, size=(n, 2))], axis=1).astype(np.float32)
+    scores = rng.uniform(0, 1, size=n).astype(np.float32)
+    labels = rng.integers(1, 3, size=n)
+    keep = merge_detections(boxes, scores, labels, np.zeros(n, bool), nms_iou=0.5)
+    ref = batched_nms(torch.from_numpy(boxes).double(), torch.from_numpy(scores).double(),
+                      torch.from_numpy(labels), 0.5).numpy()
+    assert keep.tolist() == ref.tolist()

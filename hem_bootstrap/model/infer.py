@@ -106,6 +106,27 @@ def cut_by_inner_edge(boxes: np.ndarray, win: tuple[int, int, int, int], width: 
     return left | top | right | bottom
 
 
+def _overlapping_pairs(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs ``(i, j)``, ``i != j``, of boxes that intersect (an STRtree query, never n x n)."""
+    import shapely
+
+    geoms = shapely.box(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3])
+    tree = shapely.STRtree(geoms)
+    i, j = tree.query(geoms, predicate="intersects")
+    off = i != j
+    return i[off], j[off]
+
+
+def _pair_overlaps(boxes: np.ndarray, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Intersection area and IoU of each pair."""
+    lt = np.maximum(boxes[i, :2], boxes[j, :2])
+    rb = np.minimum(boxes[i, 2:], boxes[j, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(axis=1)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    union = area[i] + area[j] - inter
+    return inter, inter / np.maximum(union, 1e-12)
+
+
 def merge_detections(
     boxes: np.ndarray,
     scores: np.ndarray,
@@ -114,40 +135,46 @@ def merge_detections(
     nms_iou: float,
     drop_cut: bool = True,
 ) -> np.ndarray:
-    """Indices kept after seam merging of one image's raw detections.
+    """Indices kept after seam merging of one image's raw detections, highest score first.
 
-    Boxes cut by an inner tile edge are dropped when an uncut box from another tile covers
-    most of them (the neighbour saw the object whole); then class-aware NMS
-    (``torchvision.ops.batched_nms``). Inputs are put in a canonical order first, so the
-    result does not depend on the order tiles were processed in (one process or many).
+    Boxes cut by an inner tile edge are dropped when an uncut box of the same class covers
+    most of them (a neighbouring tile saw the object whole); then greedy class-aware NMS (the
+    rule of ``torchvision.ops.batched_nms``: a box is suppressed by a kept, higher-ranked box of
+    its class with IoU above ``nms_iou``). Overlaps come from a spatial index, so the cost grows
+    with the number of overlapping pairs, not with the square of a large image's detections.
+    Inputs are put in a canonical order first, so the result does not depend on the order tiles
+    were processed in (one process or many).
     """
-    from torchvision.ops import batched_nms, box_area, box_iou
-
     n = len(boxes)
     if n == 0:
         return np.zeros((0,), np.int64)
     order = np.lexsort((boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0], labels, -scores))
-    b = torch.from_numpy(boxes[order]).double()
-    s = torch.from_numpy(scores[order]).double()
-    lab = torch.from_numpy(labels[order])
-    keep_mask = torch.ones(n, dtype=torch.bool)
-    c = torch.from_numpy(cut[order])
-    if drop_cut and bool(c.any()) and bool((~c).any()):
-        cut_idx = torch.nonzero(c).flatten()
-        whole_idx = torch.nonzero(~c).flatten()
-        lt = torch.max(b[cut_idx, None, :2], b[None, whole_idx, :2])
-        rb = torch.min(b[cut_idx, None, 2:], b[None, whole_idx, 2:])
-        inter = (rb - lt).clamp(min=0).prod(dim=2)
-        cover = inter / box_area(b[cut_idx]).clamp(min=1e-9)[:, None]
-        same = lab[cut_idx, None] == lab[None, whole_idx]
-        covered = ((cover > 0.5) & same).any(dim=1)
-        keep_mask[cut_idx[covered]] = False
-    idx = torch.nonzero(keep_mask).flatten()
-    kept = batched_nms(b[idx], s[idx], lab[idx], nms_iou)
-    # batched_nms returns by decreasing score; keep that, ties broken by canonical order
-    kept_local = idx[kept].numpy()
-    _ = box_iou  # imported for callers that compare; keeps torchvision ops in one place
-    return order[kept_local]
+    b = boxes[order].astype(np.float64)
+    lab = labels[order]
+    c = cut[order].astype(bool)
+    i, j = _overlapping_pairs(b)
+    same = lab[i] == lab[j]
+    i, j = i[same], j[same]
+    inter, iou = _pair_overlaps(b, i, j)
+    alive = np.ones(n, bool)
+    if drop_cut and c.any() and (~c).any():
+        area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+        covered = c[i] & ~c[j] & (inter / np.maximum(area[i], 1e-12) > 0.5)
+        alive[np.unique(i[covered])] = False
+    # greedy NMS over the sparse overlap graph, in canonical (score-descending) order
+    sup = iou > nms_iou
+    i, j = i[sup], j[sup]
+    srt = np.argsort(i, kind="stable")
+    i, j = i[srt], j[srt]
+    ptr = np.searchsorted(i, np.arange(n + 1))
+    keep: list[int] = []
+    for k in range(n):
+        if not alive[k]:
+            continue
+        keep.append(k)
+        nb = j[ptr[k] : ptr[k + 1]]
+        alive[nb[nb > k]] = False
+    return order[np.asarray(keep, dtype=np.int64)]
 
 
 def detections_frame(
@@ -282,6 +309,9 @@ def scan_raw(
             n_in_batch = len(batch["image_idx"]) + batch["n_skipped"]
             stats.tiles_total += n_in_batch
             stats.tiles_skipped += batch["n_skipped"]
+            for err in batch.get("errors", []):
+                if err not in stats.bad_rasters:
+                    stats.bad_rasters.append(err)
             read += n_in_batch
             shown_next = min(float(total), read * progress_scale)
             bar.update(round(shown_next) - round(shown))
