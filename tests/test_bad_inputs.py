@@ -1,4 +1,4 @@
-"""The bad-input matrix (docs/BAD_INPUTS.md): every row goes through the CLI.
+"""The bad-input matrix (README section "Bad inputs"): every row goes through the CLI.
 
 A bad input must give exit code 2 and ONE line on stderr naming the file, field or value, and
 no traceback. Inputs that are fine (16-bit, 4-band, smaller than a tile, all nodata, plain

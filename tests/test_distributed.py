@@ -2,7 +2,7 @@
 
 Each test launches ``python -m torch.distributed.run --standalone --nproc-per-node 2`` for real.
 The training and timeout checks run this file itself as the torchrun script (see ``_worker``).
-Equality and tolerances are documented in ``docs/TORCHRUN.md``.
+Equality and tolerances are documented in the README section "Scaling out with torchrun".
 """
 
 from __future__ import annotations
