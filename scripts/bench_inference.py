@@ -134,12 +134,14 @@ def child_model_only(args: argparse.Namespace) -> dict:
         load_checkpoint(Path(args.weights), model)
     device = torch.device(cfg.runtime.device)
     model = prepare_model(model, device, cfg.model)
-    import rasterio
+    # the same kind of tiles the scan sees: 128 windows spread evenly over the whole raster
+    from hem_bootstrap.data.tiles import plan_tiles
+    from hem_bootstrap.geo.raster import RasterReader
 
-    with rasterio.open(args.raster) as src:
-        arr = src.read(window=rasterio.windows.Window(0, 0, 2048, 2048)).astype(np.float32) / 255.0
-    tiles = [torch.from_numpy(np.ascontiguousarray(arr[:, r:r + args.tile, c:c + args.tile]))
-             for r in range(0, 2048 - args.tile + 1, args.tile) for c in range(0, 2048 - args.tile + 1, args.tile)]
+    refs = plan_tiles([Path(args.raster)], cfg.tiling)
+    pick = np.linspace(0, len(refs) - 1, num=min(128, len(refs))).round().astype(int)
+    with RasterReader(args.raster, cfg.data) as reader:
+        tiles = [torch.from_numpy(np.ascontiguousarray(reader.read(refs[i].window)[0])) for i in pick]
     batches = [torch.stack(tiles[i:i + args.batch]).to(device) for i in range(0, len(tiles) - args.batch + 1, args.batch)]
     n_tiles = 0
     outs = []
