@@ -168,6 +168,7 @@ def trained_small_model(synth_scenes: Path, tmp_path_factory: pytest.TempPathFac
     try:
         images = prepare_train_images(cfg.data.train, cfg.data)
         ds = ChipDataset(images, None, 4, 256, cfg.data, True, 0, overlap=128)
+        torch.manual_seed(0)  # the same initial weights whatever ran before in the session
         model = build_detector(cfg.model, cfg.num_classes, 256)
         ckpt = tmp_path_factory.mktemp("model") / "model.pt"
         cached = os.environ.get("HEM_TEST_MODEL_CACHE")  # reuse a trained fixture model while debugging

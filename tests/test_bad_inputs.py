@@ -388,10 +388,12 @@ def test_fine_inputs_run_and_broken_ones_are_skipped(fine_run: tuple[Path, Path]
     cfg, run = fine_run
     manifest = json.loads((run / "manifest.json").read_text())
     detect = next(e for e in manifest["rounds"] if e["round"] == 1)["steps"]["detect"]
-    # garbage.tif does not open: logged, counted in the manifest, shown by `hem status`
-    assert len(manifest["bad_rasters"]) == 1 and "garbage.tif" in manifest["bad_rasters"][0]
+    # garbage.tif does not open, truncated.tif fails mid-scan: each logged once, counted in the
+    # manifest and shown by `hem status`
+    bad = manifest["bad_rasters"]
+    assert len(bad) == 2 and "garbage.tif" in bad[0] and "truncated.tif" in bad[1]
     code, out, _ = hem("status", str(run))
-    assert code == 0 and "skipped rasters: 1" in out and "garbage.tif" in out
+    assert code == 0 and "skipped rasters: 2" in out and "garbage.tif" in out
     # 16-bit, 4-band: 4 tiles each; smaller than a tile: 1 padded tile; all-nodata: 4 tiles,
     # skipped; truncated: 4 tiles, the unreadable ones skipped
     assert detect["tiles"] == 4 + 4 + 1 + 4 + 4

@@ -141,7 +141,7 @@ class TileDataset(Dataset):
             _warn_bad_read(self.paths[ref.image_idx], err)
             empty = torch.zeros((len(self.data_cfg.bands), win.height, win.width), dtype=torch.float32)
             return {"image": empty, "image_idx": ref.image_idx, "window": win, "valid": 0.0, "skip": True,
-                    "error": str(err)}
+                    "error": str(err), "error_path": str(self.paths[ref.image_idx])}
 
     def close(self) -> None:
         """Close this process's raster handles."""
@@ -162,5 +162,5 @@ def collate_tiles(items: list[dict[str, Any]]) -> dict[str, Any]:
         "image_idx": [int(it["image_idx"]) for it in kept],
         "windows": [it["window"] for it in kept],
         "n_skipped": len(items) - len(kept),
-        "errors": [it["error"] for it in items if it.get("error")],
+        "errors": [(it["error_path"], it["error"]) for it in items if it.get("error")],
     }

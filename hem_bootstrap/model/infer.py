@@ -309,9 +309,10 @@ def scan_raw(
             n_in_batch = len(batch["image_idx"]) + batch["n_skipped"]
             stats.tiles_total += n_in_batch
             stats.tiles_skipped += batch["n_skipped"]
-            for err in batch.get("errors", []):
-                if err not in stats.bad_rasters:
-                    stats.bad_rasters.append(err)
+            for path, err in batch.get("errors", []):
+                # one entry per raster: the first unreadable window's error
+                if not any(b.startswith(f"{path}: ") for b in stats.bad_rasters):
+                    stats.bad_rasters.append(f"{path}: {err}")
             read += n_in_batch
             shown_next = min(float(total), read * progress_scale)
             bar.update(round(shown_next) - round(shown))
