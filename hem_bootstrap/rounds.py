@@ -716,6 +716,8 @@ def run_experiment(
                 atomic_write_text(run.path / "table.txt", table + "\n")
                 if print_table:
                     print(table)
+                    if manifest.get("stopped"):
+                        print(f"\nstopped early: {manifest['stopped']}")
                     print(f"\nrun directory: {run.path}")
     finally:
         if ctx.is_main:
