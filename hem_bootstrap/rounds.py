@@ -218,7 +218,12 @@ def _load_model(cfg: ExperimentConfig, ckpt: Path | None) -> Any:
 
 def step_train(ctx: Context, r: int, resume: bool = False) -> dict[str, Any]:
     """Train the round's model on positives + bank negatives + random background."""
-    from hem_bootstrap.data.training import ChipDataset, RatioBatchSampler, collate_chips, prepare_train_images
+    from hem_bootstrap.data.training import (
+        ChipDataset,
+        RatioBatchSampler,
+        collate_chips,
+        prepare_train_images,
+    )
     from hem_bootstrap.mining.bank import NegativeBank
     from hem_bootstrap.model.train import train
 
@@ -342,8 +347,8 @@ def step_detect(ctx: Context, r: int) -> dict[str, Any]:
 
 def _refresh_scores(bank: Any, dets: gpd.GeoDataFrame, iou: float) -> dict[int, float]:
     """Each active bank entry's new score: the best overlapping detection of this scan (else 0)."""
-    from torchvision.ops import box_iou
     import torch
+    from torchvision.ops import box_iou
 
     active = bank.active()
     scores: dict[int, float] = {}

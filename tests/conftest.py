@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -150,7 +149,12 @@ def trained_small_model(synth_scenes: Path, tmp_path_factory: pytest.TempPathFac
     import torch
 
     from hem_bootstrap.config import config_from_tree
-    from hem_bootstrap.data.training import ChipDataset, RatioBatchSampler, collate_chips, prepare_train_images
+    from hem_bootstrap.data.training import (
+        ChipDataset,
+        RatioBatchSampler,
+        collate_chips,
+        prepare_train_images,
+    )
     from hem_bootstrap.model.detectors import build_detector
     from hem_bootstrap.model.train import train
 

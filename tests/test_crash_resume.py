@@ -24,6 +24,7 @@ import geopandas as gpd
 import pandas as pd
 import pytest
 import yaml
+from scenes import scene_data
 
 VOLATILE = {"seconds", "seconds_total", "chips_per_s", "tiles_per_s"}
 
@@ -41,15 +42,8 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_config(scenes: Path, folder: Path, name: str) -> Path:
     """Two mining rounds on 512 px scenes, 4 tiles a raster, a few training steps, no workers."""
 
-    def imageset(n: str) -> dict[str, Any]:
-        return {
-            "images": [str(scenes / f"{n}.tif")],
-            "labels": str(scenes / f"{n}_labels.gpkg"),
-            "distractors": str(scenes / f"{n}_distractors.gpkg"),
-        }
-
     tree = {
-        "data": {"train": [imageset("train")], "pool": [imageset("pool")], "test": [imageset("test")]},
+        "data": scene_data(scenes),
         "tiling": {"tile_size": 256, "overlap": 0},
         "train": {"steps": 3, "finetune_steps": 2, "batch_size": 2, "background_chips": 2, "warmup_steps": 1,
                   "checkpoint_every": 1},

@@ -10,6 +10,7 @@ import geopandas as gpd
 import pandas as pd
 import pytest
 import yaml
+from scenes import scene_data
 
 from hem_bootstrap.config import load_config
 from hem_bootstrap.rounds import run_experiment
@@ -28,12 +29,8 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_once(scenes: Path, folder: Path, name: str, seed: int, n_rounds: int = 2) -> Path:
-    def imageset(n: str) -> dict[str, Any]:
-        return {"images": [str(scenes / f"{n}.tif")], "labels": str(scenes / f"{n}_labels.gpkg"),
-                "distractors": str(scenes / f"{n}_distractors.gpkg")}
-
     tree = {
-        "data": {"train": [imageset("train")], "pool": [imageset("pool")], "test": [imageset("test")]},
+        "data": scene_data(scenes),
         "tiling": {"tile_size": 256, "overlap": 32},
         "train": {"steps": 3, "finetune_steps": 2, "batch_size": 2, "background_chips": 2, "warmup_steps": 1},
         "mining": {"strategies": [{"name": "per_image_cap", "k": 15}], "review_above": 0.99},

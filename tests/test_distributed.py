@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from scenes import scene_data
 
 from hem_bootstrap.rundir import RunDir
 
@@ -74,15 +75,8 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def loop_config(scenes: Path, out_dir: Path, name: str, n_rounds: int = 2) -> Path:
     """The tiny loop of ``tests/test_loop.py`` on CPU with 2 workers' worth of threads."""
 
-    def imageset(n: str) -> dict[str, Any]:
-        return {
-            "images": [str(scenes / f"{n}.tif")],
-            "labels": str(scenes / f"{n}_labels.gpkg"),
-            "distractors": str(scenes / f"{n}_distractors.gpkg"),
-        }
-
     tree = {
-        "data": {"train": [imageset("train")], "pool": [imageset("pool")], "test": [imageset("test")]},
+        "data": scene_data(scenes),
         "tiling": {"tile_size": 256, "overlap": 32},
         "train": {
             "steps": 12,

@@ -8,6 +8,7 @@ import geopandas as gpd
 import pandas as pd
 import pytest
 import yaml
+from scenes import scene_data
 
 from hem_bootstrap.config import load_config
 from hem_bootstrap.errors import RunError
@@ -20,15 +21,8 @@ def scenes(synth_scenes: Path) -> Path:
 
 
 def small_config(scenes: Path, tmp_path: Path, name: str = "t", **over: object) -> Path:
-    def imageset(n: str) -> dict:
-        return {
-            "images": [str(scenes / f"{n}.tif")],
-            "labels": str(scenes / f"{n}_labels.gpkg"),
-            "distractors": str(scenes / f"{n}_distractors.gpkg"),
-        }
-
     tree = {
-        "data": {"train": [imageset("train")], "pool": [imageset("pool")], "test": [imageset("test")]},
+        "data": scene_data(scenes),
         "tiling": {"tile_size": 256, "overlap": 32},
         "train": {"steps": 12, "finetune_steps": 6, "batch_size": 4, "background_chips": 4, "warmup_steps": 2,
                   "checkpoint_every": 4},
