@@ -99,9 +99,9 @@ def graceful_signals() -> Iterator[None]:
         _StopFlag.requested = True
         log.warning("stop requested (signal %d): finishing the current step, then stopping", signum)
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for stop_sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            old[sig] = signal.signal(sig, handler)
+            old[int(stop_sig)] = signal.signal(stop_sig, handler)
         except ValueError:  # not the main thread
             pass
     try:

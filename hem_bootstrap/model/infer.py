@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import geopandas as gpd
 import numpy as np
@@ -466,12 +467,14 @@ def _write_coco(frames: list[gpd.GeoDataFrame], out: Path) -> None:
     import json
 
     images: dict[str, int] = {}
-    anns = []
+    anns: list[dict[str, Any]] = []
+    category_ids: set[int] = set()
     for frame in frames:
         for row in frame.itertuples(index=False):
             img_id = images.setdefault(row.image, len(images) + 1)
             w = float(row.px_xmax - row.px_xmin)
             h = float(row.px_ymax - row.px_ymin)
+            category_ids.add(int(row.label))
             anns.append({
                 "id": len(anns) + 1, "image_id": img_id, "category_id": int(row.label),
                 "bbox": [float(row.px_xmin), float(row.px_ymin), w, h], "area": w * h,
@@ -480,8 +483,6 @@ def _write_coco(frames: list[gpd.GeoDataFrame], out: Path) -> None:
     doc = {
         "images": [{"id": i, "file_name": name} for name, i in images.items()],
         "annotations": anns,
-        "categories": sorted({a["category_id"] for a in anns}) and [
-            {"id": c, "name": str(c)} for c in sorted({a["category_id"] for a in anns})
-        ],
+        "categories": [{"id": c, "name": str(c)} for c in sorted(category_ids)],
     }
     out.write_text(json.dumps(doc))
