@@ -137,14 +137,24 @@ class TrainConfig(_Section):
     grad_clip: float | None = Field(10.0, gt=0, description="Clip gradient norm (None: off).")
     neg_fraction: float = Field(0.5, ge=0, lt=1, description="Share of each batch drawn from negatives.")
     background_chips: int = Field(64, ge=0, description="Random background chips per training image set.")
+    bank_fraction: float | None = Field(
+        0.5, ge=0, le=1,
+        description="Share of the negative slots of each batch given to bank negatives when there are any "
+        "(the rest: random background); None: in proportion to their counts.",
+    )
     finetune: bool = Field(True, description="Later rounds fine-tune the previous model (else restart).")
     augment: bool = Field(True, description="Flips, 90-degree rotations, mild colour jitter.")
     checkpoint_every: int = Field(100, gt=0, description="Steps between checkpoints.")
     ohem: bool = Field(False, description="Online hard example mining of RoIs (two-stage detectors).")
     ohem_rois: int = Field(128, gt=0, description="OHEM: RoIs kept per image (highest loss after NMS).")
     ohem_nms_iou: float = Field(0.7, gt=0, le=1, description="OHEM: NMS IoU among RoI candidates.")
-    hard_positive_factor: int = Field(1, ge=1, description="Oversample chips of missed objects this many times.")
+    hard_positive_factor: int = Field(
+        1, ge=1, description="Oversample chips of missed objects this many times (1: off; >1 scans the training images)."
+    )
     hard_positive_below: float = Field(0.3, ge=0, le=1, description="An object whose best score is below this is hard.")
+    hard_positive_max_rounds: int = Field(
+        2, ge=1, description="An object hard this many rounds in a row goes to review instead (bad label?)."
+    )
 
 
 class StrategySpec(_Section):

@@ -48,6 +48,8 @@ PR_CURVE_POINTS = 200
 """Most points kept in ``pr_curve`` (enough to plot, small enough for metrics.json)."""
 DISTRACTOR_IOU = 0.1
 """A false positive counts as "on a distractor" above this IoU with it (or centre inside)."""
+NEAR_OBJECT_IOU = 0.1
+"""A false positive above this IoU with a labelled object is a localisation error or duplicate."""
 COCO_IOUS = np.round(np.linspace(0.5, 0.95, 10), 2)
 """The IoU thresholds of COCO's AP@[.5:.95]."""
 
@@ -140,6 +142,13 @@ def _gt_arrays(img: EvalImage) -> tuple[np.ndarray, np.ndarray]:
     if "label" not in gt.columns:
         raise DataError(f"{img.image}: ground truth has no 'label' column")
     return _frame_boxes(gt, f"{img.image} ground truth"), gt["label"].to_numpy(dtype=np.int64)
+
+
+def _near_objects(det_boxes: np.ndarray, gt_boxes: np.ndarray) -> np.ndarray:
+    """True for detections overlapping any ground-truth box (IoU > NEAR_OBJECT_IOU, any class)."""
+    if len(det_boxes) == 0 or len(gt_boxes) == 0:
+        return np.zeros(len(det_boxes), dtype=bool)
+    return np.asarray((_iou(det_boxes, gt_boxes) > NEAR_OBJECT_IOU).any(axis=1), dtype=bool)
 
 
 def _could_match(
@@ -579,7 +588,10 @@ def evaluate(
     Returns:
         ``ap50`` (AP at ``cfg.iou``), ``ap`` (AP@[.5:.95]), ``per_class`` (K > 1), the
         operating point (``tp``, ``fp``, ``fn``, ``precision``, ``recall``, ``f1``,
-        ``fp_per_km2``), ``fp_per_km2_at_recall``, ``recall_at_fp_per_km2``, ``pr_curve``,
+        ``fp_per_km2``), ``fp_per_km2_at_recall``, the same two for FPs away from every labelled
+        object (``fp_away_per_km2``, ``fp_away_per_km2_at_recall``: look-alikes and background,
+        without localisation errors and duplicates; ``fp_near_objects`` counts those),
+        ``recall_at_fp_per_km2``, ``pr_curve``,
         counts and area, and distractor statistics when any image has distractors.
 
     Raises:
@@ -602,6 +614,13 @@ def evaluate(
     n_gt = len(all_gt_labels)
     area = float(sum(max(img.area_km2, 0.0) for img in images))
     sweep = build_sweep(all_scores, all_tp, n_gt)
+    # FPs touching a labelled object are localisation errors or duplicates; the rest are
+    # look-alikes or plain background, the FPs that hard-negative mining is meant to remove.
+    near = np.concatenate(
+        [_near_objects(im.det_boxes, im.gt_boxes) for im in prepared.values()] + [np.zeros(0, dtype=bool)]
+    ) & ~all_tp
+    away = ~near
+    sweep_away = build_sweep(all_scores[away], all_tp[away], n_gt)
     categories = sorted(set(all_gt_labels.tolist()) | set(all_labels.tolist()))
     names = _class_names(images)
 
@@ -642,6 +661,11 @@ def evaluate(
         "fp_per_km2": _ratio(fp, area),
         "fp_per_km2_at_recall": {
             str(float(r)): fp_per_km2_at_recall(sweep, r, area) for r in cfg.fixed_recalls
+        },
+        "fp_near_objects": int((near & op).sum()),
+        "fp_away_per_km2": _ratio(int((~all_tp & away & op).sum()), area),
+        "fp_away_per_km2_at_recall": {
+            str(float(r)): fp_per_km2_at_recall(sweep_away, r, area) for r in cfg.fixed_recalls
         },
         "recall_at_fp_per_km2": {
             str(float(f)): recall_at_fp_per_km2(sweep, f, area) for f in cfg.fixed_fp_per_km2

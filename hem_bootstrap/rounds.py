@@ -231,6 +231,7 @@ def step_train(ctx: Context, r: int, resume: bool = False) -> dict[str, Any]:
     rd = ctx.run.round_dir(r)
     train_images = prepare_train_images(cfg.data.train, cfg.data)
     negatives = None
+    hard_path = rd / "hard_positives.gpkg"
     pool_images = []
     if r > 0:
         bank = NegativeBank.load(ctx.run.round_dir(r) / "bank.gpkg")
@@ -247,6 +248,12 @@ def step_train(ctx: Context, r: int, resume: bool = False) -> dict[str, Any]:
         seed=cfg.runtime.seed + 1000 * r,
         negative_images=pool_images,
     )
+    hard_chips = 0
+    if r > 0 and cfg.train.hard_positive_factor > 1 and hard_path.exists():
+        from hem_bootstrap.mining.positives import oversample_boxes
+
+        hard = gpd.read_file(hard_path)
+        hard_chips = dataset.mark_hard_positives(oversample_boxes(hard), cfg.train.hard_positive_factor)
     steps = cfg.train.steps if r == 0 or not cfg.train.finetune else cfg.train.finetune_steps
     init = ctx.run.round_dir(r - 1) / "model.pt" if (r > 0 and cfg.train.finetune) else None
     model = _load_model(cfg, None)
@@ -265,6 +272,7 @@ def step_train(ctx: Context, r: int, resume: bool = False) -> dict[str, Any]:
         seed=cfg.runtime.seed + 1000 * r,
         rank=ctx.rank,
         world_size=ctx.world,
+        bank_fraction=cfg.train.bank_fraction,
     )
     result = train(
         model,
@@ -288,6 +296,7 @@ def step_train(ctx: Context, r: int, resume: bool = False) -> dict[str, Any]:
         "seconds": round(float(result.seconds), 1),
         "chips": {k: int(v) for k, v in zip(*np.unique(dataset.kinds, return_counts=True), strict=True)},
         "init": str(init) if init else "scratch",
+        "hard_positive_chips": hard_chips,
     }
     return info
 
@@ -340,9 +349,40 @@ def _read_detections(path: Path) -> gpd.GeoDataFrame:
 
 
 def step_detect(ctx: Context, r: int) -> dict[str, Any]:
-    """Scan the pool with the previous round's model."""
+    """Scan the pool with the previous round's model (and the training images, for hard positives)."""
     rd = ctx.run.round_dir(r)
-    return _scan(ctx, ctx.run.round_dir(r - 1) / "model.pt", ctx.cfg.data.pool, "pool", rd / "detections.gpkg")
+    model = ctx.run.round_dir(r - 1) / "model.pt"
+    info = _scan(ctx, model, ctx.cfg.data.pool, "pool", rd / "detections.gpkg")
+    if ctx.cfg.train.hard_positive_factor > 1:
+        train_scan = _scan(ctx, model, ctx.cfg.data.train, "train", rd / "train_detections.gpkg")
+        info["train_scan"] = {k: train_scan[k] for k in ("detections", "tiles", "seconds")}
+    return info
+
+
+def _hard_positives(ctx: Context, r: int, bank: Any) -> dict[str, Any]:
+    """Find this round's hard positives on the training images; list chronic ones for review."""
+    from hem_bootstrap.mining.positives import LAYER, carry_history, hard_positives, review_rows
+
+    cfg, rd = ctx.cfg, ctx.run.round_dir(r)
+    dets = _read_detections(rd / "train_detections.gpkg")
+    frames = []
+    for path, s in _readable_images(cfg.data.train, "train", cfg):
+        info, gt = read_truth(path, s, cfg)
+        d = dets[dets["image"] == str(path)]
+        frames.append(hard_positives(str(path), gt, d, info.transform, cfg.evaluate.iou, cfg.train.hard_positive_below))
+    current = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry", crs=frames[0].crs)
+    prev_path = ctx.run.round_dir(r - 1) / "hard_positives.gpkg"
+    previous = gpd.read_file(prev_path, layer=LAYER) if prev_path.exists() else None
+    frame = carry_history(current, previous, cfg.train.hard_positive_max_rounds)
+    _write_frame(frame, rd / "hard_positives.gpkg", LAYER)
+    to_review = review_rows(frame)
+    if len(to_review):
+        bank.add_review(to_review, r, "labelled object missed every round")
+    return {
+        "hard_positives": int(frame["hard"].sum()),
+        "hard_positives_oversampled": int(frame["oversample"].sum()),
+        "hard_positives_to_review": int(frame["review"].sum()),
+    }
 
 
 def _refresh_scores(bank: Any, dets: gpd.GeoDataFrame, iou: float) -> dict[int, float]:
@@ -423,6 +463,7 @@ def step_mine(ctx: Context, r: int) -> dict[str, Any]:
     if len(to_review):
         bank.add_review(to_review, r, f"score>{cfg.mining.review_above}")
     bank.evict(cfg.bank)
+    hard_info = _hard_positives(ctx, r, bank) if cfg.train.hard_positive_factor > 1 else {}
     mined_path = rd / "mined.gpkg"
     _write_frame(selected if len(selected) else selected, mined_path, "mined")
     bank.save(rd / "bank.gpkg")
@@ -439,6 +480,7 @@ def step_mine(ctx: Context, r: int) -> dict[str, Any]:
         "bank_size": int(len(bank.active())),
         "bank_total": int(len(bank.frame)) if hasattr(bank, "frame") else int(len(bank.active())),
         "strategy": label,
+        **hard_info,
     }
 
 

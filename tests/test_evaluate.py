@@ -135,6 +135,27 @@ def test_sweep_fp_at_recall_and_recall_at_fp() -> None:
     assert len(m["pr_curve"]["scores"]) == 7
 
 
+def test_fp_split_into_near_objects_and_away() -> None:
+    # 4 objects; a duplicate and a shifted box touch objects, two FPs sit on bare ground
+    rows = grid(4)
+    x0, y0, x1, y1 = rows[0]
+    dup = (x0 + 0.5, y0, x1 + 0.5, y1)  # IoU ~0.9 with object 0, which the 0.9 box already took
+    loc = (rows[1][0] + 2.4, rows[1][1], rows[1][2] + 2.4, rows[1][3])  # IoU 0.25 with object 1
+    bare = [(95, 95, 98, 98), (95, 85, 98, 88)]
+    det_rows = [rows[0], dup, bare[0], rows[1], loc, rows[2], bare[1], rows[3]]
+    scores = [0.9, 0.85, 0.8, 0.7, 0.65, 0.6, 0.55, 0.3]
+    cfg = EvaluateConfig(score_threshold=0.5, fixed_recalls=[0.75, 1.0])
+    m = evaluate(det_frame(det_rows, scores), [image(gt_frame(rows))], cfg)
+    assert (m["tp"], m["fp"]) == (3, 4)
+    assert m["fp_near_objects"] == 2
+    assert m["fp_per_km2"] == pytest.approx(400.0)
+    assert m["fp_away_per_km2"] == pytest.approx(200.0)
+    # recall 0.75 is reached at 0.6: 3 FPs in all, 1 of them away from objects
+    assert m["fp_per_km2_at_recall"]["0.75"] == pytest.approx(300.0)
+    assert m["fp_away_per_km2_at_recall"]["0.75"] == pytest.approx(100.0)
+    assert m["fp_away_per_km2_at_recall"]["1.0"] == pytest.approx(200.0)
+
+
 def test_tied_scores_enter_the_sweep_together() -> None:
     rows = grid(2)
     dets = det_frame([rows[0], (95, 95, 98, 98), rows[1]], [0.9, 0.5, 0.5])

@@ -244,3 +244,48 @@ def test_ratio_sampler_falls_back_without_negatives() -> None:
     with_bg = _kinds_dataset(12, 0, 5)
     b = next(iter(RatioBatchSampler(with_bg, 4, 0.5, num_batches=1)))
     assert sum(with_bg.kinds[i] == "bg" for i in b) == 2
+
+
+def test_ratio_sampler_gives_the_bank_its_share() -> None:
+    ds = _kinds_dataset(30, 3, 60)  # a small bank among many background chips
+    batches = list(RatioBatchSampler(ds, 8, 0.5, num_batches=40, seed=2, bank_fraction=0.5))
+    for b in batches:
+        kinds = [ds.kinds[i] for i in b]
+        assert kinds.count("pos") == 4 and kinds.count("neg") == 2 and kinds.count("bg") == 2
+    # None: in proportion to the counts (3 of 63 negatives -> round(4 * 3/63) = 0 bank slots)
+    b = next(iter(RatioBatchSampler(ds, 8, 0.5, num_batches=1, seed=2, bank_fraction=None)))
+    assert sum(ds.kinds[i] == "neg" for i in b) == 0
+    # without background the bank takes every negative slot
+    only_bank = _kinds_dataset(10, 5, 0)
+    b = next(iter(RatioBatchSampler(only_bank, 8, 0.5, num_batches=1, bank_fraction=0.25)))
+    assert sum(only_bank.kinds[i] == "neg" for i in b) == 4
+    with pytest.raises(ValueError, match="bank_fraction"):
+        RatioBatchSampler(ds, 8, 0.5, bank_fraction=1.5)
+
+
+def test_ratio_sampler_repeats_hard_positive_chips_by_the_factor() -> None:
+    ds = _kinds_dataset(20, 0, 10)
+    ds.repeats = np.ones(len(ds.kinds), dtype=np.int64)
+    ds.repeats[:4] = 3  # chips 0..3 hold hard positives, factor 3
+    batches = list(RatioBatchSampler(ds, 8, 0.5, num_batches=280, seed=5))  # 1120 positive draws = 40 passes of 28
+    counts = np.bincount([i for b in batches for i in b if ds.kinds[i] == "pos"], minlength=20)
+    assert counts[:4].tolist() == [120] * 4  # 3 per pass
+    assert counts[4:20].tolist() == [40] * 16  # 1 per pass: exactly the factor apart
+    for b in batches:  # a chip may repeat across batches, never inside one
+        assert len(set(b)) == len(b)
+
+
+def test_mark_hard_positives_marks_chips_holding_the_centre(scene: tuple[Path, Path]) -> None:
+    ds = _dataset(scene)
+    pos = np.flatnonzero(ds.kinds == "pos")
+    win = ds._win[pos[0]]
+    cx, cy = win.col_off + 10, win.row_off + 10  # only inside chips covering this corner area
+    path = str(ds.images[ds._img[pos[0]]].path)
+    n = ds.mark_hard_positives({path: np.array([[cx - 3, cy - 3, cx + 3, cy + 3]])}, 4)
+    assert n >= 1
+    marked = np.flatnonzero(ds.repeats == 4)
+    assert pos[0] in marked and len(marked) == n
+    for i in marked:
+        w = ds._win[i]
+        assert w.col_off <= cx < w.col_off + w.width and w.row_off <= cy < w.row_off + w.height
+    assert ds.mark_hard_positives({}, 4) == 0 and (ds.repeats == 1).all()

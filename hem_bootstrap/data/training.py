@@ -183,6 +183,7 @@ class ChipDataset(Dataset):
         self._add_background(len(images), n_background, kinds, weights)
         self.kinds = np.array(kinds, dtype=object)
         self.weights = np.array(weights, dtype=np.float64)
+        self.repeats = np.ones(len(kinds), dtype=np.int64)
         self._pool = ReaderPool(data_cfg)
         if self.n_positive == 0:
             n_labels = sum(im.index.count() for im in images)
@@ -249,6 +250,37 @@ class ChipDataset(Dataset):
         for i in range(n_train):
             for _ in range(max(0, int(n_background))):
                 self._add(kinds, weights, KIND_BG, i, None, None)
+
+    def mark_hard_positives(self, boxes_by_image: dict[str, np.ndarray], factor: int) -> int:
+        """Draw positive chips that hold a hard positive's centre ``factor`` times per pass.
+
+        ``boxes_by_image`` maps a raster path to (N, 4) xyxy pixel boxes of its hard
+        positives. Returns how many chips were marked.
+        """
+        if factor < 1:
+            raise ValueError(f"hard positive factor must be >= 1, got {factor}")
+        by_path = {str(Path(im.path).resolve()): i for i, im in enumerate(self.images)}
+        self.repeats[:] = 1
+        marked = 0
+        centres: dict[int, np.ndarray] = {}
+        for path, boxes in boxes_by_image.items():
+            idx = by_path.get(str(Path(path).resolve()))
+            b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+            if idx is not None and len(b):
+                centres[idx] = (b[:, :2] + b[:, 2:]) / 2
+        for i in np.flatnonzero(self.kinds == KIND_POS):
+            c = centres.get(self._img[i])
+            win = self._win[i]
+            if c is None or win is None:
+                continue
+            inside = (
+                (c[:, 0] >= win.col_off) & (c[:, 0] < win.col_off + win.width)
+                & (c[:, 1] >= win.row_off) & (c[:, 1] < win.row_off + win.height)
+            )
+            if inside.any():
+                self.repeats[i] = int(factor)
+                marked += 1
+        return marked
 
     # -- counts
     @property
@@ -343,13 +375,19 @@ def collate_chips(
 
 
 class RatioBatchSampler(Sampler[list[int]]):
-    """Batches with a fixed share of negatives (bank + background), the rest positives.
+    """Batches with a fixed share of negatives, the rest positives.
+
+    The negative slots are split between bank negatives and random background:
+    ``bank_fraction`` of them go to the bank whenever both kinds exist (``None``: in
+    proportion to how many chips of each kind there are). A small bank therefore still gets
+    its share of every batch instead of drowning among background chips.
 
     A single global stream of ``batch_size * world_size`` items per step is drawn from
     ``seed``; rank ``r`` takes its own slice, so ranks see disjoint, deterministic chips.
-    Each group is walked through in shuffled passes (every chip once per pass); bank
-    negatives with a ``weight`` are drawn by weight instead. With no negatives at all the
-    batches are all positives.
+    Each group is walked through in shuffled passes (every chip once per pass, a chip with
+    ``dataset.repeats[i] = k`` k times per pass: hard positives); bank negatives with a
+    ``weight`` are drawn by weight instead. With no negatives at all the batches are all
+    positives.
     """
 
     def __init__(
@@ -361,21 +399,36 @@ class RatioBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        bank_fraction: float | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
+        if bank_fraction is not None and not 0 <= bank_fraction <= 1:
+            raise ValueError(f"bank_fraction must be in [0, 1], got {bank_fraction}")
         kinds = dataset.kinds
-        self.pos = np.flatnonzero(kinds == KIND_POS)
-        self.neg = np.flatnonzero((kinds == KIND_NEG) | (kinds == KIND_BG))
-        w = dataset.weights[self.neg] if len(self.neg) else np.zeros(0)
-        self.neg_p = (w / w.sum()) if len(w) and w.sum() > 0 and not np.allclose(w, w[0]) else None
+        repeats = getattr(dataset, "repeats", None)
+        pos = np.flatnonzero(kinds == KIND_POS)
+        self.pos = np.repeat(pos, repeats[pos]) if repeats is not None else pos
+        self.bank = np.flatnonzero(kinds == KIND_NEG)
+        self.bg = np.flatnonzero(kinds == KIND_BG)
+        w = dataset.weights[self.bank] if len(self.bank) else np.zeros(0)
+        self.bank_p = (w / w.sum()) if len(w) and w.sum() > 0 and not np.allclose(w, w[0]) else None
         self.batch_size = int(batch_size)
-        self.n_neg = int(round(batch_size * neg_fraction)) if len(self.neg) else 0
+        n_negs = len(self.bank) + len(self.bg)
+        self.n_neg = int(round(batch_size * neg_fraction)) if n_negs else 0
         if not len(self.pos):
             self.n_neg = self.batch_size
         self.n_pos = self.batch_size - self.n_neg
+        if not len(self.bank):
+            self.n_bank = 0
+        elif not len(self.bg):
+            self.n_bank = self.n_neg
+        else:
+            share = len(self.bank) / n_negs if bank_fraction is None else bank_fraction
+            self.n_bank = int(round(self.n_neg * share))
+        self.n_bg = self.n_neg - self.n_bank
         self.num_batches = num_batches
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
 
@@ -387,16 +440,22 @@ class RatioBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng([self.seed, 7919])
         pos = _Passes(self.pos, rng)
-        neg = _Passes(self.neg, rng)
+        bank = _Passes(self.bank, rng)
+        bg = _Passes(self.bg, rng)
         step = 0
         ws, r = self.world_size, self.rank
         while self.num_batches is None or step < self.num_batches:
             p = pos.take(self.n_pos * ws)
-            if self.neg_p is not None:
-                n = rng.choice(self.neg, size=self.n_neg * ws, p=self.neg_p).tolist()
+            if self.bank_p is not None and self.n_bank:
+                b = rng.choice(self.bank, size=self.n_bank * ws, p=self.bank_p).tolist()
             else:
-                n = neg.take(self.n_neg * ws)
-            yield p[r * self.n_pos : (r + 1) * self.n_pos] + n[r * self.n_neg : (r + 1) * self.n_neg]
+                b = bank.take(self.n_bank * ws)
+            g = bg.take(self.n_bg * ws)
+            yield (
+                p[r * self.n_pos : (r + 1) * self.n_pos]
+                + b[r * self.n_bank : (r + 1) * self.n_bank]
+                + g[r * self.n_bg : (r + 1) * self.n_bg]
+            )
             step += 1
 
 
@@ -405,6 +464,7 @@ class _Passes:
 
     def __init__(self, pool: np.ndarray, rng: np.random.Generator) -> None:
         self.pool = pool
+        self.n_unique = len(np.unique(pool))
         self.rng = rng
         self.buffer: list[int] = []
 
@@ -418,7 +478,7 @@ class _Passes:
             if not self.buffer:
                 self.buffer = self.rng.permutation(self.pool).tolist()
             x = self.buffer.pop()
-            if x in seen and len(seen) < len(self.pool):
+            if x in seen and len(seen) < self.n_unique:
                 deferred.append(x)  # keep it for the next draw rather than repeat it in this one
                 continue
             out.append(x)
