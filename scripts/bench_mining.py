@@ -7,7 +7,16 @@ as mean and spread over seeds:
 * ``none``: no mining (later rounds fine-tune on positives and random background only);
 * ``random``: as many random background windows as the threshold strategy mines;
 * ``threshold``: false positives scoring > 0.5;
-* ``cap``: the K highest-scoring false positives per image.
+* ``cap``: the K highest-scoring false positives per image;
+* ``hardpos``: no mining, hard positives oversampled 3x (issue #10);
+* ``threshold+hardpos``, ``threshold+weighted``: threshold mining with hard positives, or with
+  score-weighted bank sampling.
+
+The pool is 4x the training area (a background pool is large next to the labelled data) and
+the held-out scene is 0.21 km², so one false positive moves FP/km² by ~5, not by ~19. Besides
+FP/km² at recall 0.8 it reports the same for look-alike FPs only (those overlapping no labelled
+object): on these dense synthetic scenes most FPs at recall 0.8 are localisation errors and
+duplicates on real vehicles, which no negative mining addresses.
 
 Round 0 is the same model for every recipe of a seed (same data, same seed), so it is trained
 once per seed and shared. Writes JSON and a markdown table.
@@ -31,7 +40,22 @@ RECIPES: dict[str, list[dict[str, Any]]] = {
     "random": [{"name": "threshold", "threshold": 0.5}, {"name": "random"}],
     "threshold": [{"name": "threshold", "threshold": 0.5}],
     "cap": [{"name": "per_image_cap", "k": 50}],
+    "hardpos": [{"name": "none"}],
+    "threshold+hardpos": [{"name": "threshold", "threshold": 0.5}],
+    "threshold+weighted": [{"name": "threshold", "threshold": 0.5}],
 }
+"""Mining strategies of each recipe; :data:`EXTRA` adds the training options of the #10 recipes."""
+
+EXTRA: dict[str, dict[str, dict[str, Any]]] = {
+    "hardpos": {"train": {"hard_positive_factor": 3}},
+    "threshold+hardpos": {"train": {"hard_positive_factor": 3}},
+    "threshold+weighted": {"bank": {"sampling": "score"}},
+}
+"""Config changes of a recipe beyond its strategies (hard positives, score-weighted bank sampling).
+
+OHEM and the box-head focal loss apply to Faster R-CNN only; on this CPU a Faster R-CNN round
+costs ~10x a ``small_fcos`` round, so they are not in the default recipe list."""
+DEFAULT_RECIPES = ["none", "random", "threshold", "cap", "hardpos", "threshold+hardpos", "threshold+weighted"]
 
 
 def make_scenes(root: Path, seed: int, size: int, pool_size: int, test_size: int, gsd: float) -> Path:
@@ -53,13 +77,17 @@ def config_tree(scenes: Path, runs: Path, name: str, recipe: str, args: argparse
         return {"images": [str(scenes / f"{n}.tif")], "labels": str(scenes / f"{n}_labels.gpkg"),
                 "distractors": str(scenes / f"{n}_distractors.gpkg")}
 
-    return {
+    tree: dict[str, Any] = {
         "data": {"train": [imageset("train")], "pool": [imageset("pool")], "test": [imageset("test")]},
-        "train": {"steps": args.steps, "finetune_steps": args.finetune_steps, "batch_size": 8},
+        "train": {"steps": args.steps, "finetune_steps": args.finetune_steps, "batch_size": 8,
+                  "bank_fraction": args.bank_fraction},
         "mining": {"strategies": RECIPES[recipe]},
         "rounds": {"name": name, "out_dir": str(runs), "n_rounds": args.rounds, "stop_if_no_new": False},
         "runtime": {"workers": args.workers, "seed": args.train_seed, "threads": args.threads},
     }
+    for section, values in EXTRA.get(recipe, {}).items():
+        tree.setdefault(section, {}).update(values)
+    return tree
 
 
 def run_recipe(scenes: Path, runs: Path, seed: int, recipe: str, args: argparse.Namespace) -> Path:
@@ -100,6 +128,7 @@ def collect(run: Path) -> list[dict[str, Any]]:
             "round": e["round"],
             "ap50": m.get("ap50"),
             "fp_km2_r80": (m.get("fp_per_km2_at_recall") or {}).get("0.8"),
+            "fp_away_km2_r80": (m.get("fp_away_per_km2_at_recall") or {}).get("0.8"),
             "fp_km2": m.get("fp_per_km2"),
             "recall": m.get("recall"),
             "bank": e.get("bank_size", 0),
@@ -119,8 +148,9 @@ def _mean_sd(values: list[float | None]) -> str:
 
 
 def markdown(results: dict[str, dict[int, list[dict[str, Any]]]], rounds: int) -> str:
-    lines = ["| recipe | round | AP@0.5 | FP/km² @ recall 0.8 | FP/km² @ op. threshold | bank |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| recipe | round | AP@0.5 | FP/km² @ recall 0.8 | look-alike FP/km² @ recall 0.8 "
+             "| FP/km² @ op. threshold | bank |",
+             "|---|---|---|---|---|---|---|"]
     for recipe, by_seed in results.items():
         for r in range(rounds + 1):
             rows = [next((x for x in rs if x["round"] == r), None) for rs in by_seed.values()]
@@ -129,25 +159,29 @@ def markdown(results: dict[str, dict[int, list[dict[str, Any]]]], rounds: int) -
                 continue
             lines.append(
                 f"| {recipe} | {r} | {_mean_sd([x['ap50'] for x in rows])} | "
-                f"{_mean_sd([x['fp_km2_r80'] for x in rows])} | {_mean_sd([x['fp_km2'] for x in rows])} | "
+                f"{_mean_sd([x['fp_km2_r80'] for x in rows])} | {_mean_sd([x.get('fp_away_km2_r80') for x in rows])} | "
+                f"{_mean_sd([x['fp_km2'] for x in rows])} | "
                 f"{_mean_sd([float(x['bank']) for x in rows])} |"
             )
     lines.append("")
-    lines.append("mean ± sample standard deviation over seeds; * = some seeds never reached recall 0.8")
+    lines.append("mean ± sample standard deviation over seeds; * = some seeds never reached recall 0.8. "
+                 "Look-alike FPs: false positives that overlap no labelled object (IoU <= 0.1), i.e. "
+                 "without localisation errors and duplicates on real vehicles.")
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[11, 12, 13])
-    p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    p.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, choices=list(RECIPES))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--size", type=int, default=2048, help="training scene side (px)")
-    p.add_argument("--pool-size", type=int, default=2048)
-    p.add_argument("--test-size", type=int, default=1536)
+    p.add_argument("--pool-size", type=int, default=4096, help="background pool side (px): 4x the training area")
+    p.add_argument("--test-size", type=int, default=3072, help="held-out scene side (px): 0.21 km² at 0.15 m")
+    p.add_argument("--bank-fraction", type=float, default=0.5, help="train.bank_fraction")
     p.add_argument("--gsd", type=float, default=0.15)
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--finetune-steps", type=int, default=150)
+    p.add_argument("--finetune-steps", type=int, default=120)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--train-seed", type=int, default=0)
