@@ -230,7 +230,7 @@ def detect_distributed(
     model = prepare_model(model, device, cfg.model)
     scale = len(refs) / len(mine) if mine else 1.0
     local: dict[int, tuple] = {}
-    for idx, raw in scan_raw(
+    for idx, raw, _ in scan_raw(
         model,
         good,
         infos,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pytest
 import rasterio
 import torch
@@ -40,8 +41,8 @@ def _scan(ckpt: Path, image: Path, cfg: ExperimentConfig, stats: DetectStats | N
         detect(_model(ckpt, cfg), [image], cfg.data, cfg.tiling, cfg.model, cfg.runtime, torch.device("cpu"),
                stats=stats, progress=False)
     )
-    assert len(frames) == 1
-    return frames[0]
+    assert len(frames) >= 1 and all(f["image"].eq(str(image)).all() for f in frames)
+    return gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=frames[0].crs)  # one per row band
 
 
 def _px(frame: gpd.GeoDataFrame, transform: object) -> torch.Tensor:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from hem_bootstrap.model.infer import cut_by_inner_edge, merge_detections
+from hem_bootstrap.model.infer import BandMerger, RawDetections, cut_by_inner_edge, merge_detections
 
 
 def test_cut_by_inner_edge_ignores_image_border() -> None:
@@ -65,3 +66,44 @@ def test_sparse_nms_equals_torchvision_batched_nms() -> None:
     ref = batched_nms(torch.from_numpy(boxes).double(), torch.from_numpy(scores).double(),
                       torch.from_numpy(labels), 0.5).numpy()
     assert keep.tolist() == ref.tolist()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_band_merger_equals_whole_image_merge(seed: int) -> None:
+    """Merging row band by row band keeps exactly what one merge of the whole image keeps."""
+    rng = np.random.default_rng(seed)
+    tile, stride, size = 256, 192, 1000
+    starts = [0, 192, 384, 576, 744]  # the last row is shifted to end at the image edge
+    bands: list[RawDetections] = []
+    for row in starts:
+        raw = RawDetections()
+        for col in starts:
+            n = 120
+            xy = rng.uniform(0, tile - 8, size=(n, 2)) + [col, row]
+            wh = rng.uniform(6, 40, size=(n, 2))
+            boxes = np.concatenate([xy, np.minimum(xy + wh, [col + tile, row + tile])], axis=1).astype(np.float32)
+            boxes = np.concatenate([boxes, boxes + rng.uniform(-2, 2, size=boxes.shape).astype(np.float32)])
+            boxes[:, 1] = np.maximum(boxes[:, 1], row)  # a tile's boxes never reach above it
+            cut = cut_by_inner_edge(boxes, (col, row, tile, tile), size, size)
+            raw.add(boxes, rng.uniform(0.05, 1, len(boxes)).astype(np.float32),
+                    rng.integers(1, 3, len(boxes)), np.array([col, row, tile, tile]), cut)
+        bands.append(raw)
+    assert stride == starts[1]
+    whole = RawDetections()
+    for raw in bands:
+        for name in ("boxes", "scores", "labels", "windows", "cut"):
+            getattr(whole, name).extend(getattr(raw, name))
+    b, s, lab, w, c = whole.arrays()
+    keep = merge_detections(b, s, lab, c, nms_iou=0.5)
+    expected = sorted(map(tuple, np.concatenate([b[keep], s[keep, None]], axis=1).tolist()))
+
+    merger = BandMerger(0, nms_iou=0.5, drop_cut=True)
+    got, waited = [], []
+    for k, raw in enumerate(bands):
+        merger.add(raw)
+        frontier = starts[k + 1] if k + 1 < len(starts) else None
+        kb, ks, _, _ = merger.flush(frontier)
+        got.extend(map(tuple, np.concatenate([kb, ks[:, None]], axis=1).tolist()))
+        waited.append(sum(len(x) for x in merger.pending.boxes))
+    assert sorted(got) == expected
+    assert max(waited) < len(b) / 3  # only about a band's worth waits at any time

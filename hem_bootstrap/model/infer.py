@@ -1,10 +1,10 @@
 """The hot path: batched inference over large rasters, seam merging in map space, streaming output.
 
 DataLoader workers read windows (each with its own raster handle) while the model runs on
-batches; tiles without enough valid pixels never reach the model. Raw per-tile detections of
-one image are merged with class-aware NMS once the image is finished, and yielded as a
-detection frame (see :mod:`hem_bootstrap.contracts`), so memory grows with one image's
-detections, never with the pool or the raster size.
+batches; tiles without enough valid pixels never reach the model. Raw per-tile detections are
+merged with class-aware NMS row band by row band (:class:`BandMerger`: the result equals a
+whole-image merge) and yielded as detection frames (see :mod:`hem_bootstrap.contracts`), so
+memory holds about one row of tiles' detections, never the pool's or a whole raster's.
 """
 
 from __future__ import annotations
@@ -280,9 +280,13 @@ def scan_raw(
     progress: bool = True,
     total_tiles: int | None = None,
     progress_scale: float = 1.0,
-) -> Iterator[tuple[int, RawDetections]]:
-    """Run the model over tiles in order; yield ``(image_idx, raw detections)`` as each image ends.
+    bands: bool = False,
+) -> Iterator[tuple[int, RawDetections, int | None]]:
+    """Run the model over tiles in order; yield ``(image_idx, raw detections, frontier)``.
 
+    ``frontier`` is ``None`` when the image ends. With ``bands``, a yield also comes each time
+    a new row of tiles starts, with ``frontier`` = that row's first pixel row: no later tile
+    of the image reaches above it, so boxes that end above it can be merged and written.
     The progress bar counts ``total_tiles``; each tile read advances it by ``progress_scale``,
     so rank 0 of a sharded scan can show the whole job's progress and rate from its own share.
     """
@@ -300,6 +304,7 @@ def scan_raw(
         persistent_workers=False,
     )
     current: int | None = None
+    row: int | None = None
     raw = RawDetections()
     total = total_tiles or len(refs)
     bar = tqdm(total=total, unit="tile", disable=not progress, dynamic_ncols=True, desc="detect", leave=False)
@@ -332,9 +337,13 @@ def scan_raw(
             stats.tiles_run += len(batch["image_idx"])
             for out, idx, win in zip(outputs, batch["image_idx"], batch["windows"], strict=True):
                 if current is not None and idx != current:
-                    yield current, raw
+                    yield current, raw, None
                     raw = RawDetections()
-                current = idx
+                    row = None
+                elif bands and row is not None and win.row_off > row:
+                    yield current, raw, int(win.row_off)  # type: ignore[misc]
+                    raw = RawDetections()
+                current, row = idx, int(win.row_off)
                 boxes = out["boxes"].float().cpu().numpy()
                 if len(boxes) == 0:
                     continue
@@ -363,7 +372,7 @@ def scan_raw(
                 bar.set_postfix(tiles_s=f"{rate:.1f}", eta_s=f"{left / rate:.0f}" if rate else "?")
     bar.close()
     if current is not None:
-        yield current, raw
+        yield current, raw, None
 
 
 def detect(
@@ -389,14 +398,93 @@ def detect(
     stats.bad_rasters.extend(bad)
     refs = plan_tiles(good, tiling)
     model = prepare_model(model, device, model_cfg)
-    seen: set[int] = set()
-    for idx, raw in scan_raw(model, good, infos, refs, data_cfg, runtime, device, stats, progress):
-        seen.add(idx)
-        frame = _merged_frame(good[idx], infos[idx], raw, model_cfg.nms_iou, drop_cut)
-        stats.detections += len(frame)
+    merger: BandMerger | None = None
+    for idx, raw, frontier in scan_raw(model, good, infos, refs, data_cfg, runtime, device, stats, progress,
+                                       bands=True):
+        if merger is None or merger.image != idx:
+            merger = BandMerger(idx, model_cfg.nms_iou, drop_cut)
+        merger.add(raw)
+        kept = merger.flush(frontier)
+        if len(kept[0]) or frontier is None:  # an image's last frame comes even when empty (its CRS layer)
+            frame = detections_frame(str(good[idx]), infos[idx], *kept)
+            stats.detections += len(frame)
+            yield frame
         stats.seconds = time.perf_counter() - t0
-        yield frame
     stats.seconds = time.perf_counter() - t0
+
+
+class BandMerger:
+    """Seam merging of one image, row band by row band, with the same result as merging it whole.
+
+    Raw detections wait here until no later tile can touch them. At a frontier (the first
+    pixel row of the next tile row) a pending box is final when neither it nor anything linked
+    to it through a chain of same-class overlaps reaches the frontier: greedy NMS and the
+    cut-box rule only look along such chains, so those groups are merged now, exactly as a
+    whole-image merge would, and the rest wait. Memory holds about one row of tiles'
+    detections, whatever the raster size.
+    """
+
+    def __init__(self, image: int, nms_iou: float, drop_cut: bool) -> None:
+        self.image = image
+        self.nms_iou = nms_iou
+        self.drop_cut = drop_cut
+        self.pending = RawDetections()
+
+    def add(self, raw: RawDetections) -> None:
+        """Queue one band's raw detections."""
+        for name in ("boxes", "scores", "labels", "windows", "cut"):
+            getattr(self.pending, name).extend(getattr(raw, name))
+
+    def flush(self, frontier: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Merge and return ``(boxes, scores, labels, windows)`` that are final at ``frontier`` (None: all)."""
+        boxes, scores, labels, windows, cut = self.pending.arrays()
+        if frontier is None:
+            done = np.ones(len(boxes), bool)
+        else:
+            reach = boxes[:, 3] >= frontier
+            done = ~_linked_to(boxes, labels, cut, reach, self.nms_iou, self.drop_cut)
+        rest = ~done
+        self.pending = RawDetections()
+        if rest.any():
+            self.pending.boxes.append(boxes[rest])
+            self.pending.scores.append(scores[rest])
+            self.pending.labels.append(labels[rest])
+            self.pending.windows.append(windows[rest])
+            self.pending.cut.append(cut[rest])
+        sel = np.flatnonzero(done)
+        keep = sel[merge_detections(boxes[sel], scores[sel], labels[sel], cut[sel], self.nms_iou, self.drop_cut)]
+        return boxes[keep], scores[keep], labels[keep], windows[keep]
+
+
+def _linked_to(
+    boxes: np.ndarray, labels: np.ndarray, cut: np.ndarray, seed: np.ndarray, nms_iou: float, drop_cut: bool
+) -> np.ndarray:
+    """``seed`` grown along the links that decide a merge, until closed.
+
+    Two boxes are linked when one can remove the other in :func:`merge_detections`: same class
+    and IoU above ``nms_iou`` (NMS), or a cut box more than half covered by an uncut one
+    (seams). Mere touching is no link, so the marked set stays local even in dense scenes.
+    """
+    mark = seed.copy()
+    if not mark.any() or mark.all():
+        return mark
+    b = boxes.astype(np.float64)
+    i, j = _overlapping_pairs(b)
+    same = labels[i] == labels[j]
+    i, j = i[same], j[same]
+    inter, iou = _pair_overlaps(b, i, j)
+    link = iou > nms_iou
+    if drop_cut:
+        area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+        ci, cj = cut[i], cut[j]
+        link |= ci & ~cj & (inter / np.maximum(area[i], 1e-12) > 0.5)
+        link |= cj & ~ci & (inter / np.maximum(area[j], 1e-12) > 0.5)
+    i, j = i[link], j[link]
+    while True:
+        grow = mark[i] & ~mark[j]
+        if not grow.any():
+            return mark
+        mark[j[grow]] = True
 
 
 def _merged_frame(path: Path, info: RasterInfo, raw: RawDetections, nms_iou: float, drop_cut: bool) -> gpd.GeoDataFrame:
