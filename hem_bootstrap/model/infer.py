@@ -21,8 +21,8 @@ from typing import Any
 
 import geopandas as gpd
 import numpy as np
+import shapely
 import torch
-from shapely import box as shapely_box
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -188,7 +188,7 @@ def detections_frame(
 ) -> gpd.GeoDataFrame:
     """Build a detection frame in the raster's CRS from image-pixel boxes."""
     map_boxes = pixel_to_map_boxes(boxes, info.transform) if len(boxes) else np.zeros((0, 4))
-    geoms = [shapely_box(*bb) for bb in map_boxes]
+    geoms = shapely.box(map_boxes[:, 0], map_boxes[:, 1], map_boxes[:, 2], map_boxes[:, 3])
     frame = gpd.GeoDataFrame(
         {
             "image": [image] * len(boxes),
