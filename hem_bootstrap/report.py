@@ -43,6 +43,7 @@ COLUMNS: list[tuple[str, str, str | None, str]] = [
     ("fp_per_km2", "FP/km²", "FP/km²", ".1f"),
     ("fp_per_km2_r80", "FP/km² @R0.8", "FP/km²@R0.8", ".1f"),
     ("fp_per_km2_r90", "FP/km² @R0.9", None, ".1f"),
+    ("fp_away_per_km2_r80", "look-alike FP/km² @R0.8", "look-alike@R0.8", ".1f"),
     ("fp_on_distractors_share", "FP share on distractors", None, ".2f"),
 ]
 
@@ -126,6 +127,7 @@ def _row(entry: dict[str, Any], m: dict[str, Any] | None) -> dict[str, Any]:
         "fp_per_km2": m.get("fp_per_km2"),
         "fp_per_km2_r80": _at_key(m.get("fp_per_km2_at_recall"), 0.8),
         "fp_per_km2_r90": _at_key(m.get("fp_per_km2_at_recall"), 0.9),
+        "fp_away_per_km2_r80": _at_key(m.get("fp_away_per_km2_at_recall"), 0.8),
         "fp_on_distractors_share": m.get("fp_on_distractors_share"),
     }
 

@@ -113,7 +113,7 @@ def test_format_table_is_fixed_width(make_run: Callable[..., Path]) -> None:
     lines = text.splitlines()
     assert len(lines) == 2 + 4
     assert len({len(line) for line in lines}) == 1
-    for header in ("round", "bank", "new neg", "pool FP", "AP@0.5", "FP/km²", "FP/km²@R0.8"):
+    for header in ("round", "bank", "new neg", "pool FP", "AP@0.5", "FP/km²", "FP/km²@R0.8", "look-alike@R0.8"):
         assert header in lines[0]
     assert lines[-1].split()[0] == "3" and lines[-1].split()[-1] == "-"
 
