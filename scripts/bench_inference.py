@@ -108,7 +108,7 @@ def child_end_to_end(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         frames = detect(model, [Path(args.raster)], cfg.data, cfg.tiling, cfg.model, cfg.runtime, device,
                         stats=stats, progress=False)
-        n, _ = write_detections(frames, Path(tmp) / "d.gpkg")
+        n, _ = write_detections(frames, Path(args.dump) if args.dump else Path(tmp) / "d.gpkg")
     return {
         "tiles": stats.tiles_total, "tiles_run": stats.tiles_run, "seconds": stats.seconds,
         "tiles_per_s": stats.tiles_per_s, "detections": n, "model_seconds": stats.model_seconds,
@@ -170,9 +170,16 @@ def child_sahi(args: argparse.Namespace) -> dict:
 
     from hem_bootstrap.model.detectors import build_detector
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = _cfg(args.arch, args.batch, 0, args.tile, args.overlap, "none", args.threads)
     torch.manual_seed(0)
-    model = build_detector(cfg.model, 2, args.tile).eval()
+    model = build_detector(cfg.model, 2, args.tile)
+    if args.weights:
+        from hem_bootstrap.model.detectors import load_checkpoint
+
+        load_checkpoint(Path(args.weights), model)
+    model = model.eval()
     det = TorchVisionDetectionModel(model=model, confidence_threshold=cfg.model.score_floor,
                                     device="cuda" if _cuda() else "cpu", category_mapping={"1": "vehicle"},
                                     load_at_init=True, image_size=args.tile)
@@ -185,7 +192,30 @@ def child_sahi(args: argparse.Namespace) -> dict:
     res = get_sliced_prediction(image, det, slice_height=args.tile, slice_width=args.tile,
                                 overlap_height_ratio=ratio, overlap_width_ratio=ratio, verbose=0)
     secs = time.perf_counter() - t0
+    if args.dump:
+        rows = [[*p.bbox.to_xyxy(), p.score.value] for p in res.object_prediction_list]
+        np.save(args.dump, np.asarray(rows, dtype=np.float64).reshape(-1, 5))
     return {"seconds": secs, "detections": len(res.object_prediction_list), "peak_rss_mb": _peak_rss_mb()}
+
+
+def _agreement(ours_gpkg: Path, sahi_npy: Path, min_score: float = 0.3, iou: float = 0.5) -> dict:
+    """How many detections scoring >= ``min_score`` each method finds that the other also finds (IoU >= ``iou``)."""
+    import geopandas as gpd
+    import shapely
+
+    ours = gpd.read_file(ours_gpkg)
+    a = ours.loc[ours["score"] >= min_score, ["px_xmin", "px_ymin", "px_xmax", "px_ymax"]].to_numpy(float)
+    sahi = np.load(sahi_npy)
+    b = sahi[sahi[:, 4] >= min_score, :4]
+    if len(a) == 0 or len(b) == 0:
+        return {"ours": len(a), "sahi": len(b), "ours_found_by_sahi": 0, "sahi_found_by_ours": 0}
+    ga, gb = shapely.box(*a.T), shapely.box(*b.T)
+    i, j = shapely.STRtree(gb).query(ga, predicate="intersects")
+    inter = shapely.area(shapely.intersection(ga[i], gb[j]))
+    good = inter / (shapely.area(ga[i]) + shapely.area(gb[j]) - inter) >= iou
+    return {"min_score": min_score, "iou": iou, "ours": len(a), "sahi": len(b),
+            "ours_found_by_sahi": int(len(np.unique(i[good]))) / len(a),
+            "sahi_found_by_ours": int(len(np.unique(j[good]))) / len(b)}
 
 
 def _run_child(kind: str, args: argparse.Namespace, **extra: object) -> dict:
@@ -265,7 +295,8 @@ def main() -> None:
         make_big_raster(raster, size)
         print(f"raster {size}x{size}: {raster} ({raster.stat().st_size / 1e6:.0f} MB, {time.perf_counter() - t0:.0f}s)")
         args.raster = raster
-        e2e = _run_child("e2e", args)
+        ours_dump = data_dir / f"ours_{size}.gpkg"
+        e2e = _run_child("e2e", args, dump=ours_dump if args.compare_sahi else None)
         model = _run_child("model", args)
         row = {"end_to_end": e2e, "model_only": model}
         if "tiles_per_s" in e2e and "tiles_per_s" in model:
@@ -274,11 +305,13 @@ def main() -> None:
             try:
                 import sahi  # type: ignore[import-not-found]  # noqa: F401
 
-                sahi_res = _run_child("sahi", args)
+                sahi_dump = data_dir / f"sahi_{size}.npy"
+                sahi_res = _run_child("sahi", args, dump=sahi_dump)
                 row["sahi"] = sahi_res
                 if "seconds" in sahi_res and "seconds" in e2e:
                     row["sahi_wall_ratio"] = sahi_res["seconds"] / e2e["seconds"]
                     row["rss_ratio_ours_over_sahi"] = e2e["peak_rss_mb"] / sahi_res["peak_rss_mb"]
+                    row["agreement"] = _agreement(ours_dump, sahi_dump)
             except ImportError:
                 row["sahi"] = "not installed"
         results["sizes"][str(size)] = row
