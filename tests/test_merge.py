@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import geopandas as gpd
 import numpy as np
 import pytest
+import shapely
 
-from hem_bootstrap.model.infer import BandMerger, RawDetections, cut_by_inner_edge, merge_detections
+from hem_bootstrap.model.infer import (
+    BandMerger,
+    RawDetections,
+    cut_by_inner_edge,
+    empty_detections,
+    merge_detections,
+)
 
 
 def test_cut_by_inner_edge_ignores_image_border() -> None:
@@ -107,3 +117,32 @@ def test_band_merger_equals_whole_image_merge(seed: int) -> None:
         waited.append(sum(len(x) for x in merger.pending.boxes))
     assert sorted(got) == expected
     assert max(waited) < len(b) / 3  # only about a band's worth waits at any time
+
+
+def _frame(image: str, n: int, crs: str) -> gpd.GeoDataFrame:
+    x = np.arange(n, dtype=float)
+    cols = {c: np.zeros(n, np.int64) for c in ("label", "win_col", "win_row", "win_w", "win_h")}
+    cols["label"] += 1
+    frame = gpd.GeoDataFrame(
+        {"image": [image] * n, **cols, "score": np.full(n, 0.5),
+         "px_xmin": x, "px_ymin": x, "px_xmax": x + 1, "px_ymax": x + 1},
+        geometry=shapely.box(x, x, x + 1, x + 1), crs=crs,
+    )
+    return frame[list(empty_detections().columns)]  # the column order of detections_frame
+
+
+def test_write_detections_one_layer_per_crs_in_buffered_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyogrio
+
+    import hem_bootstrap.model.infer as infer
+
+    monkeypatch.setattr(infer, "WRITE_BATCH_ROWS", 5)  # force several appends
+    frames = [_frame("a.tif", 3, "EPSG:32633"), _frame("a.tif", 4, "EPSG:32633"), _frame("b.tif", 2, "EPSG:32634"),
+              _frame("b.tif", 0, "EPSG:32634"), _frame("c.tif", 6, "EPSG:32633")]
+    n, layers = infer.write_detections(iter(frames), tmp_path / "d.gpkg")
+    assert n == 15 and layers == ["detections", "detections_epsg_32634"]
+    assert sorted(name for name, _ in pyogrio.list_layers(tmp_path / "d.gpkg")) == sorted(layers)
+    a = gpd.read_file(tmp_path / "d.gpkg", layer="detections")
+    b = gpd.read_file(tmp_path / "d.gpkg", layer="detections_epsg_32634")
+    assert a["image"].tolist() == ["a.tif"] * 7 + ["c.tif"] * 6 and a.crs == "EPSG:32633"
+    assert b["image"].tolist() == ["b.tif"] * 2 and b.crs == "EPSG:32634"

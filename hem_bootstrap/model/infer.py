@@ -21,6 +21,7 @@ from typing import Any
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import shapely
 import torch
 from torch.utils.data import DataLoader
@@ -35,6 +36,8 @@ from hem_bootstrap.geo.windows import pixel_to_map_boxes
 
 log = logging.getLogger(__name__)
 
+WRITE_BATCH_ROWS = 50_000
+"""Detections buffered before one GeoPackage append (bounded memory, few file opens)."""
 EDGE_MARGIN_PX = 2.0
 """A box closer than this to an inner tile edge counts as cut by that edge."""
 
@@ -522,15 +525,33 @@ def write_detections(
         tmp_gpkg.unlink()
     layers: dict[str, str] = {}
     total = 0
+    buffer: list[gpd.GeoDataFrame] = []
+    buffered = 0
+
+    def flush() -> None:
+        nonlocal buffered
+        if buffer:
+            key = buffer[0].crs.to_string() if buffer[0].crs is not None else "pixel"
+            chunk = buffer[0] if len(buffer) == 1 else pd.concat(buffer, ignore_index=True)
+            pyogrio.write_dataframe(chunk, tmp_gpkg, layer=layers[key], driver="GPKG", append=True)
+        buffer.clear()
+        buffered = 0
+
     for frame in frames:
         key = frame.crs.to_string() if frame.crs is not None else "pixel"
+        if buffer and buffer[0].crs != frame.crs:
+            flush()
         if key not in layers:
             layers[key] = layer if not layers else f"{layer}_{key.replace(':', '_').lower()}"
             empty = empty_detections(frame.crs)
             pyogrio.write_dataframe(empty, tmp_gpkg, layer=layers[key], driver="GPKG", append=tmp_gpkg.exists())
         if len(frame):
-            pyogrio.write_dataframe(frame, tmp_gpkg, layer=layers[key], driver="GPKG", append=True)
+            buffer.append(frame)
+            buffered += len(frame)
+            if buffered >= WRITE_BATCH_ROWS:  # one GeoPackage append per ~50k rows, not per row band
+                flush()
         total += len(frame)
+    flush()
     if not layers:
         pyogrio.write_dataframe(empty_detections(None), tmp_gpkg, layer=layer, driver="GPKG")
         layers["pixel"] = layer
