@@ -149,6 +149,45 @@ def _mean_sd(values: list[float | None]) -> str:
     return f"{statistics.mean(vals):.3g} ± {statistics.stdev(vals):.2g}" + ("" if len(vals) == len(values) else "*")
 
 
+def _final(rows: list[dict[str, Any]], r: int, key: str) -> float | None:
+    x = next((x for x in rows if x["round"] == r), None)
+    return None if x is None else x.get(key)
+
+
+def summary(results: dict[str, dict[int, list[dict[str, Any]]]], rounds: int) -> str:
+    """Against the targets at the last round: FP/km² @ recall 0.8 vs round 0, AP held, and per-seed wins."""
+    lines = [f"Round {rounds} against round 0 and against the controls (per seed; lower FP/km² wins):", "",
+             "| recipe | FP/km² @R0.8, round N / round 0 | AP@0.5 change | look-alike FP/km² @R0.8 | "
+             "beats none (R0.8 / R0.9) | beats random (R0.8 / R0.9) |",
+             "|---|---|---|---|---|---|"]
+
+    def wins(recipe: str, other: str, key: str) -> str:
+        if other not in results or other == recipe:
+            return "-"
+        pairs = [(_final(rs, rounds, key), _final(results[other].get(seed, []), rounds, key))
+                 for seed, rs in results[recipe].items()]
+        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+        return f"{sum(a < b for a, b in pairs)}/{len(pairs)}" + (f" ({sum(a == b for a, b in pairs)} tied)"
+                                                                  if any(a == b for a, b in pairs) else "")
+
+    for recipe, by_seed in results.items():
+        ratios, d_ap, away = [], [], []
+        for rs in by_seed.values():
+            f0, fn = _final(rs, 0, "fp_km2_r80"), _final(rs, rounds, "fp_km2_r80")
+            if f0 and fn is not None:
+                ratios.append(fn / f0)
+            a0, an = _final(rs, 0, "ap50"), _final(rs, rounds, "ap50")
+            if a0 is not None and an is not None:
+                d_ap.append(an - a0)
+            away.append(_final(rs, rounds, "fp_away_km2_r80"))
+        lines.append(
+            f"| {recipe} | {_mean_sd(list(ratios))} | {_mean_sd(list(d_ap))} | {_mean_sd(away)} | "
+            f"{wins(recipe, 'none', 'fp_km2_r80')} / {wins(recipe, 'none', 'fp_km2_r90')} | "
+            f"{wins(recipe, 'random', 'fp_km2_r80')} / {wins(recipe, 'random', 'fp_km2_r90')} |"
+        )
+    return "\n".join(lines)
+
+
 def markdown(results: dict[str, dict[int, list[dict[str, Any]]]], rounds: int) -> str:
     lines = ["| recipe | round | AP@0.5 | FP/km² @ recall 0.8 | look-alike FP/km² @ recall 0.8 "
              "| FP/km² @ recall 0.9 | look-alike FP/km² @ recall 0.9 | FP/km² @ op. threshold | bank |",
@@ -166,6 +205,7 @@ def markdown(results: dict[str, dict[int, list[dict[str, Any]]]], rounds: int) -
                 f"{_mean_sd([x['fp_km2'] for x in rows])} | "
                 f"{_mean_sd([float(x['bank']) for x in rows])} |"
             )
+    lines += ["", summary(results, rounds)]
     lines.append("")
     lines.append("mean ± sample standard deviation over seeds; * = some seeds never reached that recall. "
                  "Look-alike FPs: false positives that overlap no labelled object (IoU <= 0.1), i.e. "
