@@ -361,7 +361,13 @@ def step_detect(ctx: Context, r: int) -> dict[str, Any]:
 
 def _hard_positives(ctx: Context, r: int, bank: Any) -> dict[str, Any]:
     """Find this round's hard positives on the training images; list chronic ones for review."""
-    from hem_bootstrap.mining.positives import LAYER, carry_history, hard_positives, review_rows
+    from hem_bootstrap.mining.positives import (
+        LAYER,
+        REVIEW_REASON,
+        carry_history,
+        hard_positives,
+        review_rows,
+    )
 
     cfg, rd = ctx.cfg, ctx.run.round_dir(r)
     dets = _read_detections(rd / "train_detections.gpkg")
@@ -377,7 +383,7 @@ def _hard_positives(ctx: Context, r: int, bank: Any) -> dict[str, Any]:
     _write_frame(frame, rd / "hard_positives.gpkg", LAYER)
     to_review = review_rows(frame)
     if len(to_review):
-        bank.add_review(to_review, r, "labelled object missed every round")
+        bank.add_review(to_review, r, REVIEW_REASON)
     return {
         "hard_positives": int(frame["hard"].sum()),
         "hard_positives_oversampled": int(frame["oversample"].sum()),

@@ -87,3 +87,18 @@ def test_loop_records_and_oversamples_hard_positives(synth_scenes: Path, tmp_pat
     review = gpd.read_file(run / "bank.gpkg", layer="review")
     assert (review["reason"] == "labelled object missed every round").sum() >= 1
     assert np.all(hp2.loc[chronic, "rounds_hard"] >= 2)
+
+
+def test_review_decisions_on_chronic_misses() -> None:
+    from hem_bootstrap.mining.bank import NegativeBank, apply_review
+
+    first = carry_history(hard_positives("a.tif", _gt(), _dets([]), T, 0.5, 0.3), None, 1)
+    assert first["review"].all()  # max_rounds 1: every miss goes straight to review
+    bank = NegativeBank()
+    assert bank.add_review(review_rows(first), 1, "unused") == 3
+    rid = bank.review()["review_id"].tolist()
+    decisions = pd.DataFrame({"review_id": rid, "decision": ["positive", "negative", ""]})
+    out = apply_review(bank, decisions)
+    assert len(out["new_positives"]) == 0  # the label exists already: confirmed, not added twice
+    assert out["negatives_added"] == 1 and len(bank.active()) == 1  # a wrong label becomes a negative
+    assert bank.review()["review_id"].tolist() == [rid[2]]  # undecided stays pending

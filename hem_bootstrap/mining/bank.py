@@ -738,7 +738,9 @@ def apply_review(
     ``decisions`` needs ``review_id`` and ``decision`` columns (e.g. the ``review`` layer
     edited in QGIS). ``negative`` rows move into the bank (strategy ``review``);
     ``positive`` rows are returned for the caller to add to the labels, and bank entries
-    overlapping them (IoU > 0.5) are retired, since they are objects after all. Both leave the
+    overlapping them (IoU > 0.5) are retired, since they are objects after all; a hard
+    positive listed because it was missed every round is already labelled, so ``positive``
+    only confirms it. Both leave the
     review layer; blank decisions stay pending.
 
     Returns:
@@ -759,6 +761,9 @@ def apply_review(
         res = bank.add(gpd.GeoDataFrame(group, crs=bank.crs), int(rnd), "", "review", cfg)
         moved += res["added"] + res["updated"]
     retired = _retire_overlapping(bank, pos_rows)
+    from hem_bootstrap.mining.positives import REVIEW_REASON
+
+    pos_rows = pos_rows[pos_rows["reason"] != REVIEW_REASON]  # already labelled: confirmed, nothing to add
     positives = gpd.GeoDataFrame(
         pos_rows[["review_id", "image", "label", "score", *PX_COLUMNS, "geometry"]].reset_index(drop=True),
         geometry="geometry",

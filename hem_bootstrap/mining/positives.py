@@ -29,6 +29,8 @@ from torchvision.ops import box_iou
 from hem_bootstrap.geo.windows import map_to_pixel_boxes
 
 LAYER = "hard_positives"
+REVIEW_REASON = "labelled object missed every round"
+"""``reason`` of the review rows this module adds (a decision of ``positive`` keeps the label as it is)."""
 COLUMNS = (
     "image", "gt_index", "label", "best_score", "hard", "rounds_hard", "oversample", "review",
     "px_xmin", "px_ymin", "px_xmax", "px_ymax",
@@ -112,6 +114,6 @@ def review_rows(frame: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
         "win_w": np.zeros(n, dtype=np.int64),
         "win_h": np.zeros(n, dtype=np.int64),
         **{c: sel[c].to_numpy(dtype=np.float64) for c in ("px_xmin", "px_ymin", "px_xmax", "px_ymax")},
-        "reason": np.full(n, "labelled object missed every round", dtype=object),
+        "reason": np.full(n, REVIEW_REASON, dtype=object),
     }
     return gpd.GeoDataFrame(cols, geometry=list(sel.geometry.values), crs=frame.crs)
