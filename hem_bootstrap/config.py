@@ -114,8 +114,10 @@ class ModelConfig(_Section):
     score_floor: float = Field(0.05, ge=0, le=1, description="Detections below this score are dropped.")
     nms_iou: float = Field(0.5, gt=0, le=1, description="IoU of the detector's own NMS.")
     channels_last: bool = Field(True, description="Use channels_last memory format.")
-    fast_path: Literal["none", "compile", "channels_last"] = Field(
-        "channels_last", description="CPU/GPU inference fast path."
+    fast_path: Literal["auto", "none", "channels_last", "compile", "bf16"] = Field(
+        "auto",
+        description="Inference fast path. bf16: channels_last + bfloat16 autocast on CPU; auto: bf16 on a CPU "
+        "with native bfloat16 (AVX512-BF16 / AMX), else channels_last (on CUDA, runtime.amp decides precision).",
     )
     focal_alpha: float = Field(0.25, ge=0, le=1, description="Focal loss alpha (RetinaNet, FCOS, box_focal).")
     focal_gamma: float = Field(2.0, ge=0, description="Focal loss gamma (RetinaNet, FCOS, box_focal).")

@@ -242,6 +242,7 @@ def detect_distributed(
         progress=progress and rank == 0,
         total_tiles=len(refs),
         progress_scale=scale,
+        model_cfg=cfg.model,
     ):
         local[idx] = raw.arrays()
     counts = torch.tensor([stats.tiles_total, stats.tiles_skipped, stats.tiles_run], dtype=torch.int64)

@@ -8,7 +8,7 @@ fresh subprocess so peak RSS is the run's own:
   batching, seam NMS, streaming GeoPackage output);
 * model-only tiles/s on pre-loaded tensors with the same model, batch and tile size: the ceiling;
 * their ratio, and peak RSS (the process and its DataLoader workers);
-* with ``--fast-paths``, the model-only ceiling of eager float32, channels_last and
+* with ``--fast-paths``, the model-only ceiling of eager float32, channels_last, bf16 and
   torch.compile, and how far their detections differ;
 * with ``--compare-sahi`` (when ``sahi`` is importable), SAHI's sliced prediction with the same
   torchvision model, tile and overlap.
@@ -121,7 +121,7 @@ def child_model_only(args: argparse.Namespace) -> dict:
     import torch
 
     from hem_bootstrap.model.detectors import build_detector
-    from hem_bootstrap.model.infer import prepare_model
+    from hem_bootstrap.model.infer import inference_autocast, prepare_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -145,7 +145,7 @@ def child_model_only(args: argparse.Namespace) -> dict:
     batches = [torch.stack(tiles[i:i + args.batch]).to(device) for i in range(0, len(tiles) - args.batch + 1, args.batch)]
     n_tiles = 0
     outs = []
-    with torch.inference_mode():
+    with torch.inference_mode(), inference_autocast(device, cfg.runtime, cfg.model):
         model(list(batches[0]))  # warm-up (and compile)
         t0 = time.perf_counter()
         deadline = t0 + args.model_seconds
@@ -268,7 +268,7 @@ def main() -> None:
     p.add_argument("--tile", type=int, default=256)
     p.add_argument("--overlap", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--fast-path", default="channels_last", choices=["none", "channels_last", "compile"])
+    p.add_argument("--fast-path", default="auto", choices=["auto", "none", "channels_last", "compile", "bf16"])
     p.add_argument("--fast-paths", action="store_true", help="also compare eager / channels_last / compile")
     p.add_argument("--compare-sahi", action="store_true")
     p.add_argument("--model-seconds", type=float, default=20.0)
@@ -320,11 +320,12 @@ def main() -> None:
         args.raster = data_dir / f"big_{args.sizes[0]}.tif"
         fp: dict = {}
         dumps = {}
-        for mode in ("none", "channels_last", "compile"):
+        modes = ("none", "channels_last", "compile", "bf16")
+        for mode in modes:
             dumps[mode] = data_dir / f"out_{mode}.pt"
             fp[mode] = _run_child("model", args, fast_path=mode, dump=dumps[mode])
         base = fp["none"].get("tiles_per_s")
-        for mode in ("channels_last", "compile"):
+        for mode in modes[1:]:
             if base and "tiles_per_s" in fp[mode]:
                 fp[mode]["speedup_vs_eager"] = fp[mode]["tiles_per_s"] / base
                 fp[mode]["agreement"] = _compare_outputs(dumps["none"], dumps[mode])

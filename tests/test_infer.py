@@ -165,3 +165,24 @@ def test_streaming_outputs(scan, tmp_path: Path) -> None:  # noqa: ANN001
     with pytest.raises(DataError, match="unsupported output format"):
         write_detections(iter([tiled]), tmp_path / "d.csv")
     assert not list(tmp_path.glob(".*tmp*"))  # nothing half-written left behind
+
+
+def test_bf16_fast_path_keeps_detections(scan, trained_small_model: Path, synth_scenes: Path) -> None:  # noqa: ANN001
+    from hem_bootstrap.model.infer import resolve_fast_path
+
+    cfg = _cfg()
+    cpu = torch.device("cpu")
+    assert resolve_fast_path(cfg.model.model_copy(update={"fast_path": "none"}), cpu) == "none"
+    assert resolve_fast_path(cfg.model, cpu) in ("bf16", "channels_last")  # auto: by the CPU's bf16 support
+    out = {}
+    for mode in ("none", "bf16"):
+        cfg.model.fast_path = mode  # type: ignore[assignment]
+        out[mode] = _scan(trained_small_model, synth_scenes / "test.tif", cfg)
+    ref, fast = (f[f["score"] >= 0.5] for f in (out["none"], out["bf16"]))
+    transform = rasterio.open(synth_scenes / "test.tif").transform
+    iou = box_iou(_px(ref, transform), _px(out["bf16"], transform))
+    best, j = iou.max(dim=1)
+    assert len(ref) > 10 and (best >= 0.9).float().mean() >= 0.95  # the same boxes, to bf16 precision
+    diffs = (torch.tensor(ref["score"].to_numpy()) - torch.tensor(out["bf16"]["score"].to_numpy())[j]).abs()
+    assert float(diffs[best >= 0.9].max()) < 0.05
+    assert abs(len(fast) - len(ref)) <= max(2, len(ref) // 20)

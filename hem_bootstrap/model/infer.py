@@ -244,22 +244,43 @@ def usable_rasters(paths: list[Path], on_bad: str) -> tuple[list[Path], list[Ras
     return good, infos, bad
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bfloat16 natively (AVX512-BF16 or AMX), so bf16 is fast, not emulated."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def resolve_fast_path(model_cfg: ModelConfig, device: torch.device) -> str:
+    """The fast path actually used: ``auto`` becomes ``bf16`` on a CPU with native bf16, else ``channels_last``."""
+    fast = model_cfg.fast_path
+    if fast == "auto":
+        fast = "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "channels_last"
+    return fast
+
+
 def prepare_model(model: torch.nn.Module, device: torch.device, model_cfg: ModelConfig) -> torch.nn.Module:
     """Move the model to the device in eval mode, with the configured fast path."""
     model = model.to(device).eval()
-    if model_cfg.fast_path in ("channels_last", "compile") and model_cfg.channels_last:
+    fast = resolve_fast_path(model_cfg, device)
+    if fast in ("channels_last", "compile", "bf16") and model_cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if model_cfg.fast_path == "compile":
+    if fast == "compile":
         backbone = getattr(model, "backbone", None)
         if backbone is not None:
             model.backbone = torch.compile(backbone, dynamic=False)  # type: ignore[assignment]
     return model
 
 
-def _autocast(device: torch.device, runtime: RuntimeConfig) -> contextlib.AbstractContextManager:
+def inference_autocast(
+    device: torch.device, runtime: RuntimeConfig, model_cfg: ModelConfig | None = None
+) -> contextlib.AbstractContextManager:
+    """Mixed precision for inference: AMP on CUDA (``runtime.amp``), bf16 on CPU with the ``bf16`` fast path."""
     if device.type == "cuda" and runtime.amp:
         dtype = torch.bfloat16 if runtime.amp_dtype == "bf16" else torch.float16
         return torch.autocast(device_type="cuda", dtype=dtype)
+    if device.type == "cpu" and model_cfg is not None and resolve_fast_path(model_cfg, device) == "bf16":
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -284,6 +305,7 @@ def scan_raw(
     total_tiles: int | None = None,
     progress_scale: float = 1.0,
     bands: bool = False,
+    model_cfg: ModelConfig | None = None,
 ) -> Iterator[tuple[int, RawDetections, int | None]]:
     """Run the model over tiles in order; yield ``(image_idx, raw detections, frontier)``.
 
@@ -332,7 +354,7 @@ def scan_raw(
             if device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
             tm = time.perf_counter()
-            with _autocast(device, runtime):
+            with inference_autocast(device, runtime, model_cfg):
                 outputs = model(list(images))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -403,7 +425,7 @@ def detect(
     model = prepare_model(model, device, model_cfg)
     merger: BandMerger | None = None
     for idx, raw, frontier in scan_raw(model, good, infos, refs, data_cfg, runtime, device, stats, progress,
-                                       bands=True):
+                                       bands=True, model_cfg=model_cfg):
         if merger is None or merger.image != idx:
             merger = BandMerger(idx, model_cfg.nms_iou, drop_cut)
         merger.add(raw)
