@@ -112,6 +112,7 @@ def child_end_to_end(args: argparse.Namespace) -> dict:
     return {
         "tiles": stats.tiles_total, "tiles_run": stats.tiles_run, "seconds": stats.seconds,
         "tiles_per_s": stats.tiles_per_s, "detections": n, "model_seconds": stats.model_seconds,
+        "wait_for_reads_seconds": stats.wait_seconds, "merge_seconds": stats.merge_seconds,
         "peak_rss_mb": _peak_rss_mb(),
     }
 
@@ -140,8 +141,10 @@ def child_model_only(args: argparse.Namespace) -> dict:
 
     refs = plan_tiles([Path(args.raster)], cfg.tiling)
     pick = np.linspace(0, len(refs) - 1, num=min(128, len(refs))).round().astype(int)
+    tr = time.perf_counter()
     with RasterReader(args.raster, cfg.data) as reader:
         tiles = [torch.from_numpy(np.ascontiguousarray(reader.read(refs[i].window)[0])) for i in pick]
+    read_ms = (time.perf_counter() - tr) / len(pick) * 1000
     batches = [torch.stack(tiles[i:i + args.batch]).to(device) for i in range(0, len(tiles) - args.batch + 1, args.batch)]
     n_tiles = 0
     outs = []
@@ -159,7 +162,8 @@ def child_model_only(args: argparse.Namespace) -> dict:
                 torch.cuda.synchronize()
         secs = time.perf_counter() - t0
     torch.save(outs, args.dump) if args.dump else None
-    return {"tiles": n_tiles, "seconds": secs, "tiles_per_s": n_tiles / secs, "peak_rss_mb": _peak_rss_mb()}
+    return {"tiles": n_tiles, "seconds": secs, "tiles_per_s": n_tiles / secs, "peak_rss_mb": _peak_rss_mb(),
+            "read_ms_per_tile": read_ms}
 
 
 def child_sahi(args: argparse.Namespace) -> dict:

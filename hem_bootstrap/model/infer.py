@@ -89,6 +89,8 @@ class DetectStats:
     detections: int = 0
     seconds: float = 0.0
     model_seconds: float = 0.0
+    merge_seconds: float = 0.0
+    wait_seconds: float = 0.0
     bad_rasters: list[str] = field(default_factory=list)
 
     @property
@@ -335,8 +337,14 @@ def scan_raw(
     bar = tqdm(total=total, unit="tile", disable=not progress, dynamic_ncols=True, desc="detect", leave=False)
     read, shown = 0, 0.0
     t0 = time.perf_counter()
+    batches = iter(loader)
     with torch.inference_mode():
-        for batch in loader:
+        while True:
+            tw = time.perf_counter()
+            batch = next(batches, None)  # time blocked here = the model waiting for reads
+            stats.wait_seconds += time.perf_counter() - tw
+            if batch is None:
+                break
             n_in_batch = len(batch["image_idx"]) + batch["n_skipped"]
             stats.tiles_total += n_in_batch
             stats.tiles_skipped += batch["n_skipped"]
@@ -428,10 +436,12 @@ def detect(
                                        bands=True, model_cfg=model_cfg):
         if merger is None or merger.image != idx:
             merger = BandMerger(idx, model_cfg.nms_iou, drop_cut)
+        tm = time.perf_counter()
         merger.add(raw)
         kept = merger.flush(frontier)
-        if len(kept[0]) or frontier is None:  # an image's last frame comes even when empty (its CRS layer)
-            frame = detections_frame(str(good[idx]), infos[idx], *kept)
+        frame = detections_frame(str(good[idx]), infos[idx], *kept)
+        stats.merge_seconds += time.perf_counter() - tm
+        if len(frame) or frontier is None:  # an image's last frame comes even when empty (its CRS layer)
             stats.detections += len(frame)
             yield frame
         stats.seconds = time.perf_counter() - t0
