@@ -123,7 +123,7 @@ def test_write_report_files(make_run: Callable[..., Path]) -> None:
     path = write_report(run)
     assert path == run / "report" / "report.md"
     md = path.read_text()
-    assert "| round | bank size | new negatives | pool FPs | AP@0.5 | AP |" in md
+    assert "| round | bank size | new negatives | pool FPs | hard positives | AP@0.5 | AP |" in md
     assert md.count("\n| ") == 1 + 4  # header + one line per round
     for name in ("pr_curves.png", "fp_ap_by_round.png", "bank_by_round.png", "mined_examples_round_001.png"):
         _valid_png(run / "report" / name)
