@@ -228,6 +228,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--train-seed", type=int, default=0)
+    p.add_argument("--collect-only", action="store_true", help="tabulate the finished runs under --work, run nothing")
     p.add_argument("--work", default="bench_out/mining")
     p.add_argument("--out", default="bench_out/bench_mining.json")
     args = p.parse_args()
@@ -235,15 +236,23 @@ def main() -> None:
     work = Path(args.work).resolve()
     runs = work / "runs"
     results: dict[str, dict[int, list[dict[str, Any]]]] = {r: {} for r in args.recipes}
+    # (with --collect-only a recipe missing for some seeds shows the seeds it has)
     t0 = time.perf_counter()
     for seed in args.seeds:
-        scenes = make_scenes(work, seed, args.size, args.pool_size, args.test_size, args.gsd)
+        scenes = None if args.collect_only else make_scenes(work, seed, args.size, args.pool_size, args.test_size,
+                                                             args.gsd)
         for recipe in args.recipes:
-            run = run_recipe(scenes, runs, seed, recipe, args)
+            if scenes is None:
+                run = runs / f"s{seed}_{recipe}"
+                if not (run / "table.txt").exists():
+                    continue
+            else:
+                run = run_recipe(scenes, runs, seed, recipe, args)
             results[recipe][seed] = collect(run)
             print(f"seed {seed} {recipe}: " + ", ".join(
                 f"r{x['round']} AP {x['ap50']:.3f} FP/km2@R.8 {x['fp_km2_r80']}" for x in results[recipe][seed]),
                 flush=True)
+    results = {recipe: by_seed for recipe, by_seed in results.items() if by_seed}
     table = markdown(results, args.rounds)
     print(table)
     out = Path(args.out)
