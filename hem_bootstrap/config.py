@@ -302,8 +302,17 @@ def _fields_of(model: type[BaseModel], path: list[str | int]) -> list[str]:
     return []
 
 
+def _one_line(text: str) -> str:
+    """Escape control characters (a key may be any YAML string, even a newline) so the error stays one line."""
+    return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in text)
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
     """Turn the first pydantic error into one line naming key, section, value and constraint."""
+    return _one_line(_format_validation_error(err, source))
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
     e = err.errors()[0]
     loc = [p for p in e["loc"]]
     dotted = ".".join(str(p) for p in loc) or "<root>"

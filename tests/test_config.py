@@ -36,6 +36,14 @@ def test_unknown_key_names_key_section_and_closest(tmp_path: Path) -> None:
     assert "\n" not in msg
 
 
+def test_unknown_key_with_a_newline_stays_one_line(tmp_path: Path) -> None:
+    # found by the fuzz test: YAML allows any string as a key
+    with pytest.raises(ConfigError) as exc:
+        load_config(_write(tmp_path, {"data": {"\n": None}}))
+    msg = str(exc.value)
+    assert "\n" not in msg and "unknown key '\\n' in section 'data'" in msg
+
+
 def test_unknown_section_suggests_closest(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="did you mean 'mining'"):
         load_config(_write(tmp_path, {"minning": {}}))
