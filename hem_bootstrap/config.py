@@ -74,6 +74,9 @@ class DataConfig(_Section):
         0.5, ge=0, le=1, description="Keep a clipped box as a target if this share of it is inside the tile."
     )
     on_bad_raster: Literal["skip", "fail"] = Field("skip", description="A broken raster in the pool.")
+    gdal_cache_mb: int = Field(
+        128, ge=8, description="GDAL block cache per reading process (GDAL's default, 5% of RAM, grows with the raster)."
+    )
 
     @field_validator("bands")
     @classmethod

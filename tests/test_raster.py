@@ -214,3 +214,15 @@ def test_percentile_from_block_sample_matches_full_statistics(make_raster: Calla
         sc = reader.scaling()
     lo, hi = np.percentile(data, [2, 98])
     assert sc.lo[0] == pytest.approx(lo, rel=0.03) and sc.hi[0] == pytest.approx(hi, rel=0.03)
+
+
+def test_reader_caps_the_gdal_block_cache(make_raster: Callable[..., Path]) -> None:
+    from rasterio.env import get_gdal_config
+
+    path = make_raster()
+    with RasterReader(path, DataConfig(gdal_cache_mb=48)) as reader:
+        reader.read(Window(0, 0, 32, 32, 32, 32))
+        assert int(get_gdal_config("GDAL_CACHEMAX")) == 48 * 2**20  # not 5% of RAM
+    with RasterReader(path, DataConfig()) as reader:
+        reader.read(Window(0, 0, 32, 32, 32, 32))
+        assert int(get_gdal_config("GDAL_CACHEMAX")) == 128 * 2**20

@@ -203,6 +203,25 @@ class _Scaling:
         return np.clip(out, 0.0, 1.0, out=out)
 
 
+_CACHE_SET_IN: dict[int, int] = {}
+"""Process id -> the GDAL block cache limit (MB) set in it."""
+
+
+def limit_gdal_cache(mb: int) -> None:
+    """Cap GDAL's block cache in this process (once per process and value).
+
+    GDAL's default cap is 5% of RAM; a scan of a large compressed raster fills it, so a
+    reader's memory would grow with the raster. Tiles are read row by row, so a cache of a few
+    rows of blocks keeps every block decoded once.
+    """
+    if _CACHE_SET_IN.get(os.getpid()) == mb:
+        return
+    from rasterio.env import set_gdal_config
+
+    set_gdal_config("GDAL_CACHEMAX", int(mb) * 2**20)
+    _CACHE_SET_IN[os.getpid()] = mb
+
+
 class RasterReader:
     """Windowed reads of one raster, scaled to float32 in [0, 1] with a validity mask.
 
@@ -255,6 +274,7 @@ class RasterReader:
             return self._src
         if not self.path.exists():
             raise DataError(f"{self.path}: raster not found")
+        limit_gdal_cache(self.data_cfg.gdal_cache_mb)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
