@@ -140,6 +140,7 @@ def merge_detections(
     cut: np.ndarray,
     nms_iou: float,
     drop_cut: bool = True,
+    pairs: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Indices kept after seam merging of one image's raw detections, highest score first.
 
@@ -149,7 +150,8 @@ def merge_detections(
     its class with IoU above ``nms_iou``). Overlaps come from a spatial index, so the cost grows
     with the number of overlapping pairs, not with the square of a large image's detections.
     Inputs are put in a canonical order first, so the result does not depend on the order tiles
-    were processed in (one process or many).
+    were processed in (one process or many). ``pairs``: the intersecting index pairs of
+    ``boxes`` when the caller has them already (both directions), saving a spatial query.
     """
     n = len(boxes)
     if n == 0:
@@ -158,7 +160,12 @@ def merge_detections(
     b = boxes[order].astype(np.float64)
     lab = labels[order]
     c = cut[order].astype(bool)
-    i, j = _overlapping_pairs(b)
+    if pairs is None:
+        i, j = _overlapping_pairs(b)
+    else:
+        rank = np.empty(n, np.int64)
+        rank[order] = np.arange(n)
+        i, j = rank[pairs[0]], rank[pairs[1]]
     same = lab[i] == lab[j]
     i, j = i[same], j[same]
     inter, iou = _pair_overlaps(b, i, j)
@@ -473,11 +480,12 @@ class BandMerger:
     def flush(self, frontier: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Merge and return ``(boxes, scores, labels, windows)`` that are final at ``frontier`` (None: all)."""
         boxes, scores, labels, windows, cut = self.pending.arrays()
+        i, j = _overlapping_pairs(boxes.astype(np.float64)) if len(boxes) else (np.zeros(0, np.int64),) * 2
         if frontier is None:
             done = np.ones(len(boxes), bool)
         else:
             reach = boxes[:, 3] >= frontier
-            done = ~_linked_to(boxes, labels, cut, reach, self.nms_iou, self.drop_cut)
+            done = ~_linked_to(boxes, labels, cut, reach, self.nms_iou, self.drop_cut, (i, j))
         rest = ~done
         self.pending = RawDetections()
         if rest.any():
@@ -487,12 +495,22 @@ class BandMerger:
             self.pending.windows.append(windows[rest])
             self.pending.cut.append(cut[rest])
         sel = np.flatnonzero(done)
-        keep = sel[merge_detections(boxes[sel], scores[sel], labels[sel], cut[sel], self.nms_iou, self.drop_cut)]
+        local = np.full(len(boxes), -1, np.int64)
+        local[sel] = np.arange(len(sel))
+        both = done[i] & done[j]  # a finished box never overlaps a waiting one that matters
+        sub = (local[i[both]], local[j[both]])
+        keep = sel[merge_detections(boxes[sel], scores[sel], labels[sel], cut[sel], self.nms_iou, self.drop_cut, sub)]
         return boxes[keep], scores[keep], labels[keep], windows[keep]
 
 
 def _linked_to(
-    boxes: np.ndarray, labels: np.ndarray, cut: np.ndarray, seed: np.ndarray, nms_iou: float, drop_cut: bool
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    cut: np.ndarray,
+    seed: np.ndarray,
+    nms_iou: float,
+    drop_cut: bool,
+    pairs: tuple[np.ndarray, np.ndarray],
 ) -> np.ndarray:
     """``seed`` grown along the links that decide a merge, until closed.
 
@@ -504,7 +522,7 @@ def _linked_to(
     if not mark.any() or mark.all():
         return mark
     b = boxes.astype(np.float64)
-    i, j = _overlapping_pairs(b)
+    i, j = pairs
     same = labels[i] == labels[j]
     i, j = i[same], j[same]
     inter, iou = _pair_overlaps(b, i, j)
