@@ -60,11 +60,16 @@ def make_big_raster(path: Path, size: int, seed: int = 11) -> None:
     tmp.replace(path)
 
 
+SCORE_FLOOR = 0.05
+"""Detections below this score are dropped by the model (both engines); ``--score-floor`` sets it."""
+
+
 def _cfg(arch: str, batch: int, workers: int, tile: int, overlap: int, fast_path: str, threads: int | None):
     from hem_bootstrap.config import ExperimentConfig
 
     cfg = ExperimentConfig()
     cfg.model.arch = arch
+    cfg.model.score_floor = SCORE_FLOOR
     cfg.model.fast_path = fast_path  # type: ignore[assignment]
     cfg.runtime.batch_size = batch
     cfg.runtime.workers = workers
@@ -226,7 +231,7 @@ def _run_child(kind: str, args: argparse.Namespace, **extra: object) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--raster", str(args.raster), "--arch", args.arch,
            "--batch", str(args.batch), "--workers", str(args.workers), "--tile", str(args.tile),
            "--overlap", str(args.overlap), "--fast-path", str(extra.get("fast_path", args.fast_path)),
-           "--model-seconds", str(args.model_seconds)]
+           "--model-seconds", str(args.model_seconds), "--score-floor", str(args.score_floor)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.weights:
@@ -234,8 +239,11 @@ def _run_child(kind: str, args: argparse.Namespace, **extra: object) -> dict:
     if extra.get("dump"):
         cmd += ["--dump", str(extra["dump"])]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode < 0:
+        return {"error": f"killed by signal {-out.returncode} (SIGKILL: likely out of memory)"}
     if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
+        lines = [ln for ln in out.stderr.strip().splitlines() if "WARNING" not in ln]
+        return {"error": lines[-1] if lines else f"exit {out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -276,12 +284,16 @@ def main() -> None:
     p.add_argument("--fast-paths", action="store_true", help="also compare eager / channels_last / compile")
     p.add_argument("--compare-sahi", action="store_true")
     p.add_argument("--model-seconds", type=float, default=20.0)
+    p.add_argument("--score-floor", type=float, default=0.05,
+                   help="model.score_floor for every engine (SAHI keeps every prediction in Python objects)")
     p.add_argument("--data-dir", default="bench_out/rasters")
     p.add_argument("--out", default="bench_out/bench_inference.json")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--raster", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dump", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    global SCORE_FLOOR
+    SCORE_FLOOR = args.score_floor
 
     if args.child:
         fn = {"e2e": child_end_to_end, "model": child_model_only, "sahi": child_sahi}[args.child]
@@ -290,7 +302,7 @@ def main() -> None:
 
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    results: dict = {"arch": args.arch, "batch": args.batch, "workers": args.workers, "tile": args.tile,
+    results: dict = {"score_floor": args.score_floor, "arch": args.arch, "batch": args.batch, "workers": args.workers, "tile": args.tile,
                      "overlap": args.overlap, "fast_path": args.fast_path, "cpu_count": os.cpu_count(),
                      "cuda": _cuda(), "sizes": {}}
     for size in args.sizes:
