@@ -414,13 +414,6 @@ def _refresh_scores(bank: Any, dets: gpd.GeoDataFrame, iou: float) -> dict[int, 
     return scores
 
 
-def _new_in_bank(bank: Any, selected: gpd.GeoDataFrame, r: int, cfg: ExperimentConfig) -> int:
-    """How many of ``selected`` the bank would add as new rows (the rest update existing ones)."""
-    import copy
-
-    return int(copy.deepcopy(bank).add(selected, r, "", "probe", cfg.bank)["added"])
-
-
 def step_mine(ctx: Context, r: int) -> dict[str, Any]:
     """Match the scan to ground truth, select false positives, refresh and update the bank."""
     from hem_bootstrap.mining.bank import NegativeBank, route_for_review
@@ -463,10 +456,7 @@ def step_mine(ctx: Context, r: int) -> dict[str, Any]:
     if any(isinstance(s, RandomBaseline) for s in getattr(strategy, "strategies", [])):
         avoid = pd.concat([t for t in truths if len(t)], ignore_index=True) if any(len(t) for t in truths) else None
         box_px = typical_box_px(selected) if len(selected) else None
-        # as many random windows as the strategy would add *new* to the bank: re-found
-        # negatives only update their rows, so counting them would give the baseline more
-        n_new = _new_in_bank(bank, selected, r, cfg) if len(selected) else 0
-        selected = random_windows(n_new, images_meta, cfg.tiling.tile_size, rng, avoid=avoid, box_px=box_px)
+        selected = random_windows(len(selected), images_meta, cfg.tiling.tile_size, rng, avoid=avoid, box_px=box_px)
     refreshed = 0
     if cfg.bank.refresh and len(bank.active()):
         scores = _refresh_scores(bank, dets, cfg.bank.dedupe_iou)

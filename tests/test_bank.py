@@ -387,16 +387,3 @@ def test_re_adding_the_same_round_output_adds_nothing() -> None:
     assert again == {"added": 0, "updated": first["added"]}
     assert (bank.frame["rounds_seen"] == 2).all()
     assert bank.frame["neg_id"].is_unique
-
-
-def test_random_baseline_counts_only_what_the_bank_would_add() -> None:
-    """The random baseline matches the *new* negatives of its strategy, not the re-found ones."""
-    from hem_bootstrap.config import ExperimentConfig
-    from hem_bootstrap.rounds import _new_in_bank
-
-    bank = NegativeBank()
-    bank.add(mined([("a.tif", 0.8, box(0)), ("a.tif", 0.6, box(1))]), 1, "h1", "threshold>0.5", CFG)
-    cfg = ExperimentConfig.model_validate({"bank": CFG.model_dump()})
-    again = mined([("a.tif", 0.7, box(0, 1.0)), ("a.tif", 0.9, box(3)), ("a.tif", 0.9, box(4))])
-    assert _new_in_bank(bank, again, 2, cfg) == 2  # box 0 is re-found (an update), boxes 3 and 4 are new
-    assert len(bank.frame) == 2  # the probe leaves the bank as it was
