@@ -114,8 +114,6 @@ def cut_by_inner_edge(boxes: np.ndarray, win: tuple[int, int, int, int], width: 
 
 def _overlapping_pairs(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs ``(i, j)``, ``i != j``, of boxes that intersect (an STRtree query, never n x n)."""
-    import shapely
-
     geoms = shapely.box(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3])
     tree = shapely.STRtree(geoms)
     i, j = tree.query(geoms, predicate="intersects")
@@ -131,6 +129,14 @@ def _pair_overlaps(boxes: np.ndarray, i: np.ndarray, j: np.ndarray) -> tuple[np.
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     union = area[i] + area[j] - inter
     return inter, inter / np.maximum(union, 1e-12)
+
+
+def _covered_by_whole(
+    boxes: np.ndarray, cut: np.ndarray, i: np.ndarray, j: np.ndarray, inter: np.ndarray
+) -> np.ndarray:
+    """Per pair: box ``i`` is cut by a tile edge and more than half covered by uncut box ``j`` (seam rule)."""
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return cut[i] & ~cut[j] & (inter / np.maximum(area[i], 1e-12) > 0.5)
 
 
 def merge_detections(
@@ -171,9 +177,7 @@ def merge_detections(
     inter, iou = _pair_overlaps(b, i, j)
     alive = np.ones(n, bool)
     if drop_cut and c.any() and (~c).any():
-        area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-        covered = c[i] & ~c[j] & (inter / np.maximum(area[i], 1e-12) > 0.5)
-        alive[np.unique(i[covered])] = False
+        alive[np.unique(i[_covered_by_whole(b, c, i, j, inter)])] = False
     # greedy NMS over the sparse overlap graph, in canonical (score-descending) order
     sup = iou > nms_iou
     i, j = i[sup], j[sup]
@@ -460,9 +464,9 @@ class BandMerger:
 
     Raw detections wait here until no later tile can touch them. At a frontier (the first
     pixel row of the next tile row) a pending box is final when neither it nor anything linked
-    to it through a chain of same-class overlaps reaches the frontier: greedy NMS and the
-    cut-box rule only look along such chains, so those groups are merged now, exactly as a
-    whole-image merge would, and the rest wait. Memory holds about one row of tiles'
+    to it through a chain of links (pairs that NMS or the cut-box rule acts on, see
+    :func:`_linked_to`) reaches the frontier: the merge of a box depends on nothing else, so
+    those boxes are merged now, exactly as a whole-image merge would, and the rest wait. Memory holds about one row of tiles'
     detections, whatever the raster size.
     """
 
@@ -528,10 +532,8 @@ def _linked_to(
     inter, iou = _pair_overlaps(b, i, j)
     link = iou > nms_iou
     if drop_cut:
-        area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-        ci, cj = cut[i], cut[j]
-        link |= ci & ~cj & (inter / np.maximum(area[i], 1e-12) > 0.5)
-        link |= cj & ~ci & (inter / np.maximum(area[j], 1e-12) > 0.5)
+        c = cut.astype(bool)
+        link |= _covered_by_whole(b, c, i, j, inter) | _covered_by_whole(b, c, j, i, inter)
     i, j = i[link], j[link]
     while True:
         grow = mark[i] & ~mark[j]
