@@ -453,10 +453,12 @@ def step_mine(ctx: Context, r: int) -> dict[str, Any]:
     strategy = build_strategy(cfg.mining.strategies)
     selected = strategy.select(fps, rng)
     selected = spatial_dedupe(selected, cfg.mining.dedupe_iou)
+    shadow: dict[str, int] = {}
     if any(isinstance(s, RandomBaseline) for s in getattr(strategy, "strategies", [])):
+        shadow = {"strategy_selected": len(selected), "shadow_new": _shadow_count(ctx, r, selected)}
         avoid = pd.concat([t for t in truths if len(t)], ignore_index=True) if any(len(t) for t in truths) else None
         box_px = typical_box_px(selected) if len(selected) else None
-        selected = random_windows(len(selected), images_meta, cfg.tiling.tile_size, rng, avoid=avoid, box_px=box_px)
+        selected = random_windows(shadow["shadow_new"], images_meta, cfg.tiling.tile_size, rng, avoid=avoid, box_px=box_px)
     refreshed = 0
     if cfg.bank.refresh and len(bank.active()):
         scores = _refresh_scores(bank, dets, cfg.bank.dedupe_iou)
@@ -486,8 +488,28 @@ def step_mine(ctx: Context, r: int) -> dict[str, Any]:
         "bank_size": int(len(bank.active())),
         "bank_total": int(len(bank.frame)) if hasattr(bank, "frame") else int(len(bank.active())),
         "strategy": label,
+        **shadow,
         **hard_info,
     }
+
+
+def _shadow_count(ctx: Context, r: int, selected: gpd.GeoDataFrame) -> int:
+    """How many of a random run's selected FPs a mining run would add as *new* bank rows.
+
+    The random baseline must add as many negatives as the strategy it stands in for. Counting
+    the selection itself over-counts: in a mining run an FP found again only updates its
+    existing bank row. So a random run keeps a shadow bank of its selections
+    (``round_NNN/shadow_bank.gpkg``), routed and deduplicated exactly as the real bank would
+    be, and mines as many random windows as the shadow bank gained.
+    """
+    from hem_bootstrap.mining.bank import NegativeBank, route_for_review
+
+    cfg = ctx.cfg
+    shadow = NegativeBank.load(ctx.run.round_dir(r - 1) / "shadow_bank.gpkg")
+    to_bank, _ = route_for_review(selected, shadow, cfg.mining)
+    added = shadow.add(to_bank, r, "shadow", "shadow", cfg.bank)["added"]
+    shadow.save(ctx.run.round_dir(r) / "shadow_bank.gpkg")
+    return int(added)
 
 
 def _write_frame(frame: gpd.GeoDataFrame, path: Path, layer: str) -> None:

@@ -87,3 +87,30 @@ def test_two_round_run_resume_and_lock(scenes: Path, tmp_path: Path, capsys: pyt
         run_experiment(load_config(cfg2_path, ["train.steps=13"]), resume=True)
     run_experiment(load_config(cfg2_path), resume=True, config_path=cfg2_path)
     pd.testing.assert_frame_equal(_bank(run), _bank(cut_run))
+
+
+def test_random_baseline_adds_as_many_as_the_strategy_would_newly_bank(scenes: Path, tmp_path: Path) -> None:
+    """A random run mines one random window per FP that a mining run would add as a *new* row.
+
+    Its shadow bank holds the strategy's own selections; FPs found again in round 2 only update
+    shadow rows, so they do not buy random windows (the budget is new rows, not selections).
+    """
+    import json
+
+    cfg_path = small_config(scenes, tmp_path, name="rnd",
+                            mining__strategies=[{"name": "per_image_cap", "k": 20}, {"name": "random"}])
+    run = run_experiment(load_config(cfg_path), config_path=cfg_path, print_table=False)
+    manifest = json.loads((run / "manifest.json").read_text())
+    mine = {e["round"]: e["steps"]["mine"] for e in manifest["rounds"] if e["round"] > 0}
+    shadow = {r: gpd.read_file(run / f"round_{r:03d}" / "shadow_bank.gpkg", layer="negatives") for r in (1, 2)}
+    assert mine[1]["shadow_new"] == len(shadow[1]) > 0
+    assert len(shadow[2]) == len(shadow[1]) + mine[2]["shadow_new"]
+    assert mine[2]["shadow_new"] <= mine[2]["strategy_selected"]
+    for r in (1, 2):
+        mined = gpd.read_file(run / f"round_{r:03d}" / "mined.gpkg")
+        assert len(mined) == mine[r]["shadow_new"] == mine[r]["selected"]
+    # the random bank never holds the strategy's FPs: none of its boxes is a shadow box
+    bank = _bank(run)
+    assert len(bank) <= mine[1]["shadow_new"] + mine[2]["shadow_new"]
+    shadow_boxes = set(map(tuple, shadow[2][["image", "px_xmin", "px_ymin"]].to_numpy().tolist()))
+    assert not shadow_boxes & set(map(tuple, bank[["image", "px_xmin", "px_ymin"]].to_numpy().tolist()))

@@ -7,7 +7,8 @@ by input order (stable sorts), so a selection is deterministic for a given input
 
 :class:`RandomBaseline` is the control experiment: it lets the preceding selection through
 unchanged but flags the composition ``random``, and the loop then replaces the selected
-false positives by the same number of random background boxes (:func:`random_windows`).
+false positives by as many random background boxes (:func:`random_windows`) as a mining run
+would have added as new bank rows (counted on a shadow bank of the selections).
 """
 
 from __future__ import annotations
@@ -207,9 +208,10 @@ class ScoreBand:
 class RandomBaseline:
     """Control: passes the selection through and marks the round ``random``.
 
-    The loop then mines as many random background boxes (:func:`random_windows`) as the
-    other strategies selected, instead of the false positives themselves, so a random run
-    and a mining run add the same number of negatives.
+    The loop then mines random background boxes (:func:`random_windows`) instead of the
+    false positives themselves: as many as the selection would have added as *new* rows to
+    a bank of past selections (an FP found again only updates its row), so a random run and
+    a mining run add the same number of negatives.
     """
 
     name: ClassVar[str] = "random"
