@@ -5,7 +5,9 @@ rounds with several recipes and reports held-out AP@0.5 and FP/km² at recall 0.
 as mean and spread over seeds:
 
 * ``none``: no mining (later rounds fine-tune on positives and random background only);
-* ``random``: as many random background windows as the threshold strategy mines;
+* ``random``: as many random background windows as the threshold strategy would add as new
+  bank rows (counted on a shadow bank of its selections, so both banks grow alike);
+* ``random_cap``: the same, paired with the per-image cap;
 * ``threshold``: false positives scoring > 0.5;
 * ``cap``: the K highest-scoring false positives per image;
 * ``hardpos``: no mining, hard positives oversampled 3x (issue #10);
@@ -40,9 +42,16 @@ RECIPES: dict[str, list[dict[str, Any]]] = {
     "random": [{"name": "threshold", "threshold": 0.5}, {"name": "random"}],
     "threshold": [{"name": "threshold", "threshold": 0.5}],
     "cap": [{"name": "per_image_cap", "k": 50}],
+    "random_cap": [{"name": "per_image_cap", "k": 50}, {"name": "random"}],
     "hardpos": [{"name": "none"}],
     "threshold+hardpos": [{"name": "threshold", "threshold": 0.5}],
     "threshold+weighted": [{"name": "threshold", "threshold": 0.5}],
+    "frcnn": [{"name": "none"}],
+    "frcnn+threshold": [{"name": "threshold", "threshold": 0.5}],
+    "ohem": [{"name": "none"}],
+    "ohem+threshold": [{"name": "threshold", "threshold": 0.5}],
+    "boxfocal": [{"name": "none"}],
+    "boxfocal+threshold": [{"name": "threshold", "threshold": 0.5}],
 }
 """Mining strategies of each recipe; :data:`EXTRA` adds the training options of the #10 recipes."""
 
@@ -50,12 +59,25 @@ EXTRA: dict[str, dict[str, dict[str, Any]]] = {
     "hardpos": {"train": {"hard_positive_factor": 3}},
     "threshold+hardpos": {"train": {"hard_positive_factor": 3}},
     "threshold+weighted": {"bank": {"sampling": "score"}},
+    "frcnn": {"model": {"arch": "small_frcnn"}},
+    "frcnn+threshold": {"model": {"arch": "small_frcnn"}},
+    "ohem": {"model": {"arch": "small_frcnn"}, "train": {"ohem": True}},
+    "ohem+threshold": {"model": {"arch": "small_frcnn"}, "train": {"ohem": True}},
+    "boxfocal": {"model": {"arch": "small_frcnn", "box_focal": True}},
+    "boxfocal+threshold": {"model": {"arch": "small_frcnn", "box_focal": True}},
 }
-"""Config changes of a recipe beyond its strategies (hard positives, score-weighted bank sampling).
+"""Config changes of a recipe beyond its strategies (hard positives, score-weighted bank sampling,
+and the two-stage ``small_frcnn`` with OHEM or the box-head focal loss, which apply to Faster
+R-CNN only). Changes that shape round 0 (the model section, OHEM) give a recipe its own round 0,
+shared with the recipes that make the same changes (see :func:`round0_name`)."""
 
-OHEM and the box-head focal loss apply to Faster R-CNN only; on this CPU a Faster R-CNN round
-costs ~10x a ``small_fcos`` round, so they are not in the default recipe list."""
-DEFAULT_RECIPES = ["none", "random", "threshold", "cap", "hardpos", "threshold+hardpos", "threshold+weighted"]
+NONE_PAIR: dict[str, str] = {r: "frcnn" for r in ("frcnn+threshold", "ohem", "ohem+threshold", "boxfocal",
+                                                  "boxfocal+threshold")}
+"""The no-mining control of a recipe when it is not ``none`` (same detector)."""
+FRCNN_RECIPES = ["frcnn", "frcnn+threshold", "ohem", "ohem+threshold", "boxfocal", "boxfocal+threshold"]
+RANDOM_PAIR: dict[str, str] = {"cap": "random_cap"}
+"""The random control each recipe is judged against (same strategy, so the same budget)."""
+DEFAULT_RECIPES = ["none", "random", "random_cap", "threshold", "cap", "hardpos", "threshold+hardpos", "threshold+weighted"]
 
 
 def make_scenes(root: Path, seed: int, size: int, pool_size: int, test_size: int, gsd: float) -> Path:
@@ -90,14 +112,30 @@ def config_tree(scenes: Path, runs: Path, name: str, recipe: str, args: argparse
     return tree
 
 
+def round0_shaping(recipe: str) -> dict[str, Any]:
+    """The part of a recipe's :data:`EXTRA` that changes round 0 (detector, its losses, OHEM)."""
+    extra = EXTRA.get(recipe, {})
+    shaping: dict[str, Any] = dict(extra.get("model", {}))
+    shaping.update({k: v for k, v in extra.get("train", {}).items() if k.startswith("ohem")})
+    return shaping
+
+
+def round0_name(recipe: str) -> str:
+    """Run name of the round-0 model a recipe starts from: ``round0`` or e.g. ``round0_arch=small_frcnn``."""
+    shaping = round0_shaping(recipe)
+    return "round0" + "".join(f"_{k}={v}" for k, v in sorted(shaping.items()))
+
+
 def run_recipe(scenes: Path, runs: Path, seed: int, recipe: str, args: argparse.Namespace) -> Path:
     from hem_bootstrap.config import config_from_tree
     from hem_bootstrap.rounds import run_experiment
 
-    base_name = f"s{seed}_round0"
+    base_name = f"s{seed}_{round0_name(recipe)}"
     base = runs / base_name
     if not (base / "round_000" / "metrics.json").exists():
         tree = config_tree(scenes, runs, base_name, "threshold", args)
+        for key, value in round0_shaping(recipe).items():
+            tree.setdefault("train" if key.startswith("ohem") else "model", {})[key] = value
         tree["rounds"]["n_rounds"] = 0
         if base.exists():
             shutil.rmtree(base)
@@ -158,11 +196,11 @@ def summary(results: dict[str, dict[int, list[dict[str, Any]]]], rounds: int) ->
     """Against the targets at the last round: FP/km² @ recall 0.8 vs round 0, AP held, and per-seed wins."""
     lines = [f"Round {rounds} against round 0 and against the controls (per seed; lower FP/km² wins):", "",
              "| recipe | FP/km² @R0.8, round N / round 0 | AP@0.5 change | look-alike FP/km² @R0.8 | "
-             "beats none (R0.8 / R0.9) | beats random (R0.8 / R0.9) |",
+             "beats its no-mining control (R0.8 / R0.9) | beats its random control (R0.8 / R0.9) |",
              "|---|---|---|---|---|---|"]
 
     def wins(recipe: str, other: str, key: str) -> str:
-        if other not in results or other == recipe:
+        if other not in results or other == recipe or recipe.startswith("random") or recipe == "frcnn":
             return "-"
         pairs = [(_final(rs, rounds, key), _final(results[other].get(seed, []), rounds, key))
                  for seed, rs in results[recipe].items()]
@@ -180,10 +218,14 @@ def summary(results: dict[str, dict[int, list[dict[str, Any]]]], rounds: int) ->
             if a0 is not None and an is not None:
                 d_ap.append(an - a0)
             away.append(_final(rs, rounds, "fp_away_km2_r80"))
+        ctl = RANDOM_PAIR.get(recipe, "random")
+        base = NONE_PAIR.get(recipe, "none")
+        if recipe in FRCNN_RECIPES:
+            ctl = "-"
         lines.append(
             f"| {recipe} | {_mean_sd(list(ratios))} | {_mean_sd(list(d_ap))} | {_mean_sd(away)} | "
-            f"{wins(recipe, 'none', 'fp_km2_r80')} / {wins(recipe, 'none', 'fp_km2_r90')} | "
-            f"{wins(recipe, 'random', 'fp_km2_r80')} / {wins(recipe, 'random', 'fp_km2_r90')} |"
+            f"{wins(recipe, base, 'fp_km2_r80')} / {wins(recipe, base, 'fp_km2_r90')} | "
+            f"{wins(recipe, ctl, 'fp_km2_r80')} / {wins(recipe, ctl, 'fp_km2_r90')} |"
         )
     return "\n".join(lines)
 

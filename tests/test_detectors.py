@@ -25,6 +25,7 @@ from hem_bootstrap.model.train import train_one_step
 
 FAST = [
     "small_fcos",
+    "small_frcnn",
     "fasterrcnn_mobilenet_v3_large_fpn",
     "ssdlite320_mobilenet_v3_large",
     "retinanet_resnet50_fpn_v2",

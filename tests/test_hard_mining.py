@@ -371,3 +371,22 @@ def test_direct_calls_reject_bad_models_and_values() -> None:
         enable_box_focal(tiny_frcnn(), 1.5, 2.0)
     with pytest.raises(ConfigError, match="focal_gamma: -1"):
         set_focal_params(tiny_fcos(), 0.25, -1.0)
+
+
+def test_small_frcnn_trains_with_ohem_and_box_focal_from_config() -> None:
+    """The registry's two-stage ``small_frcnn`` takes both options; OHEM keeps ohem_rois RoIs per tile."""
+    from hem_bootstrap.model.detectors import build_detector
+
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(arch="small_frcnn", box_focal=True)
+    model = apply_loss_options(build_detector(model_cfg, 2, 256), model_cfg, TrainConfig(ohem=True, ohem_rois=24))
+    model.train()
+    images = [torch.rand(3, 256, 256) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[40.0, 50.0, 64.0, 62.0]]), "labels": torch.tensor([1])}] * 2
+    losses = model(images, targets)
+    assert set(losses) >= {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert [len(i) for i in model.roi_heads.last_ohem["indices"]] == [24, 24]
+    assert model.roi_heads.box_focal == (0.25, 2.0)

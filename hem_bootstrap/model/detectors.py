@@ -7,6 +7,9 @@ their own size: the transform never resizes, so a 12 px car stays 12 px.
 ``small_fcos`` (the default) is a light detector assembled from torchvision parts (a four-stage
 conv trunk, :class:`torchvision.ops.FeaturePyramidNetwork` at strides 4/8/16 and torchvision's
 :class:`~torchvision.models.detection.FCOS`) that trains from scratch on a CPU in minutes.
+``small_frcnn`` puts torchvision's Faster R-CNN (RPN, RoIAlign, two-layer box head) on the
+same trunk: the two-stage detector that OHEM and the box focal loss apply to, cheap enough to
+compare recipes on a CPU.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ from torchvision.models.detection import (
 )
 from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
 from torchvision.models.detection.backbone_utils import mobilenet_backbone
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 
 from hem_bootstrap.config import ModelConfig
 from hem_bootstrap.errors import ModelError
@@ -161,6 +165,35 @@ def _build_small_fcos(model_cfg: ModelConfig, num_classes: int, tile_size: int) 
     return model
 
 
+def _build_small_frcnn(model_cfg: ModelConfig, num_classes: int, tile_size: int) -> nn.Module:
+    """Faster R-CNN on :class:`SmallBackbone`: one anchor size x three ratios per level (4/8/16).
+
+    The box head is torchvision's two-layer MLP at 256 wide (its default 1024 is sized for
+    ResNet features); the RPN keeps fewer proposals than torchvision's 2000 and the box head
+    samples 256 RoIs per tile, not 512: a tile holds tens of objects, not an image's hundreds.
+    """
+    backbone = SmallBackbone(fpn_channels=64)
+    sizes = _level_sizes(model_cfg.anchor_sizes, len(SMALL_STRIDES))
+    anchors = AnchorGenerator(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * len(sizes))
+    pooler = MultiScaleRoIAlign(["0", "1", "2"], output_size=7, sampling_ratio=2)
+    width = 256
+    model = FasterRCNN(
+        backbone,
+        rpn_anchor_generator=anchors,
+        box_roi_pool=pooler,
+        box_head=TwoMLPHead(backbone.out_channels * 7 * 7, width),
+        box_predictor=FastRCNNPredictor(width, num_classes),
+        rpn_pre_nms_top_n_train=1000,
+        rpn_post_nms_top_n_train=600,
+        box_batch_size_per_image=256,
+        rpn_pre_nms_top_n_test=600,
+        rpn_post_nms_top_n_test=300,
+        **_rcnn_kwargs(model_cfg, tile_size),
+    )
+    model.transform = _tile_transform(tile_size, IMAGENET_MEAN, IMAGENET_STD)
+    return model
+
+
 # ------------------------------------------------------------------------------ torchvision archs
 
 
@@ -270,6 +303,7 @@ def _build_ssdlite(model_cfg: ModelConfig, num_classes: int, tile_size: int) -> 
 #: Detector name -> builder ``(model_cfg, num_classes, tile_size) -> nn.Module``.
 ARCHS: dict[str, Callable[[ModelConfig, int, int], nn.Module]] = {
     "small_fcos": _build_small_fcos,
+    "small_frcnn": _build_small_frcnn,
     "fasterrcnn_resnet50_fpn_v2": _build_frcnn_r50,
     "fasterrcnn_mobilenet_v3_large_fpn": _build_frcnn_mobilenet,
     "retinanet_resnet50_fpn_v2": _build_retinanet_r50,
