@@ -80,16 +80,32 @@ RANDOM_PAIR: dict[str, str] = {"cap": "random_cap"}
 DEFAULT_RECIPES = ["none", "random", "random_cap", "threshold", "cap", "hardpos", "threshold+hardpos", "threshold+weighted"]
 
 
-def make_scenes(root: Path, seed: int, size: int, pool_size: int, test_size: int, gsd: float) -> Path:
-    """Train, pool and test scenes for one benchmark seed (seeds the tests never use)."""
-    from hem_bootstrap.data.synth import SceneSpec, write_scene
+def make_scenes(root: Path, seed: int, size: int, pool_size: int, test_size: int, gsd: float,
+                labelled_pool: bool = False, train_lookalikes: float = 1.0) -> Path:
+    """Train, pool and test scenes for one benchmark seed (seeds the tests never use).
+
+    The pool is background: the same generator with no vehicles (roads, roofs, yards, trees and
+    look-alikes only). A pool with labelled vehicles (``labelled_pool``) confounds the random
+    baseline: a chip cut around a random window keeps the vehicles labelled inside it, ~3x as
+    many as a chip around a mined look-alike, so "random negatives" mostly add positives.
+
+    ``train_lookalikes`` < 1 keeps only that share of the training scene's look-alikes (the
+    pool and the held-out scene keep all): labelled imagery is collected where the objects
+    are, and the look-alikes a detector meets in the wild are under-represented in it.
+    """
+    from hem_bootstrap.data.synth import SceneSpec, make_scene, write_scene
 
     out = root / f"scenes_{seed}"
     if (out / "test.tif").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    write_scene(out, SceneSpec(size=size, gsd=gsd, seed=seed * 10 + 1), name="train", compress="jpeg")
-    write_scene(out, SceneSpec(size=pool_size, gsd=gsd, seed=seed * 10 + 2), name="pool", compress="jpeg")
+    train = SceneSpec(size=size, gsd=gsd, seed=seed * 10 + 1)
+    if train_lookalikes < 1.0:
+        n_default = len(make_scene(train)[2])
+        train = SceneSpec(size=size, gsd=gsd, seed=seed * 10 + 1, n_distractors=round(train_lookalikes * n_default))
+    write_scene(out, train, name="train", compress="jpeg")
+    write_scene(out, SceneSpec(size=pool_size, gsd=gsd, seed=seed * 10 + 2, n_vehicles=None if labelled_pool else 0),
+                name="pool", compress="jpeg")
     write_scene(out, SceneSpec(size=test_size, gsd=gsd, seed=seed * 10 + 3), name="test", compress="jpeg")
     return out
 
@@ -263,6 +279,10 @@ def main() -> None:
     p.add_argument("--size", type=int, default=2048, help="training scene side (px)")
     p.add_argument("--pool-size", type=int, default=4096, help="background pool side (px): 4x the training area")
     p.add_argument("--test-size", type=int, default=3072, help="held-out scene side (px): 0.21 km² at 0.15 m")
+    p.add_argument("--labelled-pool", action="store_true",
+                   help="pool scene with labelled vehicles (default: a background pool, see make_scenes)")
+    p.add_argument("--train-lookalikes", type=float, default=1.0,
+                   help="share of the training scene's look-alikes kept (pool and held-out keep all)")
     p.add_argument("--bank-fraction", type=float, default=0.5, help="train.bank_fraction")
     p.add_argument("--gsd", type=float, default=0.15)
     p.add_argument("--steps", type=int, default=300)
@@ -282,7 +302,8 @@ def main() -> None:
     t0 = time.perf_counter()
     for seed in args.seeds:
         scenes = None if args.collect_only else make_scenes(work, seed, args.size, args.pool_size, args.test_size,
-                                                             args.gsd)
+                                                             args.gsd, args.labelled_pool,
+                                                             args.train_lookalikes)
         for recipe in args.recipes:
             if scenes is None:
                 run = runs / f"s{seed}_{recipe}"
