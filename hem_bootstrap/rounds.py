@@ -419,7 +419,6 @@ def step_mine(ctx: Context, r: int) -> dict[str, Any]:
     from hem_bootstrap.mining.bank import NegativeBank, route_for_review
     from hem_bootstrap.mining.matching import match_detections
     from hem_bootstrap.mining.strategies import (
-        RandomBaseline,
         build_strategy,
         random_windows,
         spatial_dedupe,
@@ -454,7 +453,7 @@ def step_mine(ctx: Context, r: int) -> dict[str, Any]:
     selected = strategy.select(fps, rng)
     selected = spatial_dedupe(selected, cfg.mining.dedupe_iou)
     shadow: dict[str, int] = {}
-    if any(isinstance(s, RandomBaseline) for s in getattr(strategy, "strategies", [])):
+    if strategy.random:
         shadow = {"strategy_selected": len(selected), "shadow_new": _shadow_count(ctx, r, selected)}
         avoid = pd.concat([t for t in truths if len(t)], ignore_index=True) if any(len(t) for t in truths) else None
         box_px = typical_box_px(selected) if len(selected) else None

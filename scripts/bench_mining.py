@@ -71,10 +71,6 @@ and the two-stage ``small_frcnn`` with OHEM or the box-head focal loss, which ap
 R-CNN only). Changes that shape round 0 (the model section, OHEM) give a recipe its own round 0,
 shared with the recipes that make the same changes (see :func:`round0_name`)."""
 
-NONE_PAIR: dict[str, str] = {r: "frcnn" for r in ("frcnn+threshold", "ohem", "ohem+threshold", "boxfocal",
-                                                  "boxfocal+threshold")}
-"""The no-mining control of a recipe when it is not ``none`` (same detector)."""
-FRCNN_RECIPES = ["frcnn", "frcnn+threshold", "ohem", "ohem+threshold", "boxfocal", "boxfocal+threshold"]
 RANDOM_PAIR: dict[str, str] = {"cap": "random_cap"}
 """The random control each recipe is judged against (same strategy, so the same budget)."""
 DEFAULT_RECIPES = ["none", "random", "random_cap", "threshold", "cap", "hardpos", "threshold+hardpos", "threshold+weighted"]
@@ -128,18 +124,28 @@ def config_tree(scenes: Path, runs: Path, name: str, recipe: str, args: argparse
     return tree
 
 
-def round0_shaping(recipe: str) -> dict[str, Any]:
-    """The part of a recipe's :data:`EXTRA` that changes round 0 (detector, its losses, OHEM)."""
+def round0_shaping(recipe: str) -> dict[str, dict[str, Any]]:
+    """The part of a recipe's :data:`EXTRA` that changes round 0: its model section and OHEM."""
     extra = EXTRA.get(recipe, {})
-    shaping: dict[str, Any] = dict(extra.get("model", {}))
-    shaping.update({k: v for k, v in extra.get("train", {}).items() if k.startswith("ohem")})
-    return shaping
+    ohem = {k: v for k, v in extra.get("train", {}).items() if k.startswith("ohem")}
+    return {"model": dict(extra.get("model", {})), "train": ohem}
 
 
 def round0_name(recipe: str) -> str:
     """Run name of the round-0 model a recipe starts from: ``round0`` or e.g. ``round0_arch=small_frcnn``."""
-    shaping = round0_shaping(recipe)
-    return "round0" + "".join(f"_{k}={v}" for k, v in sorted(shaping.items()))
+    flat = {k: v for section in round0_shaping(recipe).values() for k, v in section.items()}
+    return "round0" + "".join(f"_{k}={v}" for k, v in sorted(flat.items()))
+
+
+def controls(recipe: str) -> tuple[str, str]:
+    """``(no-mining control, random control)`` a recipe is judged against; ``-`` when there is none.
+
+    The two-stage recipes are judged against ``frcnn`` (same detector, no mining) and have no
+    random control; the others against ``none`` and the random run with their strategy.
+    """
+    if EXTRA.get(recipe, {}).get("model", {}).get("arch") == "small_frcnn":
+        return "frcnn", "-"
+    return "none", RANDOM_PAIR.get(recipe, "random")
 
 
 def run_recipe(scenes: Path, runs: Path, seed: int, recipe: str, args: argparse.Namespace) -> Path:
@@ -150,8 +156,8 @@ def run_recipe(scenes: Path, runs: Path, seed: int, recipe: str, args: argparse.
     base = runs / base_name
     if not (base / "round_000" / "metrics.json").exists():
         tree = config_tree(scenes, runs, base_name, "threshold", args)
-        for key, value in round0_shaping(recipe).items():
-            tree.setdefault("train" if key.startswith("ohem") else "model", {})[key] = value
+        for section, values in round0_shaping(recipe).items():
+            tree.setdefault(section, {}).update(values)
         tree["rounds"]["n_rounds"] = 0
         if base.exists():
             shutil.rmtree(base)
@@ -216,7 +222,7 @@ def summary(results: dict[str, dict[int, list[dict[str, Any]]]], rounds: int) ->
              "|---|---|---|---|---|---|"]
 
     def wins(recipe: str, other: str, key: str) -> str:
-        if other not in results or other == recipe or recipe.startswith("random") or recipe == "frcnn":
+        if other not in results or other == recipe or recipe.startswith("random"):
             return "-"
         pairs = [(_final(rs, rounds, key), _final(results[other].get(seed, []), rounds, key))
                  for seed, rs in results[recipe].items()]
@@ -234,10 +240,7 @@ def summary(results: dict[str, dict[int, list[dict[str, Any]]]], rounds: int) ->
             if a0 is not None and an is not None:
                 d_ap.append(an - a0)
             away.append(_final(rs, rounds, "fp_away_km2_r80"))
-        ctl = RANDOM_PAIR.get(recipe, "random")
-        base = NONE_PAIR.get(recipe, "none")
-        if recipe in FRCNN_RECIPES:
-            ctl = "-"
+        base, ctl = controls(recipe)
         lines.append(
             f"| {recipe} | {_mean_sd(list(ratios))} | {_mean_sd(list(d_ap))} | {_mean_sd(away)} | "
             f"{wins(recipe, base, 'fp_km2_r80')} / {wins(recipe, base, 'fp_km2_r90')} | "

@@ -175,7 +175,7 @@ def _build_small_frcnn(model_cfg: ModelConfig, num_classes: int, tile_size: int)
     backbone = SmallBackbone(fpn_channels=64)
     sizes = _level_sizes(model_cfg.anchor_sizes, len(SMALL_STRIDES))
     anchors = AnchorGenerator(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * len(sizes))
-    pooler = MultiScaleRoIAlign(["0", "1", "2"], output_size=7, sampling_ratio=2)
+    pooler = MultiScaleRoIAlign([str(i) for i in range(len(SMALL_STRIDES))], output_size=7, sampling_ratio=2)
     width = 256
     model = FasterRCNN(
         backbone,
