@@ -358,6 +358,9 @@ def main(argv: list[str] | None = None) -> None:
         _interrupted()
     if isinstance(code, int) and code:
         sys.exit(code)
+    from hem_bootstrap.distributed import shutdown_distributed
+
+    shutdown_distributed()  # under torchrun: leave the process group before the interpreter tears down
 
 
 def _interrupted() -> None:

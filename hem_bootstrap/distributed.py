@@ -95,6 +95,19 @@ def init_distributed(runtime: RuntimeConfig) -> bool:
     return True
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group after a successful command (no-op without one).
+
+    A process that exits while gloo's worker threads still hold work can abort in the C++
+    runtime during interpreter teardown ("terminate called without an active exception",
+    SIGABRT), failing a job whose work was done. Destroying the group first avoids that. Only
+    called on success: after an error another rank may sit in a collective, and the job is
+    failing anyway.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _timeout_error(what: str, err: BaseException) -> RunError:
     rank = dist.get_rank() if dist.is_initialized() else 0
     detail = " ".join(str(err).split())[:300]

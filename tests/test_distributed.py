@@ -87,7 +87,9 @@ def loop_config(scenes: Path, out_dir: Path, name: str, n_rounds: int = 2) -> Pa
             "checkpoint_every": 4,
         },
         "mining": {"strategies": [{"name": "per_image_cap", "k": 20}], "review_above": 0.99},
-        "model": {"score_floor": 0.01},
+        # float32: bf16 (the auto fast path on CPUs with native bf16) rounds scores to 2-3 digits
+        # and its results depend on how tiles are batched, so shards could not equal one process
+        "model": {"score_floor": 0.01, "fast_path": "channels_last"},
         "rounds": {"name": name, "out_dir": str(out_dir), "n_rounds": n_rounds, "stop_if_no_new": False},
         "runtime": {"device": "cpu", "workers": 0, "batch_size": 4, "seed": 3, "collective_timeout_s": 120},
     }
@@ -247,13 +249,14 @@ def run_ddp_training(out: Path, distributed: bool) -> None:
 def _worker(mode: str, arg: str) -> int:
     """Body of one rank when torchrun runs this file: ``train OUT`` or ``hang``."""
     from hem_bootstrap.config import RuntimeConfig
-    from hem_bootstrap.distributed import barrier, init_distributed
+    from hem_bootstrap.distributed import barrier, init_distributed, shutdown_distributed
     from hem_bootstrap.errors import HemError
 
     torch.set_num_threads(1)
     if mode == "train":
         init_distributed(RuntimeConfig(device="cpu", collective_timeout_s=60))
         run_ddp_training(Path(arg), distributed=True)
+        shutdown_distributed()
         return 0
     init_distributed(RuntimeConfig(device="cpu", collective_timeout_s=TIMEOUT_S))
     if int(os.environ["RANK"]) == 1:
