@@ -253,7 +253,13 @@ class RuntimeConfig(_Section):
     """Where and how fast things run."""
 
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
-    workers: int = Field(2, ge=0, description="DataLoader workers.")
+    workers: int = Field(2, ge=0, description="DataLoader workers (training; detection on CUDA).")
+    detect_workers: int | None = Field(
+        None, ge=0,
+        description="DataLoader workers of detection; None: runtime.workers on CUDA, 0 on CPU, where the "
+        "model's threads already use every core and tiles read in its own process cost less than worker "
+        "processes that compete with it (scripts/bench_inference.py).",
+    )
     batch_size: int = Field(8, gt=0, description="Tiles per inference batch.")
     prefetch: int = Field(4, gt=0, description="Batches prefetched per worker.")
     amp: bool = Field(True, description="Mixed precision on CUDA (ignored on CPU).")

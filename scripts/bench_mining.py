@@ -10,6 +10,9 @@ as mean and spread over seeds:
 * ``random_cap``: the same, paired with the per-image cap;
 * ``threshold``: false positives scoring > 0.5;
 * ``cap``: the K highest-scoring false positives per image;
+* ``band``, ``random_band``: false positives scoring in [0.5, 0.8) only, leaving out the most
+  vehicle-like look-alikes (the ones that pull real vehicles' scores down with them), and its
+  random control;
 * ``hardpos``: no mining, hard positives oversampled 3x (issue #10);
 * ``threshold+hardpos``, ``threshold+weighted``: threshold mining with hard positives, or with
   score-weighted bank sampling.
@@ -43,6 +46,8 @@ RECIPES: dict[str, list[dict[str, Any]]] = {
     "threshold": [{"name": "threshold", "threshold": 0.5}],
     "cap": [{"name": "per_image_cap", "k": 50}],
     "random_cap": [{"name": "per_image_cap", "k": 50}, {"name": "random"}],
+    "band": [{"name": "score_band", "lo": 0.5, "hi": 0.8}],
+    "random_band": [{"name": "score_band", "lo": 0.5, "hi": 0.8}, {"name": "random"}],
     "hardpos": [{"name": "none"}],
     "threshold+hardpos": [{"name": "threshold", "threshold": 0.5}],
     "threshold+weighted": [{"name": "threshold", "threshold": 0.5}],
@@ -71,7 +76,7 @@ and the two-stage ``small_frcnn`` with OHEM or the box-head focal loss, which ap
 R-CNN only). Changes that shape round 0 (the model section, OHEM) give a recipe its own round 0,
 shared with the recipes that make the same changes (see :func:`round0_name`)."""
 
-RANDOM_PAIR: dict[str, str] = {"cap": "random_cap"}
+RANDOM_PAIR: dict[str, str] = {"cap": "random_cap", "band": "random_band"}
 """The random control each recipe is judged against (same strategy, so the same budget)."""
 DEFAULT_RECIPES = ["none", "random", "random_cap", "threshold", "cap", "hardpos", "threshold+hardpos", "threshold+weighted"]
 

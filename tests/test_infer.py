@@ -186,3 +186,19 @@ def test_bf16_fast_path_keeps_detections(scan, trained_small_model: Path, synth_
     diffs = (torch.tensor(ref["score"].to_numpy()) - torch.tensor(out["bf16"]["score"].to_numpy())[j]).abs()
     assert float(diffs[best >= 0.9].max()) < 0.05
     assert abs(len(fast) - len(ref)) <= max(2, len(ref) // 20)
+
+
+def test_reader_workers_give_the_same_detections(scan, trained_small_model: Path, synth_scenes: Path) -> None:  # noqa: ANN001
+    """Tiles read by DataLoader worker processes (as on CUDA) or in the model's process (CPU default) agree."""
+    from hem_bootstrap.model.infer import detect_workers
+
+    cfg = _cfg()
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert detect_workers(cfg.runtime.model_copy(update={"workers": 3}), cpu) == 0
+    assert detect_workers(cfg.runtime.model_copy(update={"workers": 3}), gpu) == 3
+    assert detect_workers(cfg.runtime.model_copy(update={"detect_workers": 2}), cpu) == 2
+    cfg.runtime.detect_workers = 2
+    in_workers = _scan(trained_small_model, synth_scenes / "test.tif", cfg)
+    tiled, _ = scan
+    cols = ["score", "label", "px_xmin", "px_ymin", "px_xmax", "px_ymax"]
+    pd.testing.assert_frame_equal(in_workers[cols].reset_index(drop=True), tiled[cols].reset_index(drop=True))

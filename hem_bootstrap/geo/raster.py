@@ -197,9 +197,12 @@ class _Scaling:
     lo: np.ndarray
     hi: np.ndarray
 
+    def span(self) -> np.ndarray:
+        """float32 ``hi - lo`` per band (1 where the range is empty)."""
+        return np.where(self.hi > self.lo, self.hi - self.lo, 1.0).astype(np.float32)
+
     def apply(self, data: np.ndarray) -> np.ndarray:
-        span = np.where(self.hi > self.lo, self.hi - self.lo, 1.0).astype(np.float32)
-        out = (data.astype(np.float32) - self.lo.astype(np.float32)[:, None, None]) / span[:, None, None]
+        out = (data.astype(np.float32) - self.lo.astype(np.float32)[:, None, None]) / self.span()[:, None, None]
         return np.clip(out, 0.0, 1.0, out=out)
 
 
@@ -310,6 +313,27 @@ class RasterReader:
             ) from None
         scaled[:, ~mask] = 0.0
         return scaled, mask
+
+    def read_uint8(self, window: Window) -> tuple[np.ndarray, np.ndarray] | None:
+        """``window`` as unscaled uint8 ``(C, height, width)`` plus the validity mask; None unless uint8.
+
+        For the detection hot path: a uint8 tile is a quarter of the bytes of its float32 form
+        to hand from a reader process to the model's (and to a GPU), and :meth:`scaling` maps
+        it to exactly what :meth:`read` returns (see ``hem_bootstrap.data.tiles.scale_tiles``).
+        Pixels outside the raster are 0 and masked invalid.
+
+        Raises:
+            DataError: as :meth:`read`.
+        """
+        src = self.dataset()
+        if any(np.dtype(src.dtypes[b - 1]) != np.uint8 for b in self.bands):
+            return None
+        try:
+            return self._read_raw(src, window)
+        except (RasterioError, OSError) as err:
+            raise DataError(
+                f"{self.path}: read failed at {_fmt_window(window)}: {_gdal_message(err)}"
+            ) from None
 
     def _read_raw(self, src: Any, window: Window) -> tuple[np.ndarray, np.ndarray]:
         """Read the in-raster part of a window and pad it to the window's full size."""

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from hem_bootstrap.config import DataConfig, ModelConfig, RuntimeConfig, TilingConfig
 from hem_bootstrap.contracts import DETECTION_COLUMNS
-from hem_bootstrap.data.tiles import TileDataset, TileRef, collate_tiles, plan_tiles
+from hem_bootstrap.data.tiles import TileDataset, TileRef, collate_tiles, plan_tiles, scale_tiles
 from hem_bootstrap.errors import DataError
 from hem_bootstrap.geo.raster import RasterInfo, open_raster
 from hem_bootstrap.geo.windows import pixel_to_map_boxes
@@ -305,6 +305,18 @@ def shard_refs(refs: list[TileRef], rank: int, world: int) -> list[TileRef]:
     return refs[lo:hi]
 
 
+def detect_workers(runtime: RuntimeConfig, device: torch.device) -> int:
+    """Reader processes of a scan: ``runtime.detect_workers``, else ``runtime.workers`` on CUDA and 0 on CPU.
+
+    On CPU the model's intra-op threads use every core, so worker processes only take cycles
+    from it (and hand tiles over through shared memory); reading in the model's process is
+    cheaper. On 2 cores: 0.92 of the model-only ceiling with 0 workers, 0.83 with 2.
+    """
+    if runtime.detect_workers is not None:
+        return runtime.detect_workers
+    return runtime.workers if device.type == "cuda" else 0
+
+
 def scan_raw(
     model: torch.nn.Module,
     paths: list[Path],
@@ -330,7 +342,7 @@ def scan_raw(
     """
     if not refs:
         return
-    workers = runtime.workers
+    workers = detect_workers(runtime, device)
     loader = DataLoader(
         TileDataset(paths, refs, data_cfg),
         batch_size=runtime.batch_size,
@@ -370,6 +382,9 @@ def scan_raw(
             if batch["images"] is None:
                 continue
             images = batch["images"].to(device, non_blocking=True)
+            if batch["scale"] is not None:  # uint8 tiles: scaled here, after the 4x smaller copy
+                lo, span, mask = batch["scale"]
+                images = scale_tiles(images, lo, span, None if mask is None else mask.to(device, non_blocking=True))
             if device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
             tm = time.perf_counter()
