@@ -78,7 +78,7 @@ shared with the recipes that make the same changes (see :func:`round0_name`)."""
 
 RANDOM_PAIR: dict[str, str] = {"cap": "random_cap", "band": "random_band"}
 """The random control each recipe is judged against (same strategy, so the same budget)."""
-DEFAULT_RECIPES = ["none", "random", "random_cap", "threshold", "cap", "hardpos", "threshold+hardpos", "threshold+weighted"]
+DEFAULT_RECIPES = ["none", "random", "random_cap", "threshold", "cap", "band", "random_band", "hardpos", "threshold+hardpos", "threshold+weighted"]
 
 
 def make_scenes(root: Path, seed: int, size: int, pool_size: int, test_size: int, gsd: float,
