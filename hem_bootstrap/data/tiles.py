@@ -174,10 +174,11 @@ def scale_tiles(images: torch.Tensor, lo: torch.Tensor, span: torch.Tensor, mask
     bit for bit; run on the model's device, after the (4x smaller) uint8 copy.
     """
     out = images.to(torch.float32)
-    out.sub_(lo.to(out.device, torch.float32)[:, :, None, None]).div_(span.to(out.device, torch.float32)[:, :, None, None])
-    out.clamp_(0.0, 1.0)
+    dev = out.device
+    out.sub_(lo.to(dev, torch.float32, non_blocking=True)[:, :, None, None])
+    out.div_(span.to(dev, torch.float32, non_blocking=True)[:, :, None, None]).clamp_(0.0, 1.0)
     if mask is not None:
-        out.mul_(mask.to(out.device)[:, None])  # mask is bool: invalid pixels become 0
+        out.mul_(mask.to(dev, non_blocking=True)[:, None])  # mask is bool: invalid pixels become 0
     return out
 
 

@@ -10,6 +10,8 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -240,6 +242,7 @@ class RasterReader:
         self._pid = -1
         self._scaling: _Scaling | None = None
         self._all_valid = False
+        self._uint8 = False
 
     def __repr__(self) -> str:
         return f"RasterReader({str(self.path)!r}, bands={self.bands})"
@@ -292,6 +295,7 @@ class RasterReader:
             )
         self._src, self._pid = src, os.getpid()
         self._all_valid = all(MaskFlags.all_valid in src.mask_flag_enums[b - 1] for b in self.bands)
+        self._uint8 = all(np.dtype(src.dtypes[b - 1]) == np.uint8 for b in self.bands)
         return src
 
     # -- reads
@@ -304,13 +308,9 @@ class RasterReader:
             DataError: the band selection does not fit the raster, or GDAL fails to read.
         """
         src = self.dataset()
-        try:
+        with self._read_errors(window):
             raw, mask = self._read_raw(src, window)
             scaled = self._scale(src, raw)
-        except (RasterioError, OSError) as err:
-            raise DataError(
-                f"{self.path}: read failed at {_fmt_window(window)}: {_gdal_message(err)}"
-            ) from None
         scaled[:, ~mask] = 0.0
         return scaled, mask
 
@@ -326,10 +326,16 @@ class RasterReader:
             DataError: as :meth:`read`.
         """
         src = self.dataset()
-        if any(np.dtype(src.dtypes[b - 1]) != np.uint8 for b in self.bands):
+        if not self._uint8:
             return None
-        try:
+        with self._read_errors(window):
             return self._read_raw(src, window)
+
+    @contextmanager
+    def _read_errors(self, window: Window) -> Iterator[None]:
+        """Turn a GDAL failure inside the block into a one-line :class:`DataError` naming file and window."""
+        try:
+            yield
         except (RasterioError, OSError) as err:
             raise DataError(
                 f"{self.path}: read failed at {_fmt_window(window)}: {_gdal_message(err)}"

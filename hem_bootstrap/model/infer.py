@@ -383,8 +383,7 @@ def scan_raw(
                 continue
             images = batch["images"].to(device, non_blocking=True)
             if batch["scale"] is not None:  # uint8 tiles: scaled here, after the 4x smaller copy
-                lo, span, mask = batch["scale"]
-                images = scale_tiles(images, lo, span, None if mask is None else mask.to(device, non_blocking=True))
+                images = scale_tiles(images, *batch["scale"])
             if device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
             tm = time.perf_counter()
