@@ -227,11 +227,11 @@ def detect_distributed(
         DetectStats,
         RawDetections,
         _merged_frame,
-        prepare_model,
         scan_raw,
         shard_refs,
         usable_rasters,
     )
+    from hem_bootstrap.model.precision import prepare_model
 
     rank, world = rank_world()
     stats = stats if stats is not None else DetectStats()
@@ -240,11 +240,12 @@ def detect_distributed(
     stats.bad_rasters.extend(bad)
     refs = plan_tiles(good, cfg.tiling)
     mine = shard_refs(refs, rank, world)
-    model = prepare_model(model, device, cfg.model)
+    prepared = prepare_model(model, device, cfg.model, cfg.runtime, cfg.tiling.tile_size)
+    stats.fast_path = prepared.fast_path
     scale = len(refs) / len(mine) if mine else 1.0
     local: dict[int, tuple] = {}
     for idx, raw, _ in scan_raw(
-        model,
+        prepared,
         good,
         infos,
         mine,
@@ -255,7 +256,6 @@ def detect_distributed(
         progress=progress and rank == 0,
         total_tiles=len(refs),
         progress_scale=scale,
-        model_cfg=cfg.model,
     ):
         local[idx] = raw.arrays()
     counts = torch.tensor([stats.tiles_total, stats.tiles_skipped, stats.tiles_run], dtype=torch.int64)

@@ -3,8 +3,8 @@
 Two views of the same detections:
 
 * **AP** comes from pycocotools' ``COCOeval`` (the reference implementation), built in memory
-  from map-coordinate boxes. IoU does not depend on the unit, so map or pixel coordinates give
-  the same AP; map coordinates are used so that ``center_dist`` keeps its map units.
+  from map-coordinate boxes. IoU does not depend on the unit (nor on scaling each axis), so map
+  or pixel coordinates give the same AP.
 * **Threshold sweep**: the detections are matched greedily, the way ``COCOeval`` does it
   (per image and class, by descending score, each detection takes the unmatched ground truth
   with the best IoU >= ``cfg.iou``, one-to-one). Matching in score order means the matches of
@@ -12,7 +12,9 @@ Two views of the same detections:
   operating point, FP/km² at a fixed recall, recall at a fixed FP/km² and the PR curve.
 
 With ``matching="center"`` (point labels) a detection is a TP when its centre is within
-``center_dist`` map units of an unmatched ground-truth centre. COCO has no such mode, so AP is
+``center_dist`` metres of an unmatched ground-truth centre: map offsets are scaled per axis by
+each image's ``metres_per_unit`` (degrees on a lon/lat raster become metres). COCO has no such
+mode, so AP is
 then the all-point interpolated area under the sweep's PR curve (VOC style, per class, mean
 over classes) and ``ap`` (AP@[.5:.95]) is ``None``; ``ap_method`` says which was used.
 
@@ -43,6 +45,7 @@ from torchvision.ops import box_iou
 
 from hem_bootstrap.config import EvaluateConfig
 from hem_bootstrap.errors import DataError
+from hem_bootstrap.mining.matching import check_metres_per_unit, ignored_mask
 
 PR_CURVE_POINTS = 200
 """Most points kept in ``pr_curve`` (enough to plot, small enough for metrics.json)."""
@@ -65,6 +68,9 @@ class EvalImage:
         transform: The raster's affine transform (kept for callers; boxes stay in map units).
         distractors: Labelled look-alikes (synthetic scenes), for the FP analysis.
         ignore: Zones where labels are incomplete; detections there are not counted.
+        metres_per_unit: Ground metres per CRS unit along x and y
+            (``RasterInfo.metres_per_unit()``), so that ``center_dist`` is in metres; the
+            default suits metre CRSs and plain images.
     """
 
     image: str
@@ -73,11 +79,12 @@ class EvalImage:
     transform: Affine | None = None
     distractors: gpd.GeoDataFrame | None = None
     ignore: gpd.GeoDataFrame | None = None
+    metres_per_unit: tuple[float, float] = (1.0, 1.0)
 
 
 @dataclass
 class _Image:
-    """Arrays of one image after ignore filtering (boxes are ``minx, miny, maxx, maxy``)."""
+    """Arrays of one image after ignore filtering (boxes are ``minx, miny, maxx, maxy``, map units)."""
 
     det_boxes: np.ndarray
     det_scores: np.ndarray
@@ -85,6 +92,7 @@ class _Image:
     gt_boxes: np.ndarray
     gt_labels: np.ndarray
     n_ignored: int = 0
+    metres_per_unit: tuple[float, float] = (1.0, 1.0)
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -158,13 +166,14 @@ def _could_match(
     gt_labels: np.ndarray,
     matching: str,
     thr: float,
+    metres_per_unit: tuple[float, float] = (1.0, 1.0),
 ) -> np.ndarray:
-    """True for detections with a same-class ground truth close enough to be a TP."""
+    """True for detections with a same-class ground truth close enough to be a TP (centres in metres)."""
     out = np.zeros(len(det_boxes), dtype=bool)
     if len(det_boxes) == 0 or len(gt_boxes) == 0:
         return out
     if matching == "center":
-        close = _center_dist(det_boxes, gt_boxes) <= thr
+        close = _center_dist(_scaled(det_boxes, metres_per_unit), _scaled(gt_boxes, metres_per_unit)) <= thr
     else:
         close = _iou(det_boxes, gt_boxes) >= thr
     same = det_labels[:, None] == gt_labels[None, :]
@@ -173,8 +182,6 @@ def _could_match(
 
 def _ignored(boxes: np.ndarray, zones: gpd.GeoDataFrame) -> np.ndarray:
     """Detections with their centre, or more than half their area, in ``zones``."""
-    from hem_bootstrap.mining.matching import ignored_mask
-
     frame = gpd.GeoDataFrame(geometry=shapely.box(*boxes.T) if len(boxes) else [], crs=zones.crs)
     return ignored_mask(frame, zones)
 
@@ -192,15 +199,16 @@ def _prepare(
         raise DataError("detections: non-finite score values")
     out: dict[str, _Image] = {}
     for k, img in by_key.items():
+        scale = check_metres_per_unit(img.metres_per_unit, f"evaluate: image {img.image}")
         sel = keys == k
         db, ds, dl = boxes[sel], scores[sel], labels[sel]
         gb, gl = _gt_arrays(img)
         n_ign = 0
         if img.ignore is not None and len(img.ignore) and len(db):
-            drop = _ignored(db, img.ignore) & ~_could_match(db, dl, gb, gl, matching, thr)
+            drop = _ignored(db, img.ignore) & ~_could_match(db, dl, gb, gl, matching, thr, scale)
             n_ign = int(drop.sum())
             db, ds, dl = db[~drop], ds[~drop], dl[~drop]
-        out[k] = _Image(db, ds, dl, gb, gl, n_ign)
+        out[k] = _Image(db, ds, dl, gb, gl, n_ign, scale)
     return out
 
 
@@ -209,6 +217,12 @@ def _prepare(
 
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return box_iou(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)).numpy()
+
+
+def _scaled(boxes: np.ndarray, metres_per_unit: tuple[float, float]) -> np.ndarray:
+    """``boxes`` (N, 4) with x scaled by ``metres_per_unit[0]`` and y by ``metres_per_unit[1]``."""
+    mx, my = metres_per_unit
+    return boxes * np.array([mx, my, mx, my], dtype=np.float64)
 
 
 def _center_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -225,13 +239,15 @@ def greedy_match(
     gt_labels: np.ndarray,
     thr: float,
     matching: str = "iou",
+    metres_per_unit: tuple[float, float] = (1.0, 1.0),
 ) -> np.ndarray:
     """One-to-one matching of one image's detections, as ``COCOeval`` does it.
 
     Per class, detections in descending score order (stable) each take the unmatched ground
     truth with the best IoU >= ``thr`` (or, with ``matching="center"``, the nearest unmatched
-    centre within ``thr`` map units). Only boxes that can reach each other are compared (groups
-    of :func:`overlap_groups`), so a whole raster never builds a dense IoU matrix.
+    centre within ``thr`` metres, map offsets scaled per axis by ``metres_per_unit``). Only
+    boxes that can reach each other are compared (groups of :func:`overlap_groups`), so a whole
+    raster never builds a dense IoU matrix.
 
     Returns:
         Bool array, True where the detection (input order) is a true positive.
@@ -239,7 +255,9 @@ def greedy_match(
     tp = np.zeros(len(det_boxes), dtype=bool)
     if len(det_boxes) == 0 or len(gt_boxes) == 0:
         return tp
-    if matching == "center":  # squares of side thr around centres meet when centres are <= thr apart per axis
+    if matching == "center":
+        # all centre maths in metres; squares of side thr around centres meet when they are <= thr apart per axis
+        det_boxes, gt_boxes = _scaled(det_boxes, metres_per_unit), _scaled(gt_boxes, metres_per_unit)
         centres = np.r_[gt_boxes, det_boxes].reshape(-1, 2, 2).mean(axis=1)
         reach = np.c_[centres - thr / 2, centres + thr / 2]
     else:
@@ -583,7 +601,8 @@ def evaluate(
         images: The evaluated images; every detection's ``image`` must be one of them.
         cfg: IoU, operating threshold, fixed recalls and fixed FP/km² to report.
         matching: ``"iou"`` (COCO AP) or ``"center"`` (point labels, all-point AP of the sweep).
-        center_dist: Centre distance in map units for a TP with ``matching="center"``.
+        center_dist: Centre distance in metres for a TP with ``matching="center"`` (map
+            offsets scaled by each image's ``metres_per_unit``).
 
     Returns:
         ``ap50`` (AP at ``cfg.iou``), ``ap`` (AP@[.5:.95]), ``per_class`` (K > 1), the
@@ -595,7 +614,8 @@ def evaluate(
         counts and area, and distractor statistics when any image has distractors.
 
     Raises:
-        DataError: a detection names an unknown image, or columns / geometries are missing.
+        DataError: a detection names an unknown image, columns / geometries are missing, or an
+            image's ``metres_per_unit`` is not two finite positive numbers.
     """
     if matching not in ("iou", "center"):
         raise DataError(f"evaluate: matching = {matching!r}; expected 'iou' or 'center'")
@@ -604,7 +624,16 @@ def evaluate(
     thr = center_dist if matching == "center" else cfg.iou
     prepared = _prepare(dets, by_key, matching, thr)
     flags = {
-        k: greedy_match(im.det_boxes, im.det_scores, im.det_labels, im.gt_boxes, im.gt_labels, thr, matching)
+        k: greedy_match(
+            im.det_boxes,
+            im.det_scores,
+            im.det_labels,
+            im.gt_boxes,
+            im.gt_labels,
+            thr,
+            matching,
+            im.metres_per_unit,
+        )
         for k, im in prepared.items()
     }
     all_scores = np.concatenate([im.det_scores for im in prepared.values()] + [np.zeros(0)])

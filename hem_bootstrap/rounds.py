@@ -444,7 +444,7 @@ def step_mine(ctx: Context, r: int) -> dict[str, Any]:
         if len(d) == 0:
             continue
         d = gpd.GeoDataFrame(d, geometry="geometry", crs=gt.crs)
-        matched.append(match_detections(d, gt, cfg.mining, ignore=zones))
+        matched.append(match_detections(d, gt, cfg.mining, ignore=zones, metres_per_unit=info.metres_per_unit()))
     allm = pd.concat(matched, ignore_index=True) if matched else dets.assign(status=[], best_iou=[], gt_index=[])
     fps = allm[allm["status"] == "fp"]
     pool_fp = int((fps["score"] >= cfg.evaluate.score_threshold).sum())
@@ -528,6 +528,7 @@ def _write_frame(frame: gpd.GeoDataFrame, path: Path, layer: str) -> None:
 def evaluate_model(ctx: Context, model_path: Path, dets_out: Path) -> dict[str, Any]:
     """Detect over the held-out set and compute metrics (AP, P/R, FP per km²)."""
     from hem_bootstrap.evaluate import EvalImage, evaluate
+    from hem_bootstrap.geo.raster import evaluated_area
 
     cfg = ctx.cfg
     scan = _scan(ctx, model_path, cfg.data.test, "test", dets_out)
@@ -535,19 +536,26 @@ def evaluate_model(ctx: Context, model_path: Path, dets_out: Path) -> dict[str, 
         return {}
     dets = _read_detections(dets_out)
     images = []
+    areas: dict[str, dict[str, float]] = {}
     for path, s in _readable_images(cfg.data.test, "test", cfg):
         info, gt = read_truth(path, s, cfg)
+        ignore = read_overlay(s.ignore_zones, info)
+        area = evaluated_area(info, cfg.data.bands, ignore)  # nodata and ignore zones are not searched ground
+        areas[str(path)] = {"raster_km2": area.raster_km2, "valid_km2": area.valid_km2,
+                            "ignored_km2": area.ignored_km2, "evaluated_km2": area.evaluated_km2}
         images.append(
             EvalImage(
                 image=str(path),
                 gt=gt,
-                area_km2=info.area_km2(),
+                area_km2=area.evaluated_km2,
                 transform=info.transform,
                 distractors=read_overlay(s.distractors, info),
-                ignore=read_overlay(s.ignore_zones, info),
+                ignore=ignore,
+                metres_per_unit=info.metres_per_unit(),
             )
         )
     metrics = evaluate(dets, images, cfg.evaluate, matching=cfg.mining.matching, center_dist=cfg.mining.center_dist_m)
+    metrics["area_by_image"] = areas
     metrics["scan"] = scan
     return metrics
 
@@ -658,18 +666,26 @@ def preflight(cfg: ExperimentConfig) -> None:
         raise DataError("data.train: no training imagery configured; expected at least one image set")
     where: dict[Path, str] = {}
     for what, sets in (("train", cfg.data.train), ("pool", cfg.data.pool), ("test", cfg.data.test)):
+        readable: dict[int, int] = {}
+        first_error: dict[int, str] = {}
         for path, s in _images(sets, what):
             other = where.get(path.resolve())
             if other is not None and "test" in (what, other):
                 raise DataError(f"data.{what}: image {path} is also in data.{other}; held-out imagery must not be "
                                 "trained on or mined")
             where[path.resolve()] = what
+            if not path.exists():  # a typo, not a bad raster: data.on_bad_raster does not apply
+                raise DataError(f"{path}: raster not found (data.{what})")
+            set_key = id(s)
+            readable.setdefault(set_key, 0)
             try:
                 info = open_raster(path)
-            except DataError:
+            except DataError as err:
                 if what == "train" or cfg.data.on_bad_raster == "fail":
                     raise
+                first_error.setdefault(set_key, str(err))
                 continue
+            readable[set_key] += 1
             bad = [b for b in cfg.data.bands if b > info.count]
             if bad:
                 raise DataError(f"{path}: data.bands asks for band {bad[0]} but the raster has {info.count} band(s)")
@@ -678,6 +694,10 @@ def preflight(cfg: ExperimentConfig) -> None:
             for extra in (s.distractors, s.ignore_zones):
                 if extra is not None and not Path(extra).is_file():
                     raise DataError(f"{extra}: file not found (data.{what})")
+        for i, s in enumerate(sets):
+            if readable.get(id(s), 1) == 0:
+                raise DataError(f"data.{what}[{i}]: no readable raster in {s.images} (data.on_bad_raster: skip "
+                                f"skips bad rasters, but a set needs one that reads); first: {first_error[id(s)]}")
     for key in ("weights", "backbone_weights"):
         value = getattr(cfg.model, key)
         if value is not None and not Path(value).is_file():

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hem_bootstrap.model.precision import cpu_has_native_bf16, cpu_name
+
 
 def make_big_raster(path: Path, size: int, seed: int = 11) -> None:
     """Write a size x size RGB GeoTIFF by repeating a 1024 px synthetic scene, block by block."""
@@ -121,6 +123,7 @@ def child_end_to_end(args: argparse.Namespace) -> dict:
         "tiles_per_s": stats.tiles_per_s, "detections": n, "model_seconds": stats.model_seconds,
         "wait_for_reads_seconds": stats.wait_seconds, "merge_seconds": stats.merge_seconds,
         "peak_rss_mb": _peak_rss_mb(), "reader_workers": detect_workers(cfg.runtime, device),
+        "fast_path_used": stats.fast_path,
     }
 
 
@@ -129,7 +132,7 @@ def child_model_only(args: argparse.Namespace) -> dict:
     import torch
 
     from hem_bootstrap.model.detectors import build_detector
-    from hem_bootstrap.model.infer import inference_autocast, prepare_model
+    from hem_bootstrap.model.precision import prepare_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -141,7 +144,7 @@ def child_model_only(args: argparse.Namespace) -> dict:
 
         load_checkpoint(Path(args.weights), model)
     device = torch.device(cfg.runtime.device)
-    model = prepare_model(model, device, cfg.model)
+    model = prepare_model(model, device, cfg.model, cfg.runtime, args.tile)  # calls apply its autocast
     # the same kind of tiles the scan sees: 128 windows spread evenly over the whole raster
     from hem_bootstrap.data.tiles import plan_tiles
     from hem_bootstrap.geo.raster import RasterReader
@@ -155,7 +158,7 @@ def child_model_only(args: argparse.Namespace) -> dict:
     batches = [torch.stack(tiles[i:i + args.batch]).to(device) for i in range(0, len(tiles) - args.batch + 1, args.batch)]
     n_tiles = 0
     outs = []
-    with torch.inference_mode(), inference_autocast(device, cfg.runtime, cfg.model):
+    with torch.inference_mode():
         model(list(batches[0]))  # warm-up (and compile)
         t0 = time.perf_counter()
         deadline = t0 + args.model_seconds
@@ -170,7 +173,7 @@ def child_model_only(args: argparse.Namespace) -> dict:
         secs = time.perf_counter() - t0
     torch.save(outs, args.dump) if args.dump else None
     return {"tiles": n_tiles, "seconds": secs, "tiles_per_s": n_tiles / secs, "peak_rss_mb": _peak_rss_mb(),
-            "read_ms_per_tile": read_ms}
+            "read_ms_per_tile": read_ms, "fast_path_used": model.fast_path}
 
 
 def child_sahi(args: argparse.Namespace) -> dict:
@@ -320,7 +323,8 @@ def main() -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     results: dict = {"score_floor": args.score_floor, "arch": args.arch, "batch": args.batch, "workers": args.workers, "tile": args.tile,
                      "overlap": args.overlap, "fast_path": args.fast_path, "cpu_count": os.cpu_count(),
-                     "cuda": _cuda(), "sizes": {}}
+                     "cuda": _cuda(), "cpu": cpu_name(), "cpu_native_bf16": cpu_has_native_bf16(), "sizes": {}}
+    print(f"CPU: {results['cpu']} (native bf16: {results['cpu_native_bf16']})")
     for size in args.sizes:
         raster = data_dir / f"big_{size}.tif"
         t0 = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,10 @@ import pytest
 import rasterio
 import shapely
 from affine import Affine
+
+# measured fast-path choices (hem_bootstrap.model.precision) go to a cache of this session, shared
+# with the `hem` subprocesses the tests start, never to the user's ~/.cache
+os.environ.setdefault("HEM_CACHE_DIR", tempfile.mkdtemp(prefix="hem-test-cache-"))
 
 UTM_ORIGIN = (500_000.0, 5_000_000.0)
 GSD = 0.5

@@ -326,6 +326,25 @@ def test_corrupt_pool_raster_with_fail(scenes: Path, tmp_path: Path, hem: Hem) -
     one_line_error(hem("run", str(cfg)), "garbage.tif: not a readable raster")
 
 
+def test_pool_path_typo_is_an_error_even_with_skip(scenes: Path, tmp_path: Path, hem: Hem) -> None:
+    """``on_bad_raster: skip`` is for rasters that exist but fail to read; a typo fails before anything runs."""
+    pool = iset(scenes, "pool")
+    pool["images"].append(str(scenes / "pool_2O24.tif"))
+    cfg = write_config(scenes, tmp_path, data={"pool": [pool], "on_bad_raster": "skip"})
+    one_line_error(hem("run", str(cfg)), "pool_2O24.tif: raster not found", "data.pool")
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_pool_set_with_no_readable_raster(scenes: Path, tmp_path: Path, hem: Hem) -> None:
+    pool = {"images": [str(scenes / "garbage.tif")], "labels": str(scenes / "pool_labels.gpkg")}
+    cfg = write_config(scenes, tmp_path, data={"pool": [iset(scenes, "pool"), pool], "on_bad_raster": "skip"})
+    one_line_error(hem("run", str(cfg)), "data.pool[1]: no readable raster", "garbage.tif")
+    assert not (tmp_path / "runs" / "bad").exists()
+    test = {"images": [str(scenes / "garbage.tif")], "labels": str(scenes / "test_labels.gpkg")}
+    cfg = write_config(scenes, tmp_path, name="t", data={"test": [test], "on_bad_raster": "skip"})
+    one_line_error(hem("run", str(cfg)), "data.test[0]: no readable raster")
+
+
 def test_plain_image_with_georeferenced_labels(scenes: Path, tmp_path: Path, hem: Hem) -> None:
     cfg = write_config(scenes, tmp_path, data={"train": [{"images": [str(scenes / "plain.png")],
                                                           "labels": str(scenes / "pool_labels.gpkg")}]})

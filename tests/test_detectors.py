@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,9 +55,17 @@ def _batch(tile: int = 256) -> tuple[list[torch.Tensor], list[dict[str, torch.Te
     return images, targets
 
 
-def _step_and_eval(arch: str) -> None:
+EVAL_FLOOR = 1e-3
+"""Score floor of the tested models: low enough that a briefly stepped model always emits boxes."""
+BACKGROUND_LABELLERS = {"retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn"}
+"""Sigmoid-head archs whose eval output includes label 0 (background) when briefly trained."""
+
+
+@functools.cache
+def _step_and_eval(arch: str) -> tuple[dict[str, torch.Tensor], ...]:
+    """Eval outputs on both tiles of :func:`_batch` after one checked training step (once per arch)."""
     torch.manual_seed(0)
-    model = build_detector(ModelConfig(arch=arch), num_classes=2, tile_size=256)
+    model = build_detector(ModelConfig(arch=arch, score_floor=EVAL_FLOOR), num_classes=2, tile_size=256)
     assert isinstance(model.transform, TileTransform)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -64,22 +73,68 @@ def _step_and_eval(arch: str) -> None:
     assert torch.isfinite(loss) and parts and all(torch.isfinite(v) for v in parts.values())
     model.eval()
     with torch.inference_mode():
-        out = model(_batch()[0][:1])
-    assert len(out) == 1 and out[0]["boxes"].shape[-1] == 4
-    assert out[0]["boxes"].shape[0] == out[0]["scores"].shape[0] == out[0]["labels"].shape[0] <= 100
-    if len(out[0]["boxes"]):
-        assert float(out[0]["boxes"].max()) <= 256.0 and float(out[0]["scores"].min()) >= 0.05
+        out = model(_batch()[0])
+    assert isinstance(out, list)
+    return tuple(out)
+
+
+def _check_outputs(
+    out: tuple[dict[str, torch.Tensor], ...], n_images: int, tile: int, num_classes: int
+) -> None:
+    """torchvision's eval contract: one dict per image, float xyxy boxes in the tile, scores >= floor."""
+    assert len(out) == n_images
+    for o in out:
+        assert set(o) == {"boxes", "scores", "labels"}
+        boxes, scores, labels = o["boxes"], o["scores"], o["labels"]
+        n = boxes.shape[0]
+        assert 0 < n <= 100, f"{n} detections; expected 1..100 at score floor {EVAL_FLOOR}"
+        assert boxes.shape == (n, 4) and boxes.dtype == torch.float32 and bool(torch.isfinite(boxes).all())
+        assert scores.shape == (n,) and scores.dtype == torch.float32
+        assert labels.shape == (n,) and labels.dtype == torch.int64
+        assert float(boxes.min()) >= 0.0 and float(boxes.max()) <= float(tile)
+        assert bool((boxes[:, 2:] >= boxes[:, :2]).all())
+        assert float(scores.min()) >= EVAL_FLOOR and float(scores.max()) <= 1.0
+        assert int(labels.min()) >= 0 and int(labels.max()) <= num_classes - 1
+
+
+def _check_no_background(out: tuple[dict[str, torch.Tensor], ...]) -> None:
+    for o in out:
+        assert int(o["labels"].min()) >= 1, (
+            f"{int((o['labels'] == 0).sum())} detections labelled 0 (background)"
+        )
 
 
 @pytest.mark.parametrize("arch", FAST)
 def test_fast_archs_train_step_and_eval(arch: str) -> None:
-    _step_and_eval(arch)
+    _check_outputs(_step_and_eval(arch), n_images=2, tile=256, num_classes=2)
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        pytest.param(
+            a,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="torchvision's sigmoid heads keep a class-0 column, so the raw model emits 'background' "
+                "detections; the scan drops them (test_infer.py::test_scan_never_reports_the_background_label)",
+            ),
+        )
+        if a in BACKGROUND_LABELLERS
+        else a
+        for a in FAST
+    ],
+)
+def test_fast_archs_never_emit_the_background_label(arch: str) -> None:
+    _check_no_background(_step_and_eval(arch))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", HEAVY)
 def test_heavy_archs_train_step_and_eval(arch: str) -> None:
-    _step_and_eval(arch)
+    out = _step_and_eval(arch)
+    _check_outputs(out, n_images=2, tile=256, num_classes=2)
+    _check_no_background(out)
 
 
 def test_registry_holds_every_documented_name() -> None:

@@ -168,24 +168,86 @@ def test_streaming_outputs(scan, tmp_path: Path) -> None:  # noqa: ANN001
 
 
 def test_bf16_fast_path_keeps_detections(scan, trained_small_model: Path, synth_scenes: Path) -> None:  # noqa: ANN001
-    from hem_bootstrap.model.infer import resolve_fast_path
+    """bf16's promise (precision.py) holds with or without native bf16: forced here, emulated where missing.
 
+    On a CPU without AVX512-BF16 / AMX (``cpu_has_native_bf16()`` False) the same bf16 path
+    runs emulated: slower, and the reason ``auto`` never picks it there, but it must keep
+    the same detections. Measured on such a CPU with box regression in bf16: 25 of 28 boxes
+    at IoU >= 0.9 (0.83 to 0.89 for the others); with the box outputs in float32, 27 of 28.
+    """
     cfg = _cfg()
-    cpu = torch.device("cpu")
-    assert resolve_fast_path(cfg.model.model_copy(update={"fast_path": "none"}), cpu) == "none"
-    assert resolve_fast_path(cfg.model, cpu) in ("bf16", "channels_last")  # auto: by the CPU's bf16 support
     out = {}
     for mode in ("none", "bf16"):
         cfg.model.fast_path = mode  # type: ignore[assignment]
-        out[mode] = _scan(trained_small_model, synth_scenes / "test.tif", cfg)
+        stats = DetectStats()
+        out[mode] = _scan(trained_small_model, synth_scenes / "test.tif", cfg, stats)
+        assert stats.fast_path == mode
     ref, fast = (f[f["score"] >= 0.5] for f in (out["none"], out["bf16"]))
     transform = rasterio.open(synth_scenes / "test.tif").transform
     iou = box_iou(_px(ref, transform), _px(out["bf16"], transform))
     best, j = iou.max(dim=1)
-    assert len(ref) > 10 and (best >= 0.9).float().mean() >= 0.95  # the same boxes, to bf16 precision
+    assert len(ref) > 10
+    assert float((best >= 0.9).float().mean()) >= 0.95 and float(best.min()) >= 0.85, best
     diffs = (torch.tensor(ref["score"].to_numpy()) - torch.tensor(out["bf16"]["score"].to_numpy())[j]).abs()
-    assert float(diffs[best >= 0.9].max()) < 0.05
+    assert float(diffs[best >= 0.9].max()) < 0.01
     assert abs(len(fast) - len(ref)) <= max(2, len(ref) // 20)
+
+
+@pytest.mark.parametrize("arch", ["small_fcos", "small_frcnn"])
+def test_box_outputs_stay_float32_under_bf16(arch: str) -> None:
+    from hem_bootstrap.config import ModelConfig
+    from hem_bootstrap.model.precision import BOX_OUTPUT_LAYERS, keep_box_outputs_float32
+
+    torch.manual_seed(0)
+    model = build_detector(ModelConfig(arch=arch, score_floor=0.0), 2, 128).eval()
+    keys = list(model.state_dict())
+    n = keep_box_outputs_float32(model)
+    assert n >= 1 and keep_box_outputs_float32(model) == 0  # once only
+    assert list(model.state_dict()) == keys  # checkpoints unchanged
+    seen: dict[str, torch.dtype] = {}
+    for name, mod in model.named_modules():
+        if name.rsplit(".", 1)[-1] in BOX_OUTPUT_LAYERS:
+            mod.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o.dtype))
+    cls_dtypes: list[torch.dtype] = []
+    model.backbone.register_forward_hook(lambda m, i, o: cls_dtypes.append(next(iter(o.values())).dtype))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model([torch.rand(3, 128, 128)])
+    assert seen and all(d == torch.float32 for d in seen.values()), seen
+    assert cls_dtypes == [torch.bfloat16]  # the trunk still ran in bf16
+
+
+def test_auto_fast_path_is_measured_and_never_emulated_bf16(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``auto`` on a CPU: timed candidates, bf16 only with native support and a clear gain, cached per machine."""
+    from hem_bootstrap.config import ModelConfig
+    from hem_bootstrap.model import precision
+
+    # the rule, on measured seconds per batch
+    assert precision.choose_path({"none": 1.0, "channels_last": 0.8, "bf16": 0.5}) == "bf16"
+    assert precision.choose_path({"none": 1.0, "channels_last": 0.8, "bf16": 0.75}) == "channels_last"
+    assert precision.choose_path({"none": 1.0, "channels_last": 0.99}) == "none"  # no real gain: the reference
+    assert precision.choose_path({"none": 1.0, "channels_last": 1.3, "bf16": 6.5}) == "none"  # never slower
+    monkeypatch.setenv("HEM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(precision, "_CHOICES", {})
+    timed: list[list[str]] = []
+
+    def fake_time(model, candidates, tile, batch, cl):  # noqa: ANN001, ANN202
+        timed.append(list(candidates))
+        return {c: {"none": 1.0, "channels_last": 0.7, "bf16": 0.3}[c] for c in candidates}
+
+    monkeypatch.setattr(precision, "_time_candidates", fake_time)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)  # e.g. an AVX2-only EPYC
+    model = build_detector(ModelConfig(), 2, 64)
+    cfg = ModelConfig(fast_path="auto")
+    prepared = precision.prepare_model(model, torch.device("cpu"), cfg, None, 64)
+    assert prepared.fast_path == "channels_last" and timed == [["none", "channels_last"]]
+    assert prepared.autocast_dtype is None
+    # every later process on this machine reads the same choice instead of measuring again
+    monkeypatch.setattr(precision, "_CHOICES", {})
+    assert precision.prepare_model(model, torch.device("cpu"), cfg, None, 64).fast_path == "channels_last"
+    assert len(timed) == 1 and (tmp_path / "fast_path.json").is_file()
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision.prepare_model(model, torch.device("cpu"), cfg, None, 96).fast_path == "bf16"
+    assert timed[-1] == ["none", "channels_last", "bf16"]
 
 
 def test_reader_workers_give_the_same_detections(scan, trained_small_model: Path, synth_scenes: Path) -> None:  # noqa: ANN001
@@ -202,3 +264,21 @@ def test_reader_workers_give_the_same_detections(scan, trained_small_model: Path
     tiled, _ = scan
     cols = ["score", "label", "px_xmin", "px_ymin", "px_xmax", "px_ymax"]
     pd.testing.assert_frame_equal(in_workers[cols].reset_index(drop=True), tiled[cols].reset_index(drop=True))
+
+
+def test_scan_never_reports_the_background_label(make_raster) -> None:  # noqa: ANN001
+    """An untrained torchvision FCOS emits label 0 (its never-trained background column); the scan drops it."""
+    from hem_bootstrap.config import ModelConfig
+
+    path = make_raster("one_tile.tif", width=256, height=256)
+    cfg = _cfg(overlap=0)
+    cfg.model = ModelConfig(arch="fcos_resnet50_fpn", score_floor=0.001, fast_path="none")
+    torch.manual_seed(0)
+    model = build_detector(cfg.model, cfg.num_classes, 256).eval()
+    with torch.inference_mode():
+        raw = model([torch.rand(3, 256, 256)])[0]
+    assert int((raw["labels"] == 0).sum()) > 0  # the model itself does emit them
+    frames = list(detect(model, [path], cfg.data, cfg.tiling, cfg.model, cfg.runtime, torch.device("cpu"),
+                         progress=False))
+    labels = pd.concat(frames)["label"]
+    assert bool((labels >= 1).all()) and len(labels) <= int((raw["labels"] >= 1).sum())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import geopandas as gpd
@@ -12,6 +13,7 @@ from scenes import scene_data
 
 from hem_bootstrap.config import load_config
 from hem_bootstrap.errors import RunError
+from hem_bootstrap.report import COLUMNS
 from hem_bootstrap.rounds import run_experiment, run_status
 
 
@@ -44,13 +46,35 @@ def _bank(run: Path) -> pd.DataFrame:
     return pd.DataFrame(frame.drop(columns="geometry")).reset_index(drop=True)
 
 
+def _printed_table(out: str) -> tuple[list[str], list[dict[str, str]]]:
+    """The round table in printed output: its lines, and its body rows keyed by report column."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["round", "bank"])
+    assert set(lines[start + 1].replace(" ", "")) == {"-"}
+    end = next((i for i in range(start + 2, len(lines)) if not lines[i].strip()), len(lines))
+    keys = [key for key, _, short, _ in COLUMNS if short is not None]
+    rows = [dict(zip(keys, line.split(), strict=True)) for line in lines[start + 2 : end]]
+    return lines[start:end], rows
+
+
 def test_two_round_run_resume_and_lock(scenes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     cfg_path = small_config(scenes, tmp_path, name="full")
     cfg = load_config(cfg_path)
     run = run_experiment(cfg, config_path=cfg_path)
     out = capsys.readouterr().out
-    assert "round" in out and "bank" in out
+    manifest = json.loads((run / "manifest.json").read_text())
+    entries = {e["round"]: e for e in manifest["rounds"]}
+    lines, rows = _printed_table(out)
+    assert "\n".join(lines) == (run / "table.txt").read_text().rstrip("\n")
+    assert [row["round"] for row in rows] == ["0", "1", "2"]  # one line per round, in order
+    for row in rows:
+        r = int(row["round"])
+        assert row["bank_size"] == str(entries[r]["bank_size"])
+        assert row["new_negatives"] == str(entries[r]["new_negatives"])
+        ap50 = json.loads((run / f"round_{r:03d}" / "metrics.json").read_text())["ap50"]
+        assert row["ap50"] == ("-" if ap50 is None else f"{ap50:.3f}")
+    assert rows[0]["bank_size"] == "0" and int(rows[1]["bank_size"]) > 0
     for r in (0, 1, 2):
         assert (run / f"round_{r:03d}" / "model.pt").is_file()
         assert (run / f"round_{r:03d}" / "metrics.json").is_file()

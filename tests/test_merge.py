@@ -146,3 +146,22 @@ def test_write_detections_one_layer_per_crs_in_buffered_chunks(tmp_path: Path, m
     b = gpd.read_file(tmp_path / "d.gpkg", layer="detections_epsg_32634")
     assert a["image"].tolist() == ["a.tif"] * 7 + ["c.tif"] * 6 and a.crs == "EPSG:32633"
     assert b["image"].tolist() == ["b.tif"] * 2 and b.crs == "EPSG:32634"
+
+
+def test_an_edge_with_only_nodata_beyond_is_no_seam(make_raster) -> None:  # noqa: ANN001
+    """A nodata collar acts like the image border: boxes touching it are not 'cut' (no tile sees them whole)."""
+    from hem_bootstrap.config import DataConfig
+    from hem_bootstrap.geo.raster import RasterReader
+    from hem_bootstrap.geo.windows import Window
+
+    mask = np.zeros((512, 768), bool)
+    mask[:, 256:] = True  # the western 256 px are a collar
+    path = make_raster("collar.tif", width=768, height=512, mask=mask)
+    with RasterReader(path, DataConfig()) as reader:
+        assert reader.data_beyond(Window(256, 0, 256, 256, 256, 256)) == (False, False, True, True)
+        assert reader.data_beyond(Window(512, 256, 256, 256, 256, 256)) == (True, True, False, False)
+    with RasterReader(make_raster("full.tif", width=768, height=512), DataConfig()) as reader:  # all valid: no read
+        assert reader.data_beyond(Window(256, 0, 256, 256, 256, 256)) == (True, False, True, True)
+    boxes = np.array([[256.5, 40, 280, 60], [300, 40, 330, 60]], np.float32)
+    assert cut_by_inner_edge(boxes, (256, 0, 256, 256), 768, 512).tolist() == [True, False]
+    assert cut_by_inner_edge(boxes, (256, 0, 256, 256), 768, 512, (False, False, True, True)).tolist() == [False, False]

@@ -127,8 +127,10 @@ class TileDataset(Dataset):
                      "mask": None if mask.all() else torch.from_numpy(mask)}
         valid = valid_fraction(mask, win)
         skip = valid < self.data_cfg.min_valid_fraction or valid == 0.0
+        beyond = reader.data_beyond(win) if not skip else (False,) * 4
         tensor = torch.from_numpy(image)
-        return {"image": tensor, "image_idx": ref.image_idx, "window": win, "valid": valid, "skip": skip, **scale}
+        return {"image": tensor, "image_idx": ref.image_idx, "window": win, "valid": valid, "skip": skip,
+                "beyond": beyond, **scale}
 
     def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
         """A batch of tiles, as the DataLoader asks for them; applies ``data.on_bad_raster``.
@@ -186,7 +188,8 @@ def collate_tiles(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack the tiles to run; skipped tiles are counted and dropped.
 
     Returns ``images`` (B, C, T, T) or None when every tile was skipped, ``scale``,
-    ``image_idx`` and ``windows`` (lists, kept tiles only), ``n_skipped`` and ``errors`` (read
+    ``image_idx``, ``windows`` and ``beyond`` (lists, kept tiles only; ``beyond``: valid data
+    past each tile edge, see ``RasterReader.data_beyond``), ``n_skipped`` and ``errors`` (read
     failures skipped under ``data.on_bad_raster: skip``). When every kept tile comes from a
     uint8 raster, ``images`` is uint8 and ``scale`` is ``(lo, span, mask)`` for
     :func:`scale_tiles`; otherwise ``images`` is float32 in [0, 1] and ``scale`` is None.
@@ -210,6 +213,7 @@ def collate_tiles(items: list[dict[str, Any]]) -> dict[str, Any]:
         "scale": scale,
         "image_idx": [int(it["image_idx"]) for it in kept],
         "windows": [it["window"] for it in kept],
+        "beyond": [it["beyond"] for it in kept],
         "n_skipped": len(items) - len(kept),
         "errors": [(it["error_path"], it["error"]) for it in items if it.get("error")],
     }

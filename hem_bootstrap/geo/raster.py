@@ -23,6 +23,7 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.features import geometry_mask
 from rasterio.windows import Window as RioWindow
 
 from hem_bootstrap.config import DataConfig
@@ -42,6 +43,8 @@ STATS_WINDOW = 128
 """Each sampled block is read decimated to at most this many pixels a side."""
 STATS_BUDGET_BYTES = 32 * 2**20
 """Decoded bytes of the blocks sampled for statistics (GDAL caches them)."""
+M_PER_DEGREE = 111_320.0
+"""Metres per degree of latitude (and of longitude at the equator), the local approximation used."""
 
 
 def _once(path: Path | str, kind: str, level: int, msg: str, *args: Any) -> None:
@@ -90,18 +93,29 @@ class RasterInfo:
         the raster's centre latitude. Plain images count one pixel as one metre, so areas
         read as megapixels.
         """
-        rx, ry = abs(self.res[0]), abs(self.res[1])
+        if not self.georeferenced or self.crs is None:
+            return 1.0, 1.0
+        mx, my = self.metres_per_unit()
+        return abs(self.res[0]) * mx, abs(self.res[1]) * my
+
+    def metres_per_unit(self) -> tuple[float, float]:
+        """Ground metres per CRS unit along x and along y, so map offsets can be compared in metres.
+
+        ``(1, 1)`` for a projected CRS in metres and for plain images (whose unit is the pixel,
+        counted as one metre); the linear unit's factor for other projected CRSs (feet); for a
+        geographic CRS the length of a degree of longitude and of latitude at the raster's
+        centre latitude (the same local approximation as :meth:`pixel_size_m`).
+        """
         if not self.georeferenced or self.crs is None:
             return 1.0, 1.0
         if self.crs.is_geographic:
             lat = (self.bounds[1] + self.bounds[3]) / 2
-            m_per_deg = 111_320.0
-            return rx * m_per_deg * max(math.cos(math.radians(lat)), 1e-6), ry * m_per_deg
+            return M_PER_DEGREE * max(math.cos(math.radians(lat)), 1e-6), M_PER_DEGREE
         try:
             factor = float(self.crs.linear_units_factor[1])
         except Exception:  # noqa: BLE001 - unknown unit: assume metres
             factor = 1.0
-        return rx * factor, ry * factor
+        return factor, factor
 
     def area_km2(self, valid_fraction: float = 1.0) -> float:
         """Ground area in km² (times ``valid_fraction``, the share of pixels with data)."""
@@ -331,6 +345,33 @@ class RasterReader:
         with self._read_errors(window):
             return self._read_raw(src, window)
 
+    def data_beyond(self, window: Window) -> tuple[bool, bool, bool, bool]:
+        """Whether valid data lies just outside each edge of ``window`` (left, top, right, bottom).
+
+        An edge with no raster or only nodata beyond it (a collar, the outside of a rotated
+        strip) is no seam: no neighbouring tile can see an object there whole. Reads the
+        one-pixel ring of masks around the window, and nothing when the raster is all valid.
+
+        Raises:
+            DataError: as :meth:`read`.
+        """
+        src = self.dataset()
+        c0, r0 = window.col_off, window.row_off
+        c1, r1 = c0 + window.valid_width, r0 + window.valid_height
+        inside = (c0 > 0, r0 > 0, c1 < src.width, r1 < src.height)
+        if self._all_valid or not any(inside):
+            return inside
+        e0, f0, e1, f1 = max(c0 - 1, 0), max(r0 - 1, 0), min(c1 + 1, src.width), min(r1 + 1, src.height)
+        with self._read_errors(window):
+            ring = (src.read_masks(self.bands, window=RioWindow(e0, f0, e1 - e0, f1 - f0)) > 0).all(axis=0)
+        rows, cols = slice(r0 - f0, r1 - f0), slice(c0 - e0, c1 - e0)
+        return (
+            inside[0] and bool(ring[rows, 0].any()),
+            inside[1] and bool(ring[0, cols].any()),
+            inside[2] and bool(ring[rows, -1].any()),
+            inside[3] and bool(ring[-1, cols].any()),
+        )
+
     @contextmanager
     def _read_errors(self, window: Window) -> Iterator[None]:
         """Turn a GDAL failure inside the block into a one-line :class:`DataError` naming file and window."""
@@ -443,3 +484,79 @@ def sample_pixels(src: Any, bands: list[int]) -> tuple[np.ndarray, np.ndarray]:
                 m = src.read_masks(bands, window=win, out_shape=shape, resampling=Resampling.nearest)
                 valids.append((m > 0).all(axis=0).reshape(-1))
     return np.concatenate(datas, axis=1)[:, None, :], np.concatenate(valids)[None, :]
+
+
+AREA_MAX_SIDE = 4096
+"""Largest side of the (decimated) mask grid on which the evaluated area is counted."""
+
+
+@dataclass(frozen=True)
+class EvaluatedArea:
+    """Ground area of one raster that an evaluation searched, in km².
+
+    Attributes:
+        raster_km2: The whole raster rectangle.
+        valid_km2: Pixels with data in every selected band (nodata collars and masks excluded).
+        ignored_km2: Valid ground inside ignore zones (not evaluated).
+    """
+
+    raster_km2: float
+    valid_km2: float
+    ignored_km2: float
+
+    @property
+    def evaluated_km2(self) -> float:
+        """Valid ground outside ignore zones: the denominator of FP per km²."""
+        return max(self.valid_km2 - self.ignored_km2, 0.0)
+
+
+def evaluated_area(info: RasterInfo, bands: list[int], zones: Any = None) -> EvaluatedArea:
+    """Valid-data area of a raster minus the valid ground under ignore zones.
+
+    The validity mask (GDAL's per-band masks: nodata values, alpha or internal masks; NaN for
+    float data) and the zones are counted on one grid: the raster's own pixels when its long
+    side is at most :data:`AREA_MAX_SIDE`, else a nearest-neighbour decimation to that size
+    (exact for collars and zones larger than a few decimated cells).
+
+    Args:
+        info: The raster's header (see :func:`open_raster`).
+        bands: 1-based bands whose masks must all be valid.
+        zones: Ignore geometries in the raster's CRS (pixel coordinates for plain images), or None.
+
+    Raises:
+        DataError: GDAL cannot read the raster's masks.
+    """
+    scale = min(1.0, AREA_MAX_SIDE / max(info.width, info.height))
+    shape = (max(1, round(info.height * scale)), max(1, round(info.width * scale)))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(info.path) as src:
+                valid = _valid_grid(src, bands, shape)
+    except RasterioError as err:
+        raise DataError(f"{info.path}: could not read its nodata mask: {_gdal_message(err)}") from None
+    ignored = np.zeros(shape, dtype=bool)
+    geoms = [g for g in (zones.geometry if zones is not None and len(zones) else []) if g is not None and not g.is_empty]
+    if geoms:
+        grid = info.transform * Affine.scale(info.width / shape[1], info.height / shape[0])
+        ignored = geometry_mask(geoms, out_shape=shape, transform=grid, invert=True, all_touched=False)
+    cells = float(shape[0] * shape[1])
+    whole = info.area_km2()
+    return EvaluatedArea(
+        raster_km2=whole,
+        valid_km2=whole * float(valid.sum()) / cells,
+        ignored_km2=whole * float((valid & ignored).sum()) / cells,
+    )
+
+
+def _valid_grid(src: Any, bands: list[int], shape: tuple[int, int]) -> np.ndarray:
+    """Validity of every cell of ``shape`` (the raster resampled by nearest neighbour)."""
+    out_shape = (len(bands), *shape)
+    valid = np.ones(shape, dtype=bool)
+    if not all(MaskFlags.all_valid in src.mask_flag_enums[b - 1] for b in bands):
+        masks = src.read_masks(bands, out_shape=out_shape, resampling=Resampling.nearest)
+        valid &= (masks > 0).all(axis=0)
+    if np.dtype(src.dtypes[bands[0] - 1]).kind == "f":
+        data = src.read(bands, out_shape=out_shape, resampling=Resampling.nearest)
+        valid &= np.isfinite(data).all(axis=0)
+    return valid

@@ -3,9 +3,9 @@
 Only clear false positives are worth mining, so matching has three outcomes:
 
 * ``tp``: the detection overlaps an object well (IoU >= ``tp_iou``, or centre within
-  ``center_dist_m`` with ``matching="center"``);
+  ``center_dist_m`` metres with ``matching="center"``);
 * ``fp``: it overlaps no object at all, or barely (best IoU < ``fp_max_iou``, or centre
-  farther than ``2 * center_dist_m``) — a hard-negative candidate;
+  farther than ``2 * center_dist_m`` metres) — a hard-negative candidate;
 * ``ignore``: everything in between (a loose box on a real object, a neighbour's part) and
   anything inside an ignore geometry. Ignored detections are never mined.
 
@@ -14,9 +14,15 @@ classification error, not background, and mining its box as a negative would tea
 model that the object is background. Matching is also many-to-one: two detections on the
 same object are both ``tp`` (a duplicate on a real object is no hard negative either;
 one-to-one matching belongs to evaluation).
+
+Centre distances are in metres: map offsets are scaled per axis by the raster's metres per
+CRS unit (:meth:`hem_bootstrap.geo.raster.RasterInfo.metres_per_unit`), so ``center_dist_m``
+means the same on a UTM raster and on a lon/lat (EPSG:4326) one.
 """
 
 from __future__ import annotations
+
+import math
 
 import geopandas as gpd
 import numpy as np
@@ -57,6 +63,7 @@ def match_detections(
     gt: gpd.GeoDataFrame,
     cfg: MiningConfig,
     ignore: gpd.GeoDataFrame | None = None,
+    metres_per_unit: tuple[float, float] = (1.0, 1.0),
 ) -> gpd.GeoDataFrame:
     """Label each detection of one image ``tp``, ``fp`` or ``ignore``.
 
@@ -68,17 +75,22 @@ def match_detections(
         ignore: Optional geometries (ignore zones, objects clipped at the raster edge) whose
             detections must not be mined: a detection with more than half of its area, or
             its centre, inside them is ``ignore`` unless it already matched an object.
+        metres_per_unit: Ground metres per unit of the detections' CRS along x and y
+            (``RasterInfo.metres_per_unit()`` of the image), so that centre distances are
+            compared with ``center_dist_m`` in metres. The default suits metre CRSs and
+            plain images.
 
     Returns:
         A copy of ``dets`` with ``status`` (str), ``best_iou`` (float, 0 with no overlap) and
         ``gt_index`` (int position in ``gt`` of the best-matching object, -1 when none).
         With ``matching="center"`` the best match is the nearest object centre (``gt_index``
-        -1 for a false positive); ``best_iou`` is still the IoU with that object. Distances
-        are in CRS units (pixels without a CRS).
+        -1 for a false positive); ``best_iou`` is still the IoU with that object.
 
     Raises:
-        DataError: ``dets`` holds several images.
+        DataError: ``dets`` holds several images, or ``metres_per_unit`` is not two finite
+            positive numbers.
     """
+    scale = check_metres_per_unit(metres_per_unit, "match_detections")
     out = dets.copy()
     _check_single_image(out)
     gt_ = _to_crs_of(gt, out, "ground truth")
@@ -90,7 +102,7 @@ def match_detections(
         det_boxes = _bounds(out)
         gt_boxes = _bounds(gt_)
         if cfg.matching == "center":
-            status, gt_index, best_iou = _classify_center(det_boxes, gt_boxes, cfg.center_dist_m)
+            status, gt_index, best_iou = _classify_center(det_boxes, gt_boxes, cfg.center_dist_m, scale)
         else:
             status, gt_index, best_iou = _classify_iou(
                 *best_box_iou(det_boxes, gt_boxes), cfg.tp_iou, cfg.fp_max_iou
@@ -102,6 +114,21 @@ def match_detections(
     out["best_iou"] = best_iou
     out["gt_index"] = gt_index
     return out
+
+
+def check_metres_per_unit(value: tuple[float, float], what: str) -> tuple[float, float]:
+    """``value`` as two floats, checked to be finite and positive.
+
+    Raises:
+        DataError: anything else (naming ``what`` and the value).
+    """
+    try:
+        mx, my = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise DataError(f"{what}: metres_per_unit = {value!r}; expected two numbers (x, y)") from None
+    if not (math.isfinite(mx) and math.isfinite(my) and mx > 0 and my > 0):
+        raise DataError(f"{what}: metres_per_unit = {value!r}; expected two finite numbers > 0")
+    return mx, my
 
 
 def _check_single_image(dets: gpd.GeoDataFrame) -> None:
@@ -144,11 +171,15 @@ def _classify_iou(
 
 
 def _classify_center(
-    det_boxes: torch.Tensor, gt_boxes: torch.Tensor, dist: float
+    det_boxes: torch.Tensor, gt_boxes: torch.Tensor, dist: float, scale: tuple[float, float] = (1.0, 1.0)
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Status from the distance to the nearest object centre: <= d tp, > 2d fp, else ignore."""
-    dc = (det_boxes[:, :2] + det_boxes[:, 2:]) / 2
-    gc = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
+    """Status from the distance to the nearest object centre: <= d tp, > 2d fp, else ignore.
+
+    Centres are scaled by ``scale`` (metres per CRS unit, x and y) first, so ``dist`` is in metres.
+    """
+    s = torch.tensor(scale, dtype=det_boxes.dtype)
+    dc = (det_boxes[:, :2] + det_boxes[:, 2:]) / 2 * s
+    gc = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2 * s
     parts = [torch.cdist(dc[i : i + IOU_CHUNK], gc).min(dim=1) for i in range(0, len(dc), IOU_CHUNK)]
     d_np = torch.cat([p.values for p in parts]).numpy()
     idx = torch.cat([p.indices for p in parts])

@@ -9,7 +9,6 @@ memory holds about one row of tiles' detections, never the pool's or a whole ras
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -33,6 +32,7 @@ from hem_bootstrap.data.tiles import TileDataset, TileRef, collate_tiles, plan_t
 from hem_bootstrap.errors import DataError
 from hem_bootstrap.geo.raster import RasterInfo, open_raster
 from hem_bootstrap.geo.windows import pixel_to_map_boxes
+from hem_bootstrap.model.precision import PreparedModel, prepare_model
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,8 @@ class DetectStats:
     merge_seconds: float = 0.0
     wait_seconds: float = 0.0
     bad_rasters: list[str] = field(default_factory=list)
+    fast_path: str = ""
+    """The precision path the model ran (``auto`` resolved; see :mod:`hem_bootstrap.model.precision`)."""
 
     @property
     def tiles_per_s(self) -> float:
@@ -99,16 +101,28 @@ class DetectStats:
         return self.tiles_total / self.seconds if self.seconds > 0 else 0.0
 
 
-def cut_by_inner_edge(boxes: np.ndarray, win: tuple[int, int, int, int], width: int, height: int) -> np.ndarray:
-    """Which boxes (image pixels) touch an edge of their tile that is not an edge of the image."""
+def cut_by_inner_edge(
+    boxes: np.ndarray,
+    win: tuple[int, int, int, int],
+    width: int,
+    height: int,
+    beyond: tuple[bool, bool, bool, bool] | None = None,
+) -> np.ndarray:
+    """Which boxes (image pixels) touch an edge of their tile that is a seam, not an edge of the data.
+
+    Without ``beyond`` an edge is a seam when it lies inside the image; with it (valid data
+    past the left, top, right, bottom edge) only where there is data on the other side, so a
+    nodata collar acts like the image's border.
+    """
     col, row, w, h = win
     if len(boxes) == 0:
         return np.zeros((0,), bool)
     m = EDGE_MARGIN_PX
-    left = (boxes[:, 0] <= col + m) & (col > 0)
-    top = (boxes[:, 1] <= row + m) & (row > 0)
-    right = (boxes[:, 2] >= col + w - m) & (col + w < width)
-    bottom = (boxes[:, 3] >= row + h - m) & (row + h < height)
+    seam = beyond if beyond is not None else (col > 0, row > 0, col + w < width, row + h < height)
+    left = (boxes[:, 0] <= col + m) & seam[0]
+    top = (boxes[:, 1] <= row + m) & seam[1]
+    right = (boxes[:, 2] >= col + w - m) & seam[2]
+    bottom = (boxes[:, 3] >= row + h - m) & seam[3]
     return left | top | right | bottom
 
 
@@ -257,46 +271,6 @@ def usable_rasters(paths: list[Path], on_bad: str) -> tuple[list[Path], list[Ras
     return good, infos, bad
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU computes bfloat16 natively (AVX512-BF16 or AMX), so bf16 is fast, not emulated."""
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
-
-
-def resolve_fast_path(model_cfg: ModelConfig, device: torch.device) -> str:
-    """The fast path actually used: ``auto`` becomes ``bf16`` on a CPU with native bf16, else ``channels_last``."""
-    fast = model_cfg.fast_path
-    if fast == "auto":
-        fast = "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "channels_last"
-    return fast
-
-
-def prepare_model(model: torch.nn.Module, device: torch.device, model_cfg: ModelConfig) -> torch.nn.Module:
-    """Move the model to the device in eval mode, with the configured fast path."""
-    model = model.to(device).eval()
-    fast = resolve_fast_path(model_cfg, device)
-    if fast in ("channels_last", "compile", "bf16") and model_cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if fast == "compile":
-        backbone = getattr(model, "backbone", None)
-        if backbone is not None:
-            model.backbone = torch.compile(backbone, dynamic=False)  # type: ignore[assignment]
-    return model
-
-
-def inference_autocast(
-    device: torch.device, runtime: RuntimeConfig, model_cfg: ModelConfig | None = None
-) -> contextlib.AbstractContextManager:
-    """Mixed precision for inference: AMP on CUDA (``runtime.amp``), bf16 on CPU with the ``bf16`` fast path."""
-    if device.type == "cuda" and runtime.amp:
-        dtype = torch.bfloat16 if runtime.amp_dtype == "bf16" else torch.float16
-        return torch.autocast(device_type="cuda", dtype=dtype)
-    if device.type == "cpu" and model_cfg is not None and resolve_fast_path(model_cfg, device) == "bf16":
-        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def shard_refs(refs: list[TileRef], rank: int, world: int) -> list[TileRef]:
     """A contiguous, balanced, deterministic share of the tiles for one rank."""
     n = len(refs)
@@ -318,7 +292,7 @@ def detect_workers(runtime: RuntimeConfig, device: torch.device) -> int:
 
 
 def scan_raw(
-    model: torch.nn.Module,
+    model: PreparedModel,
     paths: list[Path],
     infos: list[RasterInfo],
     refs: list[TileRef],
@@ -330,7 +304,6 @@ def scan_raw(
     total_tiles: int | None = None,
     progress_scale: float = 1.0,
     bands: bool = False,
-    model_cfg: ModelConfig | None = None,
 ) -> Iterator[tuple[int, RawDetections, int | None]]:
     """Run the model over tiles in order; yield ``(image_idx, raw detections, frontier)``.
 
@@ -387,13 +360,13 @@ def scan_raw(
             if device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
             tm = time.perf_counter()
-            with inference_autocast(device, runtime, model_cfg):
-                outputs = model(list(images))
+            outputs = model(list(images))  # under the model's own autocast (see precision.py)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             stats.model_seconds += time.perf_counter() - tm
             stats.tiles_run += len(batch["image_idx"])
-            for out, idx, win in zip(outputs, batch["image_idx"], batch["windows"], strict=True):
+            for out, idx, win, beyond in zip(outputs, batch["image_idx"], batch["windows"], batch["beyond"],
+                                             strict=True):
                 if current is not None and idx != current:
                     yield current, raw, None
                     raw = RawDetections()
@@ -409,17 +382,20 @@ def scan_raw(
                 # clip to the valid part of a padded tile, then shift to image pixels
                 boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, vw)
                 boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, vh)
-                ok = (boxes[:, 2] - boxes[:, 0] > 0.5) & (boxes[:, 3] - boxes[:, 1] > 0.5)
+                labels = out["labels"].cpu().numpy()
+                # label 0 is background: torchvision's sigmoid heads (FCOS, RetinaNet) keep a
+                # column for it that is never trained positive, yet can still score above the floor
+                ok = (boxes[:, 2] - boxes[:, 0] > 0.5) & (boxes[:, 3] - boxes[:, 1] > 0.5) & (labels > 0)
                 boxes = boxes[ok]
                 boxes[:, [0, 2]] += win.col_off
                 boxes[:, [1, 3]] += win.row_off
                 info = infos[idx]
                 w_arr = np.array([win.col_off, win.row_off, min(win.width, vw), min(win.height, vh)])
-                cut = cut_by_inner_edge(boxes, tuple(w_arr), info.width, info.height)
+                cut = cut_by_inner_edge(boxes, tuple(w_arr), info.width, info.height, beyond)
                 raw.add(
                     boxes,
                     out["scores"].float().cpu().numpy()[ok],
-                    out["labels"].cpu().numpy()[ok],
+                    labels[ok],
                     w_arr,
                     cut,
                 )
@@ -455,10 +431,11 @@ def detect(
     good, infos, bad = usable_rasters(paths, data_cfg.on_bad_raster)
     stats.bad_rasters.extend(bad)
     refs = plan_tiles(good, tiling)
-    model = prepare_model(model, device, model_cfg)
+    prepared = prepare_model(model, device, model_cfg, runtime, tiling.tile_size)
+    stats.fast_path = prepared.fast_path
     merger: BandMerger | None = None
-    for idx, raw, frontier in scan_raw(model, good, infos, refs, data_cfg, runtime, device, stats, progress,
-                                       bands=True, model_cfg=model_cfg):
+    for idx, raw, frontier in scan_raw(prepared, good, infos, refs, data_cfg, runtime, device, stats, progress,
+                                       bands=True):
         if merger is None or merger.image != idx:
             merger = BandMerger(idx, model_cfg.nms_iou, drop_cut)
         tm = time.perf_counter()
