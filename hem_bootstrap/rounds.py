@@ -335,7 +335,14 @@ def _scan(ctx: Context, model_path: Path, sets: list[ImageSet], what: str, out: 
 
 
 def _read_detections(path: Path) -> gpd.GeoDataFrame:
+    """All layers of a detections file (one per CRS); rows of several CRSs keep their own coordinates.
+
+    With more than one CRS the frame has none (:func:`~hem_bootstrap.geo.frames.concat_native`):
+    its consumers work image by image, in each raster's CRS.
+    """
     import pyogrio
+
+    from hem_bootstrap.geo.frames import concat_native
 
     frames = [gpd.read_file(path, layer=name) for name, _ in pyogrio.list_layers(path)]
     frames = [f for f in frames if len(f)]
@@ -343,9 +350,7 @@ def _read_detections(path: Path) -> gpd.GeoDataFrame:
         from hem_bootstrap.model.infer import empty_detections
 
         return empty_detections()
-    if len(frames) == 1:
-        return frames[0]
-    return pd.concat(frames, ignore_index=True)  # type: ignore[return-value]
+    return concat_native(frames)
 
 
 def step_detect(ctx: Context, r: int) -> dict[str, Any]:
@@ -361,6 +366,7 @@ def step_detect(ctx: Context, r: int) -> dict[str, Any]:
 
 def _hard_positives(ctx: Context, r: int, bank: Any) -> dict[str, Any]:
     """Find this round's hard positives on the training images; list chronic ones for review."""
+    from hem_bootstrap.geo.frames import concat_in_crs
     from hem_bootstrap.mining.positives import (
         LAYER,
         REVIEW_REASON,
@@ -376,7 +382,7 @@ def _hard_positives(ctx: Context, r: int, bank: Any) -> dict[str, Any]:
         info, gt = read_truth(path, s, cfg)
         d = dets[dets["image"] == str(path)]
         frames.append(hard_positives(str(path), gt, d, info.transform, cfg.evaluate.iou, cfg.train.hard_positive_below))
-    current = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry", crs=frames[0].crs)
+    current = concat_in_crs(frames, frames[0].crs).drop(columns="src_crs")
     prev_path = ctx.run.round_dir(r - 1) / "hard_positives.gpkg"
     previous = gpd.read_file(prev_path, layer=LAYER) if prev_path.exists() else None
     frame = carry_history(current, previous, cfg.train.hard_positive_max_rounds)
@@ -416,6 +422,7 @@ def _refresh_scores(bank: Any, dets: gpd.GeoDataFrame, iou: float) -> dict[int, 
 
 def step_mine(ctx: Context, r: int) -> dict[str, Any]:
     """Match the scan to ground truth, select false positives, refresh and update the bank."""
+    from hem_bootstrap.geo.frames import concat_in_crs, crs_text
     from hem_bootstrap.mining.bank import NegativeBank, route_for_review
     from hem_bootstrap.mining.matching import match_detections
     from hem_bootstrap.mining.strategies import (
@@ -435,17 +442,21 @@ def step_mine(ctx: Context, r: int) -> dict[str, Any]:
     matched = []
     images_meta = []
     truths: list[gpd.GeoDataFrame] = []
+    avoid_images: list[str] = []
     for path, s in _readable_images(cfg.data.pool, "pool", cfg):
         info, gt = read_truth(path, s, cfg)
         zones = read_overlay(s.ignore_zones, info)
         truths.append(gt)
+        avoid_images.append(str(path))
         images_meta.append((str(path), info.width, info.height, info.transform, info.crs))
         d = dets[dets["image"] == str(path)]
         if len(d) == 0:
             continue
         d = gpd.GeoDataFrame(d, geometry="geometry", crs=gt.crs)
         matched.append(match_detections(d, gt, cfg.mining, ignore=zones, metres_per_unit=info.metres_per_unit()))
-    allm = pd.concat(matched, ignore_index=True) if matched else dets.assign(status=[], best_iou=[], gt_index=[])
+    # one frame for the strategies, in the bank's CRS (else the first raster's), each row's own CRS in src_crs
+    common = bank.crs if bank.crs is not None else (images_meta[0][4] if images_meta else None)
+    allm = concat_in_crs(matched, common) if matched else dets.assign(status=[], best_iou=[], gt_index=[])
     fps = allm[allm["status"] == "fp"]
     pool_fp = int((fps["score"] >= cfg.evaluate.score_threshold).sum())
     rng = np.random.default_rng(cfg.runtime.seed + 7919 * r)
@@ -455,9 +466,12 @@ def step_mine(ctx: Context, r: int) -> dict[str, Any]:
     shadow: dict[str, int] = {}
     if strategy.random:
         shadow = {"strategy_selected": len(selected), "shadow_new": _shadow_count(ctx, r, selected)}
-        avoid = pd.concat([t for t in truths if len(t)], ignore_index=True) if any(len(t) for t in truths) else None
+        avoid = concat_in_crs([t.assign(image=p) for t, p in zip(truths, avoid_images, strict=True) if len(t)],
+                              common) if any(len(t) for t in truths) else None
         box_px = typical_box_px(selected) if len(selected) else None
         selected = random_windows(shadow["shadow_new"], images_meta, cfg.tiling.tile_size, rng, avoid=avoid, box_px=box_px)
+    own_crs = {m[0]: crs_text(m[4]) for m in images_meta}
+    selected = selected.assign(src_crs=selected["image"].astype(str).map(own_crs).fillna("")) if len(selected) else selected
     refreshed = 0
     if cfg.bank.refresh and len(bank.active()):
         scores = _refresh_scores(bank, dets, cfg.bank.dedupe_iou)

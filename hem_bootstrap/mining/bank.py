@@ -39,6 +39,7 @@ from torchvision.ops import box_iou, nms
 from hem_bootstrap.config import BankConfig, MiningConfig
 from hem_bootstrap.contracts import DETECTION_COLUMNS
 from hem_bootstrap.errors import DataError, HemError
+from hem_bootstrap.geo.frames import crs_text
 from hem_bootstrap.mining.matching import best_box_iou
 from hem_bootstrap.rundir import fault_point
 
@@ -123,14 +124,6 @@ def _normalize(frame: gpd.GeoDataFrame, schema: Mapping[str, str], crs: Any) -> 
 
 def _default(dtype: str) -> Any:
     return {"str": "", "bool": False, "int64": -1, "float64": np.nan}[dtype]
-
-
-def _crs_text(crs: Any) -> str:
-    if crs is None:
-        return ""
-    c = pyproj.CRS.from_user_input(crs)
-    auth = c.to_authority()
-    return f"{auth[0]}:{auth[1]}" if auth else c.to_wkt()
 
 
 def _px_array(frame: pd.DataFrame) -> np.ndarray:
@@ -276,7 +269,7 @@ class NegativeBank:
         if mined is None or len(mined) == 0:
             return {"added": 0, "updated": 0}
         _require(mined, MINED_COLUMNS, "mined negatives")
-        src = _crs_text(getattr(mined, "crs", None))
+        src = crs_text(getattr(mined, "crs", None))
         mined = _sorted_mined(self._to_bank_crs(mined))
         bank_px = _px_array(self.frame)
         bank_images = self.frame["image"].to_numpy(dtype=object)
@@ -358,7 +351,7 @@ class NegativeBank:
             retired=np.zeros(n, dtype=bool),
             model_hash=np.full(n, str(model_hash), dtype=object),
             strategy=np.full(n, str(strategy), dtype=object),
-            src_crs=np.full(n, src, dtype=object),
+            src_crs=_src_crs(rows, src),
         )
         self.next_neg_id += n
         return gpd.GeoDataFrame(cols, geometry=list(np.asarray(rows.geometry.values)), crs=self.crs)
@@ -471,7 +464,7 @@ class NegativeBank:
             "by_strategy": {str(k): int(v) for k, v in f.groupby("strategy").size().items()},
             "active_by_round": {str(k): int(v) for k, v in act.groupby("round_added").size().items()},
             "score_hist": {"edges": [round(float(e), 2) for e in edges], "counts": [int(c) for c in counts]},
-            "crs": _crs_text(self.crs),
+            "crs": crs_text(self.crs),
         }
 
     # -------------------------------------------------------------------- export
@@ -528,7 +521,7 @@ class NegativeBank:
         if rows is None or len(rows) == 0:
             return 0
         _require(rows, MINED_COLUMNS, "review rows")
-        src = _crs_text(getattr(rows, "crs", None))
+        src = crs_text(getattr(rows, "crs", None))
         rows = _sorted_mined(self._to_bank_crs(rows))
         rf = self.review_frame
         review_px = _px_array(rf)
@@ -592,10 +585,18 @@ class NegativeBank:
             reason=np.where(own != "", own, str(reason)).astype(object),
             decision=np.full(n, "", dtype=object),
             bank_neg_id=neg.astype(np.int64),
-            src_crs=np.full(n, src, dtype=object),
+            src_crs=_src_crs(rows, src),
         )
         self.next_review_id += n
         return gpd.GeoDataFrame(cols, geometry=list(np.asarray(rows.geometry.values)), crs=self.crs)
+
+
+def _src_crs(rows: pd.DataFrame, frame_crs: str) -> np.ndarray:
+    """Each row's own CRS: its ``src_crs`` column (rows joined from several CRSs), else the frame's."""
+    if "src_crs" in rows.columns:
+        own = rows["src_crs"].fillna("").astype(str).to_numpy(dtype=object)
+        return np.where(own == "", frame_crs, own).astype(object)
+    return np.full(len(rows), frame_crs, dtype=object)
 
 
 def _next_id(frame: pd.DataFrame, col: str) -> int:

@@ -339,7 +339,10 @@ def spatial_dedupe(fps: gpd.GeoDataFrame, iou: float) -> gpd.GeoDataFrame:
     """
     if len(fps) < 2:
         return fps
-    boxes = torch.from_numpy(np.array(shapely.bounds(np.asarray(fps.geometry.values)), dtype=np.float64))
+    if all(c in fps.columns for c in PX_COLUMNS):  # pixel boxes: exact in any CRS, however the frame was joined
+        boxes = torch.from_numpy(fps[list(PX_COLUMNS)].to_numpy(dtype=np.float64))
+    else:
+        boxes = torch.from_numpy(np.array(shapely.bounds(np.asarray(fps.geometry.values)), dtype=np.float64))
     scores = torch.from_numpy(np.nan_to_num(fps["score"].to_numpy(dtype=np.float64), nan=0.0))
     _, groups = np.unique(fps["image"].astype(str).to_numpy(), return_inverse=True)
     keep = batched_nms(boxes, scores, torch.from_numpy(groups.astype(np.int64)), float(iou))

@@ -30,6 +30,7 @@ from hem_bootstrap.config import DataConfig, ModelConfig, RuntimeConfig, TilingC
 from hem_bootstrap.contracts import DETECTION_COLUMNS
 from hem_bootstrap.data.tiles import TileDataset, TileRef, collate_tiles, plan_tiles, scale_tiles
 from hem_bootstrap.errors import DataError
+from hem_bootstrap.geo.frames import concat_in_crs, concat_native, distinct_crs
 from hem_bootstrap.geo.raster import RasterInfo, open_raster
 from hem_bootstrap.geo.windows import pixel_to_map_boxes
 from hem_bootstrap.model.precision import PreparedModel, prepare_model
@@ -604,15 +605,30 @@ def write_detections(
         frames_back = [gpd.read_file(tmp_gpkg, layer=name) for name in layers.values()]
         tmp_out = out.with_name(f".{out.name}.tmp")
         if suffix == ".geojson":
-            merged = frames_back[0] if len(frames_back) == 1 else frames_back[0]
-            if len(frames_back) > 1:
-                log.warning("GeoJSON holds one CRS: only layer %s written", list(layers.values())[0])
-            merged.to_file(tmp_out, driver="GeoJSON")
+            _geojson_frame(frames_back, out).to_file(tmp_out, driver="GeoJSON")
         else:
             _write_coco(frames_back, tmp_out)
         os.replace(tmp_out, out)
         tmp_gpkg.unlink()
     return total, list(layers.values())
+
+
+def _geojson_frame(frames: list[gpd.GeoDataFrame], out: Path) -> gpd.GeoDataFrame:
+    """One frame for a GeoJSON file: as it is for one CRS; for several, all in WGS 84 (GeoJSON's own CRS).
+
+    Each row keeps its raster's CRS in ``src_crs``; pixel boxes stay in the ``px_*`` columns.
+
+    Raises:
+        DataError: pixel-space (not georeferenced) and georeferenced rows together.
+    """
+    frames = [f for f in frames if len(f)] or frames[:1]
+    if len(distinct_crs(frames)) == 1:
+        return frames[0] if len(frames) == 1 else concat_native(frames)
+    if any(f.crs is None for f in frames):
+        raise DataError(f"{out}: detections of plain (not georeferenced) and georeferenced rasters cannot share "
+                        "one GeoJSON file; write .gpkg (one layer per CRS) or .json (COCO)")
+    log.info("%s: detections in %d CRSs written in EPSG:4326 (each row's own CRS in src_crs)", out, len(frames))
+    return concat_in_crs(frames, "EPSG:4326")
 
 
 def _write_coco(frames: list[gpd.GeoDataFrame], out: Path) -> None:
