@@ -22,7 +22,6 @@ from typing import Any
 
 import geopandas as gpd
 import numpy as np
-import pandas as pd
 import yaml
 
 from hem_bootstrap.config import ExperimentConfig, ImageSet, dump_config
@@ -179,16 +178,21 @@ def _disk_errors(run: RunDir, r: int) -> Iterator[None]:
         ) from None
 
 
-def read_truth(path: Path, s: ImageSet, cfg: ExperimentConfig) -> tuple[Any, gpd.GeoDataFrame]:
-    """Raster info and its labels (empty frame when the set has no labels)."""
-    from hem_bootstrap.geo.labels import load_labels
+def read_truth(
+    path: Path, s: ImageSet, cfg: ExperimentConfig, accepted: dict[str, Any] | None = None
+) -> tuple[Any, gpd.GeoDataFrame]:
+    """Raster info and its labels (empty frame when the set has no labels), plus objects accepted in review."""
+    from hem_bootstrap.geo.labels import load_labels, with_pixel_labels
     from hem_bootstrap.geo.raster import open_raster
+    from hem_bootstrap.mining.review import for_image
 
     info = open_raster(path)
     if s.labels is None:
         gt = gpd.GeoDataFrame({"label": [], "class": []}, geometry=[], crs=info.crs if info.georeferenced else None)
     else:
         gt = load_labels(s.labels, info, cfg.data, image_name=Path(path).name)
+    if accepted:
+        gt = with_pixel_labels(gt, info, *for_image(accepted, path), cfg.data)
     return info, gt
 
 
@@ -225,6 +229,7 @@ def step_train(ctx: Context, r: int, resume: bool = False) -> dict[str, Any]:
         prepare_train_images,
     )
     from hem_bootstrap.mining.bank import NegativeBank
+    from hem_bootstrap.mining.review import accepted_pixel_labels
     from hem_bootstrap.model.train import train
 
     cfg = ctx.cfg
@@ -233,11 +238,13 @@ def step_train(ctx: Context, r: int, resume: bool = False) -> dict[str, Any]:
     negatives = None
     hard_path = rd / "hard_positives.gpkg"
     pool_images = []
+    accepted = accepted_pixel_labels(ctx.run.path) if r > 0 else {}  # objects accepted in review
     if r > 0:
         bank = NegativeBank.load(ctx.run.round_dir(r) / "bank.gpkg")
         negatives = bank.training_negatives(cfg.bank)
-        if len(negatives):
-            pool_images = prepare_train_images(_as_sets(_readable_images(cfg.data.pool, "pool", cfg)), cfg.data)
+        if len(negatives) or accepted:
+            pool_images = prepare_train_images(_as_sets(_readable_images(cfg.data.pool, "pool", cfg)), cfg.data,
+                                               extra=accepted)
     dataset = ChipDataset(
         train_images,
         negatives=negatives,
@@ -247,6 +254,7 @@ def step_train(ctx: Context, r: int, resume: bool = False) -> dict[str, Any]:
         augment=cfg.train.augment,
         seed=cfg.runtime.seed + 1000 * r,
         negative_images=pool_images,
+        accepted=accepted,
     )
     hard_chips = 0
     if r > 0 and cfg.train.hard_positive_factor > 1 and hard_path.exists():
@@ -297,6 +305,7 @@ def step_train(ctx: Context, r: int, resume: bool = False) -> dict[str, Any]:
         "chips": {k: int(v) for k, v in zip(*np.unique(dataset.kinds, return_counts=True), strict=True)},
         "init": str(init) if init else "scratch",
         "hard_positive_chips": hard_chips,
+        "accepted_positives": int(sum(len(b) for b, _ in accepted.values())),
     }
     return info
 
@@ -425,6 +434,7 @@ def step_mine(ctx: Context, r: int) -> dict[str, Any]:
     from hem_bootstrap.geo.frames import concat_in_crs, crs_text
     from hem_bootstrap.mining.bank import NegativeBank, route_for_review
     from hem_bootstrap.mining.matching import match_detections
+    from hem_bootstrap.mining.review import accepted_pixel_labels
     from hem_bootstrap.mining.strategies import (
         build_strategy,
         random_windows,
@@ -443,8 +453,9 @@ def step_mine(ctx: Context, r: int) -> dict[str, Any]:
     images_meta = []
     truths: list[gpd.GeoDataFrame] = []
     avoid_images: list[str] = []
+    accepted = accepted_pixel_labels(ctx.run.path)  # accepted in review: objects, never mined again
     for path, s in _readable_images(cfg.data.pool, "pool", cfg):
-        info, gt = read_truth(path, s, cfg)
+        info, gt = read_truth(path, s, cfg, accepted)
         zones = read_overlay(s.ignore_zones, info)
         truths.append(gt)
         avoid_images.append(str(path))
@@ -1026,28 +1037,38 @@ def bank_export_cli(run_dir: Path, out: Path, fmt: str) -> str:
 
 
 def review_apply_cli(run_dir: Path, decisions: Path) -> str:
-    """``hem review apply``: positives are appended to a labels file in the run, negatives to the bank."""
-    from hem_bootstrap.mining.bank import apply_review
+    """``hem review apply``: decisions go into the bank snapshot the next round starts from.
+
+    Negatives join the latest ``round_NNN/bank.gpkg`` (and the top-level copy); positives are
+    appended to the run's accepted labels, which every later round trains and mines with
+    (see :mod:`hem_bootstrap.mining.review`). The manifest lists each application.
+    """
+    from hem_bootstrap.mining.bank import NegativeBank, apply_review
+    from hem_bootstrap.mining.review import POSITIVES_FILE, append_accepted, latest_snapshot
 
     run = RunDir(Path(run_dir))
     if not Path(decisions).is_file():
         raise DataError(f"{decisions}: decisions file not found")
     frame = gpd.read_file(decisions)
     with run.locked():
-        bank = _bank_of(run_dir)
+        snapshot = latest_snapshot(run.path)
+        if snapshot is None:
+            raise RunError(f"{run_dir}: no bank snapshot (round_NNN/bank.gpkg); has round 1 been mined?")
+        bank = NegativeBank.load(snapshot)
         result = apply_review(bank, frame)
+        bank.save(snapshot)
         bank.save(run.bank_path)
-        pos = result["new_positives"]
-        added = 0
-        if len(pos):
-            extra = run.path / "review_positives.gpkg"
-            old = gpd.read_file(extra) if extra.exists() else None
-            allpos = pd.concat([old, pos], ignore_index=True) if old is not None else pos
-            tmp = extra.with_name(".review_positives.tmp.gpkg")
-            gpd.GeoDataFrame(allpos, geometry="geometry", crs=pos.crs).to_file(tmp, layer="labels", driver="GPKG")
-            tmp.replace(extra)
-            added = len(pos)
+        cfg_tree = yaml.safe_load((run.path / "config.resolved.yaml").read_text())
+        round_idx = int(snapshot.parent.name.split("_")[1])
+        added = append_accepted(run.path, result["new_positives"], list(cfg_tree["data"]["classes"]), round_idx)
+        manifest = run.load_manifest()
+        manifest.setdefault("reviews", []).append({
+            "decisions": str(Path(decisions).resolve()), "snapshot": str(snapshot.relative_to(run.path)),
+            "negatives_added": int(result["negatives_added"]), "positives_accepted": added,
+            "negatives_retired": int(result["negatives_retired"]),
+        })
+        run.save_manifest(manifest)
     return (
-        f"{result['negatives_added']} moved to the bank, {added} new positives written to "
-        f"{run.path / 'review_positives.gpkg'} (add it to data.train labels)"
+        f"{result['negatives_added']} moved to the bank ({snapshot.relative_to(run.path)}), {added} accepted as "
+        f"objects ({POSITIVES_FILE}); the next round trains with them and never mines them again"
     )

@@ -23,7 +23,7 @@ from torchvision.transforms.v2 import functional as TF
 from hem_bootstrap.config import DataConfig, ImageSet
 from hem_bootstrap.data.tiles import ReaderPool
 from hem_bootstrap.errors import DataError, TrainingError
-from hem_bootstrap.geo.labels import LabelIndex, load_labels, load_zones
+from hem_bootstrap.geo.labels import LabelIndex, load_labels, load_zones, with_pixel_labels
 from hem_bootstrap.geo.raster import RasterInfo, open_raster, valid_fraction
 from hem_bootstrap.geo.windows import Window, tile_windows, window_around_box, window_inside
 from hem_bootstrap.rundir import fault_point
@@ -34,6 +34,8 @@ NEG_COLUMNS = ("image", "px_xmin", "px_ymin", "px_xmax", "px_ymax")
 KIND_POS, KIND_NEG, KIND_BG = "pos", "neg", "bg"
 BG_TRIES = 3
 """Random background windows tried before accepting one with little valid data."""
+PixelLabels = dict[str, tuple[np.ndarray, np.ndarray]]
+"""Resolved raster path -> ``(boxes (N, 4) float64 pixels, class ids (N,) int64)``."""
 
 
 @dataclass
@@ -45,8 +47,13 @@ class TrainImage:
     index: LabelIndex
 
 
-def prepare_train_images(image_sets: list[ImageSet], data_cfg: DataConfig) -> list[TrainImage]:
+def prepare_train_images(
+    image_sets: list[ImageSet], data_cfg: DataConfig, extra: PixelLabels | None = None
+) -> list[TrainImage]:
     """Open every raster of the sets and load its labels (and ignore zones) into an index.
+
+    ``extra`` adds objects given as pixel boxes per resolved raster path (positives accepted
+    in review) to those rasters' labels.
 
     Raises:
         DataError: no image at all, or a raster / label file problem.
@@ -62,6 +69,8 @@ def prepare_train_images(image_sets: list[ImageSet], data_cfg: DataConfig) -> li
                 labels = load_labels(s.labels, info, data_cfg, image_name=path.name)
             else:
                 labels = load_labels_empty(info)
+            if extra and str(path.resolve()) in extra:
+                labels = with_pixel_labels(labels, info, *extra[str(path.resolve())], data_cfg)
             zones = load_zones(s.ignore_zones, info) if s.ignore_zones else None
             out.append(TrainImage(path, info, LabelIndex(labels, info, data_cfg.min_visible_fraction, zones)))
     if not out:
@@ -141,7 +150,10 @@ class ChipDataset(Dataset):
     ``kinds[i]`` is ``'pos'``, ``'neg'`` or ``'bg'``. Bank negatives refer to their raster by
     path; it must be among ``images`` or ``negative_images`` (unknown ones are skipped with a
     warning). An optional ``weight`` column in ``negatives`` is kept in :attr:`weights` for
-    score-weighted sampling.
+    score-weighted sampling. ``accepted`` (pixel boxes per resolved path of a
+    ``negative_images`` raster: objects accepted in review) adds one positive chip centred on
+    each; their targets come from that raster's labels, which should hold them too (see
+    :func:`prepare_train_images`).
 
     Raises:
         TrainingError: no window of any image contains an object.
@@ -158,6 +170,7 @@ class ChipDataset(Dataset):
         seed: int,
         negative_images: list[TrainImage] | None = None,
         overlap: int | None = None,
+        accepted: PixelLabels | None = None,
     ) -> None:
         self.tile_size = int(tile_size)
         self.data_cfg = data_cfg
@@ -179,6 +192,7 @@ class ChipDataset(Dataset):
         kinds: list[str] = []
         weights: list[float] = []
         self._add_positives(len(images), kinds, weights)
+        self._add_accepted(accepted or {}, len(images), kinds, weights)
         self._add_negatives(negatives, by_path, kinds, weights)
         self._add_background(len(images), n_background, kinds, weights)
         self.kinds = np.array(kinds, dtype=object)
@@ -218,6 +232,16 @@ class ChipDataset(Dataset):
             for win in tile_windows(im.info.width, im.info.height, self.tile_size, self._overlap):
                 if len(im.index.targets(win)["boxes"]):
                     self._add(kinds, weights, KIND_POS, i, win, None)
+
+    def _add_accepted(self, accepted: PixelLabels, first: int, kinds: list[str], weights: list[float]) -> None:
+        """One positive chip centred on each object accepted in review on a pool raster (index >= ``first``)."""
+        t = self.tile_size
+        for i in range(first, len(self.images)):
+            im = self.images[i]
+            boxes, _ = accepted.get(str(Path(im.path).resolve()), (np.zeros((0, 4)), None))
+            for box in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
+                win = window_around_box(tuple(box), t, im.info.width, im.info.height, (0.5, 0.5))
+                self._add(kinds, weights, KIND_POS, i, win, None)
 
     def _add_negatives(
         self, negatives: pd.DataFrame | None, by_path: dict[str, int], kinds: list[str], weights: list[float]

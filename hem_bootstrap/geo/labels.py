@@ -249,6 +249,24 @@ def load_labels(
     return _keep_overlapping(_frame(boxes, ids, data_cfg, info), info, p)
 
 
+def with_pixel_labels(
+    labels: gpd.GeoDataFrame, info: RasterInfo, boxes_px: np.ndarray, ids: np.ndarray, data_cfg: DataConfig
+) -> gpd.GeoDataFrame:
+    """``labels`` plus objects given as pixel boxes of this raster (e.g. positives accepted in review).
+
+    The boxes become map polygons through the raster's own transform, so they land where the
+    pixels are whatever CRS they were reviewed in.
+    """
+    boxes_px = np.asarray(boxes_px, dtype=np.float64).reshape(-1, 4)
+    if len(boxes_px) == 0:
+        return labels
+    extra = _frame(boxes_px, np.asarray(ids, dtype=np.int64), data_cfg, info)
+    if len(labels) == 0:
+        return extra
+    return gpd.GeoDataFrame(pd.concat([labels[["label", "class", "geometry"]], extra], ignore_index=True),
+                            geometry="geometry", crs=extra.crs)
+
+
 def load_zones(path: str | Path, info: RasterInfo) -> gpd.GeoDataFrame:
     """Ignore zones (polygons where labels are incomplete), reprojected to the raster CRS."""
     p = Path(path)

@@ -65,8 +65,10 @@ NEG_SCHEMA: dict[str, str] = {
     **{c: "int64" for c in WIN_COLUMNS},
     **{c: "float64" for c in PX_COLUMNS},
     "src_crs": "str",
+    "reviewed": "bool",
 }
-"""Columns of the ``negatives`` layer (plus ``geometry``), in order."""
+"""Columns of the ``negatives`` layer (plus ``geometry``), in order. ``reviewed``: a person decided it is
+a negative (``hem review apply``), so mining never queues it for review again."""
 
 REVIEW_SCHEMA: dict[str, str] = {
     "review_id": "int64",
@@ -92,6 +94,8 @@ MATCH_IOU = 0.5
 HIGH_SCORE = 0.8
 """Score above which repeated mining of the same entry looks like a missing label."""
 DECISIONS = ("positive", "negative")
+REVIEWED_STRATEGY = "review"
+"""The ``strategy`` of bank rows a person decided are negatives (they never go back to review)."""
 
 
 # ------------------------------------------------------------------------------ frames
@@ -693,10 +697,30 @@ def route_for_review(
     if cfg.review_above is not None:
         reason[scores > cfg.review_above] = f"score>{cfg.review_above:g}"
     _repeated(mined, bank, cfg.review_after_rounds, scores, reason, match_id)
+    reason[_decided_negative(mined, bank)] = ""  # a person already said: background
     suspect = reason != ""
     to_review = mined[suspect].assign(reason=reason[suspect], bank_neg_id=match_id[suspect])
     to_bank = mined if cfg.review_mode == "bank" else mined[~suspect]
     return to_bank, to_review
+
+
+def _decided_negative(mined: gpd.GeoDataFrame, bank: NegativeBank) -> np.ndarray:
+    """Mined rows that match (IoU > ``MATCH_IOU``) a bank entry a person decided is a negative."""
+    out = np.zeros(len(mined), dtype=bool)
+    act = bank.active()
+    decided = act[act["reviewed"].to_numpy(dtype=bool)]
+    if len(decided) == 0 or not {*PX_COLUMNS} <= set(mined.columns):
+        return out
+    images = mined["image"].astype(str).to_numpy(dtype=object)
+    dec_images = decided["image"].astype(str).to_numpy(dtype=object)
+    mined_px, dec_px = _px_array(mined), _px_array(decided)
+    for image in np.unique(images):
+        ent = np.flatnonzero(dec_images == image)
+        if len(ent):
+            rows = np.flatnonzero(images == image)
+            best, _ = best_box_iou(torch.from_numpy(mined_px[rows]), torch.from_numpy(dec_px[ent]))
+            out[rows[(best > MATCH_IOU).numpy()]] = True
+    return out
 
 
 def _repeated(
@@ -759,8 +783,9 @@ def apply_review(
     neg_rows = rf[rf["review_id"].isin([k for k, v in chosen.items() if v == "negative"])]
     moved = 0
     for rnd, group in neg_rows.groupby("last_round", sort=True):
-        res = bank.add(gpd.GeoDataFrame(group, crs=bank.crs), int(rnd), "", "review", cfg)
+        res = bank.add(gpd.GeoDataFrame(group, crs=bank.crs), int(rnd), "", REVIEWED_STRATEGY, cfg)
         moved += res["added"] + res["updated"]
+    _mark_reviewed(bank, neg_rows)
     retired = _retire_overlapping(bank, pos_rows)
     from hem_bootstrap.mining.positives import REVIEW_REASON
 
@@ -793,6 +818,16 @@ def _parse_decisions(decisions: pd.DataFrame, bank: NegativeBank) -> dict[int, s
             raise DataError(f"review decisions row {i}: review_id {int(rid)} is both positive and negative")
         out[int(rid)] = value
     return out
+
+
+def _mark_reviewed(bank: NegativeBank, negatives: pd.DataFrame) -> None:
+    """Flag the entries a person decided are negatives (those overlapping ``negatives`` above ``MATCH_IOU``)."""
+    f = bank.frame
+    for image, group in negatives.groupby("image", sort=True):
+        cand = np.flatnonzero(f["image"].to_numpy() == str(image))
+        if len(cand):
+            hit = (box_iou(_px_tensor(f.iloc[cand]), _px_tensor(group)) > MATCH_IOU).any(dim=1).numpy()
+            f.loc[cand[hit], "reviewed"] = True
 
 
 def _retire_overlapping(bank: NegativeBank, positives: pd.DataFrame) -> int:
