@@ -1,4 +1,6 @@
-"""Device selection, mixed precision and seeding, shared by training and inference.
+"""Device selection, training mixed precision and seeding.
+
+Inference precision (fast paths, bf16 on a CPU) lives in :mod:`hem_bootstrap.model.precision`.
 
 Everything here works on a CPU-only machine; CUDA features (AMP, cuDNN flags) switch on only
 when the resolved device is a GPU.
@@ -60,7 +62,7 @@ def amp_dtype(dtype: str) -> torch.dtype:
 
 
 def amp_enabled(device: torch.device, enabled: bool) -> bool:
-    """AMP runs only on CUDA: CPU autocast is slower than fp32 for these convolutional models."""
+    """Training AMP runs only on CUDA (CPU training stays float32; CPU inference may use bf16, see precision.py)."""
     return bool(enabled) and device.type == "cuda"
 
 
