@@ -39,12 +39,11 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 import shapely
-import torch
 from affine import Affine
-from torchvision.ops import box_iou
 
 from hem_bootstrap.config import EvaluateConfig
 from hem_bootstrap.errors import DataError
+from hem_bootstrap.geo.boxes import box_iou
 from hem_bootstrap.mining.matching import check_metres_per_unit, ignored_mask
 
 PR_CURVE_POINTS = 200
@@ -216,7 +215,7 @@ def _prepare(
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return box_iou(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)).numpy()
+    return box_iou(a, b)
 
 
 def _scaled(boxes: np.ndarray, metres_per_unit: tuple[float, float]) -> np.ndarray:

@@ -26,7 +26,8 @@ import yaml
 
 from hem_bootstrap.config import ExperimentConfig, ImageSet, dump_config
 from hem_bootstrap.errors import DataError, HemError, RunError
-from hem_bootstrap.rundir import RunDir, atomic_write_text, fault_point
+from hem_bootstrap.faults import fault_point
+from hem_bootstrap.rundir import RunDir, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -406,29 +407,6 @@ def _hard_positives(ctx: Context, r: int, bank: Any) -> dict[str, Any]:
     }
 
 
-def _refresh_scores(bank: Any, dets: gpd.GeoDataFrame, iou: float) -> dict[int, float]:
-    """Each active bank entry's new score: the best overlapping detection of this scan (else 0)."""
-    import torch
-    from torchvision.ops import box_iou
-
-    active = bank.active()
-    scores: dict[int, float] = {}
-    for image, rows in active.groupby("image"):
-        d = dets[dets["image"] == image]
-        if len(d) == 0:
-            for nid in rows["neg_id"]:
-                scores[int(nid)] = 0.0
-            continue
-        a = torch.tensor(rows[["px_xmin", "px_ymin", "px_xmax", "px_ymax"]].to_numpy(float))
-        b = torch.tensor(d[["px_xmin", "px_ymin", "px_xmax", "px_ymax"]].to_numpy(float))
-        ious = box_iou(a, b)
-        s = torch.tensor(d["score"].to_numpy(float))
-        best = torch.where(ious >= iou, s[None, :], torch.zeros_like(ious)).max(dim=1).values
-        for nid, v in zip(rows["neg_id"], best.tolist(), strict=True):
-            scores[int(nid)] = float(v)
-    return scores
-
-
 def step_mine(ctx: Context, r: int) -> dict[str, Any]:
     """Match the scan to ground truth, select false positives, refresh and update the bank."""
     from hem_bootstrap.geo.frames import concat_in_crs, crs_text
@@ -485,7 +463,7 @@ def step_mine(ctx: Context, r: int) -> dict[str, Any]:
     selected = selected.assign(src_crs=selected["image"].astype(str).map(own_crs).fillna("")) if len(selected) else selected
     refreshed = 0
     if cfg.bank.refresh and len(bank.active()):
-        scores = _refresh_scores(bank, dets, cfg.bank.dedupe_iou)
+        scores = bank.rescore(dets, cfg.bank.dedupe_iou)
         bank.refresh(scores, r, cfg.bank)
         refreshed = len(scores)
     to_bank, to_review = route_for_review(selected, bank, cfg.mining)

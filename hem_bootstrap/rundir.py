@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
-import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -22,38 +20,6 @@ from hem_bootstrap.errors import RunError
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
-
-KILL_ENV = "HEM_KILL_AT"
-"""Fault-injection hook for tests (see :func:`fault_point`); never set it in production."""
-
-_FAULT_HITS: dict[str, int] = {}
-
-
-def fault_point(name: str) -> None:
-    """Test-only fault injection: kill this process at a named point when ``HEM_KILL_AT`` asks for it.
-
-    ``HEM_KILL_AT=NAME`` (first time ``NAME`` is reached) or ``NAME#N`` (the N-th time, counted in
-    this process) sends SIGKILL to the process itself, which is the harshest crash there is: no
-    handler, no ``finally``, no flush. A ``:TERM`` or ``:INT`` suffix sends that signal instead, to
-    check the graceful stop; several points may be given, comma-separated. The crash-safety tests
-    use it to stop a real ``hem run`` at a chosen step deterministically. Points: ``round{r}.{step}.start`` / ``round{r}.{step}.end`` (step files
-    written, manifest not yet), ``bank.replace`` (bank written under its temporary name, not yet
-    renamed), ``train.batch`` (a training batch collated) and ``detect.tile`` (a tile read).
-    Costs one environment lookup when unset.
-    """
-    wanted = os.environ.get(KILL_ENV)
-    if not wanted:
-        return
-    hits = _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
-    for want in wanted.split(","):
-        sig = signal.SIGKILL
-        if ":" in want:
-            want, sig_name = want.rsplit(":", 1)
-            sig = {"TERM": signal.SIGTERM, "INT": signal.SIGINT}.get(sig_name, signal.SIGKILL)
-        target, _, nth = want.strip().partition("#")
-        if target == name and hits == (int(nth) if nth.isdigit() else 1):
-            os.kill(os.getpid(), sig)
-
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write text under a temporary name, fsync and rename over ``path``."""
@@ -75,15 +41,6 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_write_json(path: Path, data: Any) -> None:
     """JSON version of :func:`atomic_write_text`."""
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def file_sha(path: Path, n: int = 12) -> str:
-    """Short sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:n]
 
 
 class RunDir:
@@ -137,14 +94,6 @@ class RunDir:
         manifest["rounds"].append(entry)
         manifest["rounds"].sort(key=lambda e: e["round"])
         return entry
-
-    @staticmethod
-    def step_done(manifest: dict[str, Any], r: int, step: str) -> bool:
-        """Whether ``step`` of round ``r`` finished."""
-        for entry in manifest["rounds"]:
-            if entry["round"] == r:
-                return step in entry.get("steps", {})
-        return False
 
     # ------------------------------------------------------------------- lock
     def acquire(self) -> None:

@@ -1,7 +1,7 @@
 """Crash safety: a real ``hem run`` killed at chosen points resumes to the uninterrupted result.
 
 Each run is a subprocess (``python -m hem_bootstrap.cli run cfg.yaml``) stopped by the test-only
-fault-injection hook ``HEM_KILL_AT`` (see :func:`hem_bootstrap.rundir.fault_point`): SIGKILL at
+fault-injection hook ``HEM_KILL_AT`` (see :func:`hem_bootstrap.faults.fault_point`): SIGKILL at
 a named point, so no handler, ``finally`` or flush runs. ``--resume`` must then give the same
 bank (row for row, no duplicate ids), the same finished steps and the same round metrics as
 an uninterrupted run with the same seed. SIGTERM must stop after the current step with a

@@ -21,7 +21,7 @@ from hem_bootstrap.model.detectors import (
     model_hash,
     save_checkpoint,
 )
-from hem_bootstrap.model.device import autocast_ctx, resolve_device, seed_everything
+from hem_bootstrap.model.device import amp_enabled, resolve_device, seed_everything
 from hem_bootstrap.model.train import train_one_step
 
 FAST = [
@@ -310,9 +310,8 @@ def test_device_helpers() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA GPU"):
             resolve_device("cuda:0")
-    x = torch.ones(2, 2)
-    with autocast_ctx(torch.device("cpu"), enabled=True, dtype="bf16"):
-        assert (x @ x).dtype == torch.float32  # a no-op on the CPU
+    assert not amp_enabled(torch.device("cpu"), True)  # training AMP is CUDA only
+    assert amp_enabled(torch.device("cuda"), True) and not amp_enabled(torch.device("cuda"), False)
     seed_everything(3)
     a = torch.rand(3)
     seed_everything(3)

@@ -179,18 +179,30 @@ def test_several_images_rejected() -> None:
         match_detections(dets, gt_frame([]), CFG)
 
 
-def test_best_box_iou_chunked_equals_full_matrix() -> None:
+def test_best_match_chunked_equals_full_matrix_and_torchvision() -> None:
     import torch
-    from torchvision.ops import box_iou
+    from torchvision.ops import box_iou as tv_box_iou
+    from torchvision.ops import nms as tv_nms
 
-    from hem_bootstrap.mining.matching import best_box_iou
+    from hem_bootstrap.geo.boxes import batched_nms, best_match, box_iou, nms
 
-    g = torch.Generator().manual_seed(0)
-    xy = torch.rand(50, 2, generator=g, dtype=torch.float64) * 100
-    a = torch.cat([xy, xy + 5 + torch.rand(50, 2, generator=g, dtype=torch.float64) * 10], dim=1)
+    rng = np.random.default_rng(0)
+    xy = rng.random((50, 2)) * 100
+    a = np.concatenate([xy, xy + 5 + rng.random((50, 2)) * 10], axis=1)
     b = a[::3] + 1.5
-    full_best, full_idx = box_iou(a, b).max(dim=1)
-    best, idx = best_box_iou(a, b, chunk=7)
-    assert torch.equal(best, full_best) and torch.equal(idx, full_idx)
-    empty_best, empty_idx = best_box_iou(a[:0], b)
+    full = tv_box_iou(torch.from_numpy(a), torch.from_numpy(b))
+    np.testing.assert_allclose(box_iou(a, b), full.numpy(), rtol=1e-12, atol=1e-12)  # the reference
+    best, idx = best_match(a, b, chunk=7)
+    np.testing.assert_allclose(best, full.max(dim=1).values.numpy(), rtol=1e-12)
+    assert np.array_equal(idx, full.max(dim=1).indices.numpy())
+    empty_best, empty_idx = best_match(a[:0], b)
     assert empty_best.shape == (0,) and empty_idx.shape == (0,)
+    none_best, none_idx = best_match(a, b[:0])
+    assert (none_best == 0).all() and (none_idx == -1).all()
+    scores = rng.random(50)
+    for thr in (0.1, 0.3, 0.5):
+        assert nms(a, scores, thr).tolist() == tv_nms(torch.from_numpy(a), torch.from_numpy(scores), thr).tolist()
+    groups = rng.integers(0, 3, 50)
+    keep = batched_nms(a, scores, groups, 0.3)
+    per_group = sorted(int(i) for g in range(3) for i in np.flatnonzero(groups == g)[nms(a[groups == g], scores[groups == g], 0.3)])
+    assert sorted(keep.tolist()) == per_group and (np.diff(scores[keep]) <= 0).all()

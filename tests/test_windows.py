@@ -18,7 +18,6 @@ from hem_bootstrap.geo.windows import (
     pixel_to_map_boxes,
     tile_windows,
     window_around_box,
-    window_bounds,
 )
 
 
@@ -97,11 +96,6 @@ def test_north_up_flips_rows() -> None:
     mp = pixel_to_map_boxes(np.array([[10, 20, 30, 60]]), NORTH_UP)
     np.testing.assert_allclose(mp, [[500_005.0, 4_999_970.0, 500_015.0, 4_999_990.0]])
     assert pixel_to_map_boxes(np.zeros((0, 4)), NORTH_UP).shape == (0, 4)
-
-
-def test_window_bounds_uses_valid_part() -> None:
-    b = window_bounds(Window(0, 0, 256, 256, 100, 50), NORTH_UP)
-    assert b == (500_000.0, 5_000_000.0 - 25.0, 500_050.0, 5_000_000.0)
 
 
 def test_clip_to_window_visible_fraction() -> None:

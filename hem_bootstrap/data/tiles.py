@@ -20,9 +20,9 @@ from torch.utils.data import Dataset
 
 from hem_bootstrap.config import DataConfig, TilingConfig
 from hem_bootstrap.errors import DataError
+from hem_bootstrap.faults import fault_point
 from hem_bootstrap.geo.raster import RasterReader, open_raster, valid_fraction
 from hem_bootstrap.geo.windows import Window, tile_windows
-from hem_bootstrap.rundir import fault_point
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from torchvision.transforms.v2 import functional as TF
 from hem_bootstrap.config import DataConfig, ImageSet
 from hem_bootstrap.data.tiles import ReaderPool
 from hem_bootstrap.errors import DataError, TrainingError
+from hem_bootstrap.faults import fault_point
 from hem_bootstrap.geo.labels import LabelIndex, load_labels, load_zones, with_pixel_labels
 from hem_bootstrap.geo.raster import RasterInfo, open_raster, valid_fraction
 from hem_bootstrap.geo.windows import Window, tile_windows, window_around_box, window_inside
-from hem_bootstrap.rundir import fault_point
 
 log = logging.getLogger(__name__)
 

@@ -139,23 +139,6 @@ def map_to_pixel_boxes(boxes: np.ndarray, transform: Affine) -> np.ndarray:
     return _transform_boxes(boxes, ~transform)
 
 
-def window_bounds(window: Window, transform: Affine) -> tuple[float, float, float, float]:
-    """Map bounds ``(minx, miny, maxx, maxy)`` of the part of ``window`` inside the raster."""
-    box = np.array(
-        [
-            [
-                window.col_off,
-                window.row_off,
-                window.col_off + window.valid_width,
-                window.row_off + window.valid_height,
-            ]
-        ],
-        dtype=np.float64,
-    )
-    minx, miny, maxx, maxy = pixel_to_map_boxes(box, transform)[0]
-    return float(minx), float(miny), float(maxx), float(maxy)
-
-
 def clip_to_window(boxes: np.ndarray, window: Window) -> tuple[np.ndarray, np.ndarray]:
     """Image-pixel boxes -> tile-pixel boxes clipped to the window's valid area.
 

@@ -33,15 +33,13 @@ import pandas as pd
 import pyogrio
 import pyproj
 import shapely
-import torch
-from torchvision.ops import box_iou, nms
 
 from hem_bootstrap.config import BankConfig, MiningConfig
 from hem_bootstrap.contracts import DETECTION_COLUMNS
 from hem_bootstrap.errors import DataError, HemError
+from hem_bootstrap.faults import fault_point
+from hem_bootstrap.geo.boxes import any_overlap, best_match, box_iou, nms
 from hem_bootstrap.geo.frames import crs_text
-from hem_bootstrap.mining.matching import best_box_iou
-from hem_bootstrap.rundir import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +133,6 @@ def _px_array(frame: pd.DataFrame) -> np.ndarray:
     if len(frame) == 0:
         return np.zeros((0, 4), dtype=np.float64)
     return np.column_stack([frame[c].to_numpy(dtype=np.float64) for c in PX_COLUMNS])
-
-
-def _px_tensor(frame: pd.DataFrame) -> torch.Tensor:
-    return torch.from_numpy(_px_array(frame))
 
 
 def _require(frame: pd.DataFrame, columns: tuple[str, ...], what: str) -> None:
@@ -308,14 +302,14 @@ class NegativeBank:
         self, group: pd.DataFrame, existing: np.ndarray, existing_px: np.ndarray, round_idx: int, iou: float
     ) -> tuple[pd.DataFrame, int]:
         """Update entries matched by ``group`` rows; return the unmatched, de-duplicated rows."""
-        boxes = _px_tensor(group)
+        boxes = _px_array(group)
         scores = _scores(group)
         matched = np.zeros(len(group), dtype=bool)
         n_upd = 0
         if len(existing):
-            best, arg = best_box_iou(boxes, torch.from_numpy(existing_px))
-            matched = (best > iou).numpy()
-            targets = existing[arg.numpy()][matched]
+            best, arg = best_match(boxes, existing_px)
+            matched = best > iou
+            targets = existing[arg][matched]
             if len(targets):
                 top = pd.Series(scores[matched]).groupby(targets).max()
                 self._touch(top.index.to_numpy(), top.to_numpy(), round_idx)
@@ -323,7 +317,7 @@ class NegativeBank:
         rest = np.flatnonzero(~matched)
         if len(rest) == 0:
             return group.iloc[[]], n_upd
-        keep = nms(boxes[rest], torch.from_numpy(scores[rest]), float(iou)).numpy()
+        keep = nms(boxes[rest], scores[rest], float(iou))
         return group.iloc[np.sort(rest[keep])], n_upd
 
     def _touch(self, pos: np.ndarray, score: np.ndarray, round_idx: int) -> None:
@@ -361,6 +355,21 @@ class NegativeBank:
         return gpd.GeoDataFrame(cols, geometry=list(np.asarray(rows.geometry.values)), crs=self.crs)
 
     # -------------------------------------------------------------------- refresh / evict
+
+    def rescore(self, dets: pd.DataFrame, iou: float) -> dict[int, float]:
+        """Each active entry's score in a new scan: its best same-image detection at pixel IoU >= ``iou``, else 0.
+
+        ``dets`` needs ``image``, ``score`` and the ``px_*`` columns; feed the result to :meth:`refresh`.
+        """
+        scores: dict[int, float] = {}
+        for image, rows in self.active().groupby("image"):
+            d = dets[dets["image"] == image]
+            best = np.zeros(len(rows))
+            if len(d):
+                ious = box_iou(_px_array(rows), _px_array(d))
+                best = np.where(ious >= iou, _scores(d)[None, :], 0.0).max(axis=1)
+            scores.update(zip(rows["neg_id"].astype(int).tolist(), best.astype(float).tolist(), strict=True))
+        return scores
 
     def refresh(
         self, scores: Mapping[int, float] | pd.DataFrame, round_idx: int, cfg: BankConfig
@@ -547,13 +556,13 @@ class NegativeBank:
         self, group: pd.DataFrame, pending: np.ndarray, pending_px: np.ndarray, round_idx: int
     ) -> pd.DataFrame:
         """Update pending rows matched by ``group``; return the unmatched, de-duplicated rows."""
-        boxes = _px_tensor(group)
+        boxes = _px_array(group)
         scores = _scores(group)
         matched = np.zeros(len(group), dtype=bool)
         if len(pending):
-            best, arg = best_box_iou(boxes, torch.from_numpy(pending_px))
-            matched = (best > REVIEW_DEDUPE_IOU).numpy()
-            targets = pending[arg.numpy()][matched]
+            best, arg = best_match(boxes, pending_px)
+            matched = best > REVIEW_DEDUPE_IOU
+            targets = pending[arg][matched]
             if len(targets):
                 top = pd.Series(scores[matched]).groupby(targets).max()
                 pos = top.index.to_numpy()
@@ -564,7 +573,7 @@ class NegativeBank:
         rest = np.flatnonzero(~matched)
         if len(rest) == 0:
             return group.iloc[[]]
-        keep = nms(boxes[rest], torch.from_numpy(scores[rest]), REVIEW_DEDUPE_IOU).numpy()
+        keep = nms(boxes[rest], scores[rest], REVIEW_DEDUPE_IOU)
         return group.iloc[np.sort(rest[keep])]
 
     def _new_review_rows(self, rows: pd.DataFrame, round_idx: int, reason: str, src: str) -> gpd.GeoDataFrame:
@@ -718,8 +727,7 @@ def _decided_negative(mined: gpd.GeoDataFrame, bank: NegativeBank) -> np.ndarray
         ent = np.flatnonzero(dec_images == image)
         if len(ent):
             rows = np.flatnonzero(images == image)
-            best, _ = best_box_iou(torch.from_numpy(mined_px[rows]), torch.from_numpy(dec_px[ent]))
-            out[rows[(best > MATCH_IOU).numpy()]] = True
+            out[rows[any_overlap(mined_px[rows], dec_px[ent], MATCH_IOU)]] = True
     return out
 
 
@@ -747,8 +755,8 @@ def _repeated(
         rows = np.flatnonzero((images == image) & (scores > HIGH_SCORE))
         if len(ent) == 0:
             continue
-        best, arg = best_box_iou(torch.from_numpy(mined_px[rows]), torch.from_numpy(vet_px[ent]))
-        for i, hit, j in zip(rows, (best > MATCH_IOU).tolist(), ent[arg.numpy()], strict=True):
+        best, arg = best_match(mined_px[rows], vet_px[ent])
+        for i, hit, j in zip(rows, (best > MATCH_IOU).tolist(), ent[arg], strict=True):
             if hit:
                 match_id[i] = int(vet_ids[j])
                 if not reason[i]:
@@ -826,7 +834,7 @@ def _mark_reviewed(bank: NegativeBank, negatives: pd.DataFrame) -> None:
     for image, group in negatives.groupby("image", sort=True):
         cand = np.flatnonzero(f["image"].to_numpy() == str(image))
         if len(cand):
-            hit = (box_iou(_px_tensor(f.iloc[cand]), _px_tensor(group)) > MATCH_IOU).any(dim=1).numpy()
+            hit = any_overlap(_px_array(f.iloc[cand]), _px_array(group), MATCH_IOU)
             f.loc[cand[hit], "reviewed"] = True
 
 
@@ -838,7 +846,7 @@ def _retire_overlapping(bank: NegativeBank, positives: pd.DataFrame) -> int:
         cand = np.flatnonzero((f["image"].to_numpy() == str(image)) & ~f["retired"].to_numpy())
         if len(cand) == 0:
             continue
-        hit = (box_iou(_px_tensor(f.iloc[cand]), _px_tensor(group)) > MATCH_IOU).any(dim=1).numpy()
+        hit = any_overlap(_px_array(f.iloc[cand]), _px_array(group), MATCH_IOU)
         f.loc[cand[hit], "retired"] = True
         n += int(hit.sum())
     return n

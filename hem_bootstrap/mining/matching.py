@@ -27,35 +27,14 @@ import math
 import geopandas as gpd
 import numpy as np
 import shapely
-import torch
-from torchvision.ops import box_iou
 
 from hem_bootstrap.config import MiningConfig
 from hem_bootstrap.errors import DataError
+from hem_bootstrap.geo.boxes import CHUNK, best_match, paired_iou
 
 STATUS_TP, STATUS_FP, STATUS_IGNORE = "tp", "fp", "ignore"
 IGNORE_AREA_FRACTION = 0.5
 """A detection with more than this share of its area inside ignore geometry is ignored."""
-IOU_CHUNK = 4096
-"""Rows of the IoU matrix computed at once, so memory stays bounded for dense scenes."""
-
-
-def best_box_iou(
-    a: torch.Tensor, b: torch.Tensor, chunk: int = IOU_CHUNK
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each box of ``a`` (N, 4), its best IoU with ``b`` (M, 4) and the index of that box.
-
-    ``torchvision.ops.box_iou`` in row chunks: memory is ``chunk * M`` instead of ``N * M``.
-    ``b`` must not be empty.
-    """
-    best, idx = [], []
-    for start in range(0, len(a), chunk):
-        m, i = box_iou(a[start : start + chunk], b).max(dim=1)
-        best.append(m)
-        idx.append(i)
-    if not best:
-        return torch.zeros(0, dtype=a.dtype), torch.zeros(0, dtype=torch.int64)
-    return torch.cat(best), torch.cat(idx)
 
 
 def match_detections(
@@ -105,7 +84,7 @@ def match_detections(
             status, gt_index, best_iou = _classify_center(det_boxes, gt_boxes, cfg.center_dist_m, scale)
         else:
             status, gt_index, best_iou = _classify_iou(
-                *best_box_iou(det_boxes, gt_boxes), cfg.tp_iou, cfg.fp_max_iou
+                *best_match(det_boxes, gt_boxes), cfg.tp_iou, cfg.fp_max_iou
             )
     if n and ignore is not None and len(ignore):
         inside = ignored_mask(out, _to_crs_of(ignore, out, "ignore geometry"))
@@ -149,53 +128,44 @@ def _to_crs_of(frame: gpd.GeoDataFrame, ref: gpd.GeoDataFrame, what: str) -> gpd
     return frame
 
 
-def _bounds(frame: gpd.GeoDataFrame) -> torch.Tensor:
+def _bounds(frame: gpd.GeoDataFrame) -> np.ndarray:
     """(N, 4) float64 ``minx, miny, maxx, maxy`` of each geometry."""
-    return torch.from_numpy(
-        np.array(shapely.bounds(np.asarray(frame.geometry.values)), dtype=np.float64).reshape(-1, 4)
-    )
+    return np.array(shapely.bounds(np.asarray(frame.geometry.values)), dtype=np.float64).reshape(-1, 4)
 
 
 def _classify_iou(
-    best: torch.Tensor, idx: torch.Tensor, tp_iou: float, fp_max_iou: float
+    best: np.ndarray, idx: np.ndarray, tp_iou: float, fp_max_iou: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Status from each detection's best IoU: >= tp_iou tp, < fp_max_iou (or no overlap) fp."""
-    best_np = best.numpy().astype(np.float64)
+    best_np = np.asarray(best, dtype=np.float64)
     status = np.where(
         best_np >= tp_iou,
         STATUS_TP,
         np.where((best_np < fp_max_iou) | (best_np <= 0), STATUS_FP, STATUS_IGNORE),
     )
-    gt_index = np.where(best_np > 0, idx.numpy(), -1).astype(np.int64)
+    gt_index = np.where(best_np > 0, idx, -1).astype(np.int64)
     return status.astype(object), gt_index, best_np
 
 
 def _classify_center(
-    det_boxes: torch.Tensor, gt_boxes: torch.Tensor, dist: float, scale: tuple[float, float] = (1.0, 1.0)
+    det_boxes: np.ndarray, gt_boxes: np.ndarray, dist: float, scale: tuple[float, float] = (1.0, 1.0)
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Status from the distance to the nearest object centre: <= d tp, > 2d fp, else ignore.
 
     Centres are scaled by ``scale`` (metres per CRS unit, x and y) first, so ``dist`` is in metres.
     """
-    s = torch.tensor(scale, dtype=det_boxes.dtype)
+    s = np.asarray(scale, dtype=np.float64)
     dc = (det_boxes[:, :2] + det_boxes[:, 2:]) / 2 * s
     gc = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2 * s
-    parts = [torch.cdist(dc[i : i + IOU_CHUNK], gc).min(dim=1) for i in range(0, len(dc), IOU_CHUNK)]
-    d_np = torch.cat([p.values for p in parts]).numpy()
-    idx = torch.cat([p.indices for p in parts])
+    d_np, idx = np.zeros(len(dc)), np.zeros(len(dc), dtype=np.int64)
+    for i in range(0, len(dc), CHUNK):
+        d = np.sqrt(((dc[i : i + CHUNK, None, :] - gc[None, :, :]) ** 2).sum(axis=2))
+        idx[i : i + CHUNK] = d.argmin(axis=1)
+        d_np[i : i + CHUNK] = d[np.arange(len(d)), idx[i : i + CHUNK]]
     status = np.where(d_np <= dist, STATUS_TP, np.where(d_np > 2 * dist, STATUS_FP, STATUS_IGNORE))
-    best_iou = _paired_iou(det_boxes, gt_boxes[idx])
-    gt_index = np.where(status == STATUS_FP, -1, idx.numpy()).astype(np.int64)
+    best_iou = paired_iou(det_boxes, gt_boxes[idx])
+    gt_index = np.where(status == STATUS_FP, -1, idx).astype(np.int64)
     return status.astype(object), gt_index, best_iou
-
-
-def _paired_iou(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
-    """IoU of ``a[i]`` with ``b[i]`` for each row."""
-    lt = torch.maximum(a[:, :2], b[:, :2])
-    rb = torch.minimum(a[:, 2:], b[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=1)
-    union = (a[:, 2:] - a[:, :2]).prod(dim=1) + (b[:, 2:] - b[:, :2]).prod(dim=1) - inter
-    return torch.where(union > 0, inter / union, torch.zeros_like(inter)).numpy().astype(np.float64)
 
 
 def ignored_mask(dets: gpd.GeoDataFrame, ignore: gpd.GeoDataFrame) -> np.ndarray:

@@ -23,9 +23,8 @@ from typing import Any
 import geopandas as gpd
 import numpy as np
 import pandas as pd
-import torch
-from torchvision.ops import box_iou
 
+from hem_bootstrap.geo.boxes import box_iou
 from hem_bootstrap.geo.windows import map_to_pixel_boxes
 
 LAYER = "hard_positives"
@@ -43,7 +42,7 @@ def best_scores(gt_boxes: np.ndarray, gt_labels: np.ndarray, det: pd.DataFrame, 
     if len(gt_boxes) == 0 or len(det) == 0:
         return out
     db = np.asarray(det.geometry.bounds.to_numpy(), dtype=np.float64)
-    ious = box_iou(torch.tensor(gt_boxes), torch.tensor(db)).numpy()
+    ious = box_iou(gt_boxes, db)
     same = gt_labels[:, None] == det["label"].to_numpy(dtype=np.int64)[None, :]
     scores = np.where((ious >= iou) & same, det["score"].to_numpy(dtype=np.float64)[None, :], 0.0)
     return scores.max(axis=1)

@@ -23,12 +23,11 @@ import geopandas as gpd
 import numpy as np
 import pyproj
 import shapely
-import torch
 from affine import Affine
-from torchvision.ops import batched_nms
 
 from hem_bootstrap.config import StrategySpec
 from hem_bootstrap.errors import ConfigError, DataError
+from hem_bootstrap.geo.boxes import batched_nms
 from hem_bootstrap.geo.windows import pixel_to_map_boxes, window_around_box
 
 log = logging.getLogger(__name__)
@@ -340,13 +339,12 @@ def spatial_dedupe(fps: gpd.GeoDataFrame, iou: float) -> gpd.GeoDataFrame:
     if len(fps) < 2:
         return fps
     if all(c in fps.columns for c in PX_COLUMNS):  # pixel boxes: exact in any CRS, however the frame was joined
-        boxes = torch.from_numpy(fps[list(PX_COLUMNS)].to_numpy(dtype=np.float64))
+        boxes = fps[list(PX_COLUMNS)].to_numpy(dtype=np.float64)
     else:
-        boxes = torch.from_numpy(np.array(shapely.bounds(np.asarray(fps.geometry.values)), dtype=np.float64))
-    scores = torch.from_numpy(np.nan_to_num(fps["score"].to_numpy(dtype=np.float64), nan=0.0))
+        boxes = np.array(shapely.bounds(np.asarray(fps.geometry.values)), dtype=np.float64)
+    scores = np.nan_to_num(fps["score"].to_numpy(dtype=np.float64), nan=0.0)
     _, groups = np.unique(fps["image"].astype(str).to_numpy(), return_inverse=True)
-    keep = batched_nms(boxes, scores, torch.from_numpy(groups.astype(np.int64)), float(iou))
-    return _keep(fps, keep.numpy())
+    return _keep(fps, batched_nms(boxes, scores, groups, float(iou)))
 
 
 # ------------------------------------------------------------------------------ random baseline

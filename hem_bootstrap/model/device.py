@@ -8,11 +8,9 @@ when the resolved device is a GPU.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import re
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -64,16 +62,6 @@ def amp_dtype(dtype: str) -> torch.dtype:
 def amp_enabled(device: torch.device, enabled: bool) -> bool:
     """Training AMP runs only on CUDA (CPU training stays float32; CPU inference may use bf16, see precision.py)."""
     return bool(enabled) and device.type == "cuda"
-
-
-@contextlib.contextmanager
-def autocast_ctx(device: torch.device, enabled: bool, dtype: str = "bf16") -> Iterator[None]:
-    """Autocast on CUDA with the configured dtype; a no-op on the CPU or when disabled."""
-    if not amp_enabled(device, enabled):
-        yield
-        return
-    with torch.autocast(device_type="cuda", dtype=amp_dtype(dtype)):
-        yield
 
 
 def seed_everything(seed: int) -> None:

@@ -10,7 +10,6 @@ memory holds about one row of tiles' detections, never the pool's or a whole ras
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -538,13 +537,6 @@ def _merged_frame(path: Path, info: RasterInfo, raw: RawDetections, nms_iou: flo
     boxes, scores, labels, windows, cut = raw.arrays()
     keep = merge_detections(boxes, scores, labels, cut, nms_iou, drop_cut)
     return detections_frame(str(path), info, boxes[keep], scores[keep], labels[keep], windows[keep])
-
-
-def tiles_per_second_eta(done: int, total: int, seconds: float) -> tuple[float, float]:
-    """Rate and ETA in seconds, for progress lines."""
-    rate = done / seconds if seconds > 0 else 0.0
-    eta = (total - done) / rate if rate > 0 else math.inf
-    return rate, eta
 
 
 def write_detections(

@@ -357,7 +357,6 @@ def train(
     config_dump: dict[str, Any] | None = None,
     progress: bool = True,
     distributed: bool = False,
-    channels_last: bool = False,
 ) -> TrainResult:
     """Train ``model`` in place for ``steps`` optimizer steps on ``dataset``.
 
@@ -386,8 +385,6 @@ def train(
     seed = int(runtime_cfg.seed)
     torch.manual_seed(seed)
     model.to(device)
-    if channels_last and device.type == "cuda":
-        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     model.train()
     model = prepare_ddp_model(model, device, world)
     use_amp = amp_enabled(device, runtime_cfg.amp)
@@ -420,8 +417,6 @@ def train(
     for batch in loader:
         torch.manual_seed(step_seed(seed, step))
         batch = _to_device(batch, device)
-        if channels_last and device.type == "cuda":
-            batch = ([im.contiguous(memory_format=torch.channels_last) for im in batch[0]], batch[1])
         loss, parts = train_one_step(
             net,
             batch,
