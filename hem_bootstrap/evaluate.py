@@ -43,6 +43,7 @@ from affine import Affine
 
 from hem_bootstrap.config import EvaluateConfig
 from hem_bootstrap.errors import DataError
+from hem_bootstrap.files import atomic_write_text
 from hem_bootstrap.geo.boxes import box_iou
 from hem_bootstrap.mining.matching import check_metres_per_unit, ignored_mask
 
@@ -741,7 +742,5 @@ def _jsonable(value: Any) -> Any:
 
 def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
     """Write metrics as JSON under a temporary name and rename it, so a reader never sees half a file."""
-    from hem_bootstrap.rundir import atomic_write_text
-
     text = json.dumps(_jsonable(metrics), indent=2, allow_nan=False, default=str)
     atomic_write_text(Path(path), text + "\n")

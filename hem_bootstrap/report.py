@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from hem_bootstrap.errors import RunError
-from hem_bootstrap.rundir import atomic_write_text
+from hem_bootstrap.files import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -191,10 +190,8 @@ def _markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def _save(fig: Figure, path: Path) -> Path:
     """Save a figure as PNG under a temporary name and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     return path
 
 

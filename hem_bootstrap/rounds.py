@@ -27,7 +27,8 @@ import yaml
 from hem_bootstrap.config import ExperimentConfig, ImageSet, dump_config
 from hem_bootstrap.errors import DataError, HemError, RunError
 from hem_bootstrap.faults import fault_point
-from hem_bootstrap.rundir import RunDir, atomic_write_text
+from hem_bootstrap.files import atomic_copy, atomic_path, atomic_write_text
+from hem_bootstrap.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -477,8 +478,7 @@ def step_mine(ctx: Context, r: int) -> dict[str, Any]:
     mined_path = rd / "mined.gpkg"
     _write_frame(selected if len(selected) else selected, mined_path, "mined")
     bank.save(rd / "bank.gpkg")
-    shutil.copyfile(rd / "bank.gpkg", ctx.run.path / ".bank.gpkg.tmp")
-    Path(ctx.run.path / ".bank.gpkg.tmp").replace(ctx.run.bank_path)
+    atomic_copy(rd / "bank.gpkg", ctx.run.bank_path)
     return {
         "pool_fp": pool_fp,
         "pool_fp_all": int(len(fps)),
@@ -517,15 +517,12 @@ def _shadow_count(ctx: Context, r: int, selected: gpd.GeoDataFrame) -> int:
 def _write_frame(frame: gpd.GeoDataFrame, path: Path, layer: str) -> None:
     import pyogrio
 
-    tmp = path.with_name(f".{path.name}.tmp.gpkg")
-    if tmp.exists():
-        tmp.unlink()
     frame = frame.copy()
     for col in frame.columns:
         if frame[col].dtype == bool:
             frame[col] = frame[col].astype(np.int64)
-    pyogrio.write_dataframe(frame, tmp, layer=layer, driver="GPKG")
-    tmp.replace(path)
+    with atomic_path(path, ".gpkg") as tmp:
+        pyogrio.write_dataframe(frame, tmp, layer=layer, driver="GPKG")
 
 
 def evaluate_model(ctx: Context, model_path: Path, dets_out: Path) -> dict[str, Any]:

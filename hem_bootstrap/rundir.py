@@ -17,31 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from hem_bootstrap.errors import RunError
+from hem_bootstrap.files import atomic_write_json
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text under a temporary name, fsync and rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise RunError(f"{path}: could not write ({err.strerror}); the previous version is intact") from None
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    """JSON version of :func:`atomic_write_text`."""
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-
 
 class RunDir:
     """A run directory and its manifest (rounds, steps done, timings, skipped rasters)."""

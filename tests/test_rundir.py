@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from hem_bootstrap.errors import RunError
+from hem_bootstrap.files import atomic_write_json, atomic_write_text
 from hem_bootstrap.rounds import breaking_changes, config_diff
-from hem_bootstrap.rundir import RunDir, atomic_write_json, atomic_write_text
+from hem_bootstrap.rundir import RunDir
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

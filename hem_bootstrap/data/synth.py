@@ -26,7 +26,6 @@ Files written by :func:`write_scene` (``name`` defaults to ``"scene"``):
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from shapely import STRtree
 from shapely.geometry import LineString, Point, Polygon, box
 
 from hem_bootstrap.errors import ConfigError
+from hem_bootstrap.files import atomic_path
 
 CAR_LENGTH_M = 4.5
 """Nominal vehicle length in metres (each vehicle is jittered by +-10 %)."""
@@ -1210,16 +1210,11 @@ def _write_tif(path: Path, rgb: np.ndarray, transform: Affine, epsg: int, compre
     if compress == "jpeg":
         profile.update({"compress": "jpeg", "photometric": "YCbCr", "jpeg_quality": 90})
         profile.pop("predictor")
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.tif")
-    with rasterio.open(tmp, "w", **profile) as dst:
+    with atomic_path(path, ".tif") as tmp, rasterio.open(tmp, "w", **profile) as dst:
         dst.write(rgb)
-    tmp.replace(path)
 
 
 def _write_gpkg(path: Path, frame: gpd.GeoDataFrame, layer: str) -> None:
     """One-layer GeoPackage, written under a temporary name and renamed."""
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.gpkg")
-    if tmp.exists():
-        tmp.unlink()
-    frame.to_file(tmp, layer=layer, driver="GPKG", engine="pyogrio", geometry_type="Polygon")
-    tmp.replace(path)
+    with atomic_path(path, ".gpkg") as tmp:
+        frame.to_file(tmp, layer=layer, driver="GPKG", engine="pyogrio", geometry_type="Polygon")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,6 +37,7 @@ from hem_bootstrap.config import BankConfig, MiningConfig
 from hem_bootstrap.contracts import DETECTION_COLUMNS
 from hem_bootstrap.errors import DataError, HemError
 from hem_bootstrap.faults import fault_point
+from hem_bootstrap.files import atomic_path
 from hem_bootstrap.geo.boxes import any_overlap, best_match, box_iou, nms
 from hem_bootstrap.geo.frames import crs_text
 
@@ -220,12 +220,7 @@ class NegativeBank:
         bank, never a half-written one; on any error the temporary file is removed and the
         previous bank is untouched.
         """
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp.gpkg")
-        try:
-            if tmp.exists():
-                tmp.unlink()
+        with atomic_path(Path(path), ".gpkg") as tmp:
             _write_layer(self.frame, tmp, NEG_LAYER)
             _write_layer(self.review_frame, tmp, REVIEW_LAYER)
             meta = pd.DataFrame(
@@ -236,10 +231,6 @@ class NegativeBank:
             )
             pyogrio.write_dataframe(meta, tmp, layer=META_LAYER, driver="GPKG")
             fault_point("bank.replace")
-            os.replace(tmp, p)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
 
     # -------------------------------------------------------------------- adding
 
@@ -502,20 +493,13 @@ class NegativeBank:
             DataError: ``fmt`` is neither ``geojson`` nor ``coco``.
         """
         rows = self.frame if include_retired else self.active()
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-        try:
+        if fmt not in ("geojson", "coco"):
+            raise DataError(f"bank export: format = {fmt!r}, expected 'geojson' or 'coco'")
+        with atomic_path(Path(path)) as tmp:
             if fmt == "geojson":
                 _write_geojson(rows, tmp)
-            elif fmt == "coco":
-                tmp.write_text(json.dumps(_coco(rows, rasters), indent=1))
             else:
-                raise DataError(f"bank export: format = {fmt!r}, expected 'geojson' or 'coco'")
-            os.replace(tmp, p)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+                tmp.write_text(json.dumps(_coco(rows, rasters), indent=1))
         return int(len(rows))
 
     # -------------------------------------------------------------------- review

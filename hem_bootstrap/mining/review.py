@@ -23,6 +23,7 @@ import pandas as pd
 import pyogrio
 
 from hem_bootstrap.errors import DataError
+from hem_bootstrap.files import atomic_path
 
 POSITIVES_FILE = "review_positives.gpkg"
 POSITIVES_LAYER = "labels"
@@ -64,10 +65,8 @@ def append_accepted(run_path: Path, positives: gpd.GeoDataFrame, classes: list[s
         joined = gpd.GeoDataFrame(pd.concat([old, new], ignore_index=True), geometry="geometry", crs=old.crs)
     else:
         joined = new
-    tmp = path.with_name(f".{path.name}.tmp.gpkg")
-    tmp.unlink(missing_ok=True)
-    pyogrio.write_dataframe(joined, tmp, layer=POSITIVES_LAYER, driver="GPKG")
-    tmp.replace(path)
+    with atomic_path(path, ".gpkg") as tmp:
+        pyogrio.write_dataframe(joined, tmp, layer=POSITIVES_LAYER, driver="GPKG")
     return len(new)
 
 

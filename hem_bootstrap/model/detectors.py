@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -43,6 +41,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 
 from hem_bootstrap.config import ModelConfig
 from hem_bootstrap.errors import ModelError
+from hem_bootstrap.files import atomic_write_bytes
 
 #: ImageNet statistics, torchvision's default input normalisation.
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -471,21 +470,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(
     path: Path,
     model: nn.Module,
@@ -517,7 +501,7 @@ def save_checkpoint(
     }
     buf = io.BytesIO()
     torch.save(payload, buf)
-    _atomic_write_bytes(Path(path), buf.getvalue())
+    atomic_write_bytes(Path(path), buf.getvalue())
 
 
 def load_checkpoint(
@@ -571,7 +555,7 @@ def export_model(ckpt_path: Path, out_path: Path, card: dict[str, Any]) -> None:
     buf = io.BytesIO()
     torch.save(dict(state), buf)
     data = buf.getvalue()
-    _atomic_write_bytes(out_path, data)
+    atomic_write_bytes(out_path, data)
     full = dict(card)
     full.setdefault("weights_file", out_path.name)
     full["weights_sha256"] = hashlib.sha256(data).hexdigest()
@@ -580,4 +564,4 @@ def export_model(ckpt_path: Path, out_path: Path, card: dict[str, Any]) -> None:
         full.setdefault("trained_steps", obj.get("step"))
         full.setdefault("model_hash", obj.get("model_hash"))
     text = json.dumps(full, indent=2, default=str) + "\n"
-    _atomic_write_bytes(out_path.with_suffix(".json"), text.encode())
+    atomic_write_bytes(out_path.with_suffix(".json"), text.encode())

@@ -9,6 +9,7 @@ memory holds about one row of tiles' detections, never the pool's or a whole ras
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -20,6 +21,7 @@ from typing import Any
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pyogrio
 import shapely
 import torch
 from torch.utils.data import DataLoader
@@ -29,6 +31,7 @@ from hem_bootstrap.config import DataConfig, ModelConfig, RuntimeConfig, TilingC
 from hem_bootstrap.contracts import DETECTION_COLUMNS
 from hem_bootstrap.data.tiles import TileDataset, TileRef, collate_tiles, plan_tiles, scale_tiles
 from hem_bootstrap.errors import DataError
+from hem_bootstrap.files import atomic_path, temp_path
 from hem_bootstrap.geo.frames import concat_in_crs, concat_native, distinct_crs
 from hem_bootstrap.geo.raster import RasterInfo, open_raster
 from hem_bootstrap.geo.windows import pixel_to_map_boxes
@@ -548,61 +551,67 @@ def write_detections(
     ``detections_<epsg>`` for others), appended frame by frame so memory stays flat.
     GeoJSON (``.geojson``) and COCO (``.json``) are converted from a temporary GeoPackage.
     Returns the number of rows and the layer names.
-    """
-    import pyogrio
 
+    Raises:
+        DataError: an unsupported output format.
+    """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     suffix = out.suffix.lower()
     if suffix not in (".gpkg", ".geojson", ".json"):
         raise DataError(f"{out}: unsupported output format '{suffix}', expected .gpkg, .geojson or .json (COCO)")
-    tmp_gpkg = out.with_name(f".{out.name}.tmp.gpkg")
-    if tmp_gpkg.exists():
-        tmp_gpkg.unlink()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = temp_path(out, ".gpkg")
+    scratch.unlink(missing_ok=True)
+    try:
+        total, layers = _stream_gpkg(frames, scratch, layer)
+        if suffix == ".gpkg":
+            os.replace(scratch, out)
+        else:
+            back = [gpd.read_file(scratch, layer=name) for name in layers]
+            with atomic_path(out) as tmp:
+                if suffix == ".geojson":
+                    _geojson_frame(back, out).to_file(tmp, driver="GeoJSON")
+                else:
+                    _write_coco(back, tmp)
+    finally:
+        scratch.unlink(missing_ok=True)
+    return total, layers
+
+
+def _stream_gpkg(frames: Iterator[gpd.GeoDataFrame], path: Path, layer: str) -> tuple[int, list[str]]:
+    """Append frames to a GeoPackage, one layer per CRS, ~50k rows per write; returns rows and layer names."""
     layers: dict[str, str] = {}
     total = 0
     buffer: list[gpd.GeoDataFrame] = []
-    buffered = 0
 
     def flush() -> None:
-        nonlocal buffered
         if buffer:
-            key = buffer[0].crs.to_string() if buffer[0].crs is not None else "pixel"
             chunk = buffer[0] if len(buffer) == 1 else pd.concat(buffer, ignore_index=True)
-            pyogrio.write_dataframe(chunk, tmp_gpkg, layer=layers[key], driver="GPKG", append=True)
+            pyogrio.write_dataframe(chunk, path, layer=layers[_crs_key(chunk)], driver="GPKG", append=True)
         buffer.clear()
-        buffered = 0
 
     for frame in frames:
-        key = frame.crs.to_string() if frame.crs is not None else "pixel"
+        key = _crs_key(frame)
         if buffer and buffer[0].crs != frame.crs:
             flush()
         if key not in layers:
             layers[key] = layer if not layers else f"{layer}_{key.replace(':', '_').lower()}"
-            empty = empty_detections(frame.crs)
-            pyogrio.write_dataframe(empty, tmp_gpkg, layer=layers[key], driver="GPKG", append=tmp_gpkg.exists())
+            pyogrio.write_dataframe(empty_detections(frame.crs), path, layer=layers[key], driver="GPKG",
+                                    append=path.exists())
         if len(frame):
             buffer.append(frame)
-            buffered += len(frame)
-            if buffered >= WRITE_BATCH_ROWS:  # one GeoPackage append per ~50k rows, not per row band
+            if sum(len(f) for f in buffer) >= WRITE_BATCH_ROWS:  # one append per ~50k rows, not per row band
                 flush()
         total += len(frame)
     flush()
     if not layers:
-        pyogrio.write_dataframe(empty_detections(None), tmp_gpkg, layer=layer, driver="GPKG")
+        pyogrio.write_dataframe(empty_detections(None), path, layer=layer, driver="GPKG")
         layers["pixel"] = layer
-    if suffix == ".gpkg":
-        os.replace(tmp_gpkg, out)
-    else:
-        frames_back = [gpd.read_file(tmp_gpkg, layer=name) for name in layers.values()]
-        tmp_out = out.with_name(f".{out.name}.tmp")
-        if suffix == ".geojson":
-            _geojson_frame(frames_back, out).to_file(tmp_out, driver="GeoJSON")
-        else:
-            _write_coco(frames_back, tmp_out)
-        os.replace(tmp_out, out)
-        tmp_gpkg.unlink()
     return total, list(layers.values())
+
+
+def _crs_key(frame: gpd.GeoDataFrame) -> str:
+    return frame.crs.to_string() if frame.crs is not None else "pixel"
 
 
 def _geojson_frame(frames: list[gpd.GeoDataFrame], out: Path) -> gpd.GeoDataFrame:
@@ -624,8 +633,6 @@ def _geojson_frame(frames: list[gpd.GeoDataFrame], out: Path) -> gpd.GeoDataFram
 
 
 def _write_coco(frames: list[gpd.GeoDataFrame], out: Path) -> None:
-    import json
-
     images: dict[str, int] = {}
     anns: list[dict[str, Any]] = []
     category_ids: set[int] = set()

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from hem_bootstrap.config import ModelConfig, RuntimeConfig
+from hem_bootstrap.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -270,9 +271,6 @@ def _write_cache(key: str, choice: str) -> None:
     data = _read_cache()
     data[key] = choice
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        tmp.replace(path)
+        atomic_write_bytes(path, json.dumps(data, indent=1, sort_keys=True).encode())
     except OSError as err:
         log.debug("fast path cache not written (%s)", err)

@@ -1,0 +1,74 @@
+"""Atomic file writes: every file of a run is written under a temporary name beside it, then renamed.
+
+``os.replace`` is atomic on one filesystem, so a reader (or a resumed run) sees the old file
+or the new one, never half of one. Temporary names are ``.NAME.PID.tmp[SUFFIX]`` in the
+target's folder (the suffix keeps the extension that GDAL drivers go by), which is the
+pattern :meth:`hem_bootstrap.rundir.RunDir.remove_stale_temps` cleans up after a killed process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from hem_bootstrap.errors import RunError
+
+
+def temp_path(target: Path, suffix: str = "") -> Path:
+    """The temporary name for ``target`` in this process (``suffix``: e.g. ``.gpkg`` for GDAL's driver)."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.{os.getpid()}.tmp{suffix}")
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path to write; on success it is renamed over ``target``, on any error removed.
+
+    The folder is created if needed; a stale temporary file of the same name is removed first.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(target, suffix)
+    tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` atomically, fsynced before the rename."""
+    with atomic_path(target) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def atomic_copy(source: Path, target: Path) -> None:
+    """Copy ``source`` over ``target`` atomically."""
+    with atomic_path(target, Path(target).suffix) as tmp:
+        shutil.copyfile(source, tmp)
+
+
+def atomic_write_text(target: Path, text: str) -> None:
+    """Write text atomically (fsynced).
+
+    Raises:
+        RunError: the write failed (disk full, read-only); the previous version is intact.
+    """
+    try:
+        atomic_write_bytes(Path(target), text.encode())
+    except OSError as err:
+        raise RunError(f"{target}: could not write ({err.strerror}); the previous version is intact") from None
+
+
+def atomic_write_json(target: Path, data: Any) -> None:
+    """JSON version of :func:`atomic_write_text`."""
+    atomic_write_text(target, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
