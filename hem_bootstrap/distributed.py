@@ -16,23 +16,18 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from hem_bootstrap.config import ExperimentConfig, RuntimeConfig
+from hem_bootstrap.config import RuntimeConfig
 from hem_bootstrap.errors import HemError, RunError
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-#: Images whose raw detections are gathered on rank 0 at once (bounds rank 0's memory).
-GATHER_IMAGES = 16
 
 _STATE: dict[str, float] = {"timeout_s": 600.0}
 
@@ -202,104 +197,14 @@ def all_mean(values: torch.Tensor, what: str = "all_reduce") -> torch.Tensor:
     return all_sum(values, what) / rank_world()[1]
 
 
-def detect_distributed(
-    model: torch.nn.Module,
-    paths: list[Path],
-    cfg: ExperimentConfig,
-    device: torch.device,
-    *,
-    stats: Any = None,
-    progress: bool = True,
-) -> Iterator[Any]:
-    """Sharded detection: every rank scans its share, rank 0 yields merged frames per image.
-
-    Tiles are planned identically on every rank and cut into contiguous shares that differ by
-    at most one tile. Raw detections reach rank 0 in groups of :data:`GATHER_IMAGES` images
-    and are merged there exactly as :func:`~hem_bootstrap.model.infer.detect` merges them, so
-    the frames (and their order) equal a single-process run's. Other ranks yield nothing but
-    must still exhaust the iterator, since it drives the collectives. Rank 0's progress bar
-    counts every rank's tiles (its own scaled by the shard ratio) and ``stats`` holds totals
-    over all ranks; ``stats.seconds`` is rank 0's wall time, so ``stats.tiles_per_s`` is the
-    job's rate.
-    """
-    from hem_bootstrap.data.tiles import plan_tiles
-    from hem_bootstrap.model.infer import (
-        DetectStats,
-        RawDetections,
-        _merged_frame,
-        scan_raw,
-        shard_refs,
-        usable_rasters,
-    )
-    from hem_bootstrap.model.precision import prepare_model
-
+def gather_on_rank0(obj: Any, what: str = "gather") -> list[Any]:
+    """Every rank's ``obj`` on rank 0, in rank order (``[obj]`` in one process); an empty list elsewhere."""
     rank, world = rank_world()
-    stats = stats if stats is not None else DetectStats()
-    t0 = time.perf_counter()
-    good, infos, bad = usable_rasters(paths, cfg.data.on_bad_raster)
-    stats.bad_rasters.extend(bad)
-    refs = plan_tiles(good, cfg.tiling)
-    mine = shard_refs(refs, rank, world)
-    prepared = prepare_model(model, device, cfg.model, cfg.runtime, cfg.tiling.tile_size)
-    stats.fast_path = prepared.fast_path
-    scale = len(refs) / len(mine) if mine else 1.0
-    local: dict[int, tuple] = {}
-    for idx, raw, _ in scan_raw(
-        prepared,
-        good,
-        infos,
-        mine,
-        cfg.data,
-        cfg.runtime,
-        device,
-        stats,
-        progress=progress and rank == 0,
-        total_tiles=len(refs),
-        progress_scale=scale,
-    ):
-        local[idx] = raw.arrays()
-    counts = torch.tensor([stats.tiles_total, stats.tiles_skipped, stats.tiles_run], dtype=torch.int64)
-    counts = all_sum(counts, "detection tile counts")
-    stats.tiles_total, stats.tiles_skipped, stats.tiles_run = (int(v) for v in counts)
-    for start in range(0, len(good), GATHER_IMAGES):
-        chunk = range(start, min(start + GATHER_IMAGES, len(good)))
-        parts = _gather_on_rank0({i: local.pop(i) for i in chunk if i in local})
-        for idx in chunk:
-            merged = RawDetections()
-            seen = False
-            for part in parts:
-                if idx in part:
-                    seen = True
-                    b, s, lab, w, c = part[idx]
-                    merged.boxes.append(b)
-                    merged.scores.append(s)
-                    merged.labels.append(lab)
-                    merged.windows.append(w)
-                    merged.cut.append(c)
-            if not seen:
-                continue
-            frame = _merged_frame(good[idx], infos[idx], merged, cfg.model.nms_iou, True)
-            stats.detections += len(frame)
-            stats.seconds = time.perf_counter() - t0
-            yield frame
-    stats.seconds = time.perf_counter() - t0
-    if rank == 0:
-        log.info(
-            "detect: %d tiles (%d skipped) on %d ranks in %.1f s, %.1f tiles/s",
-            stats.tiles_total,
-            stats.tiles_skipped,
-            world,
-            stats.seconds,
-            stats.tiles_per_s,
-        )
-
-
-def _gather_on_rank0(obj: dict[int, tuple]) -> list[dict[int, tuple]]:
-    """Every rank's ``obj`` on rank 0 (rank order); an empty list elsewhere."""
-    rank, world = rank_world()
+    if world == 1:
+        return [obj]
     out: list[Any] = [None] * world if rank == 0 else []
     try:
         dist.gather_object(obj, out if rank == 0 else None, dst=0)
     except RuntimeError as err:
-        raise _timeout_error("gathering detections", err) from None
+        raise _timeout_error(what, err) from None
     return out

@@ -25,6 +25,7 @@ import numpy as np
 import yaml
 
 from hem_bootstrap.config import ExperimentConfig, ImageSet, dump_config
+from hem_bootstrap.detections import read_detections, write_detections
 from hem_bootstrap.errors import DataError, HemError, RunError
 from hem_bootstrap.faults import fault_point
 from hem_bootstrap.files import atomic_copy, atomic_path, atomic_write_text
@@ -314,21 +315,14 @@ def step_train(ctx: Context, r: int, resume: bool = False) -> dict[str, Any]:
 
 def _scan(ctx: Context, model_path: Path, sets: list[ImageSet], what: str, out: Path) -> dict[str, Any]:
     """Detect over a set of rasters with a model, streaming merged detections into ``out``."""
-    from hem_bootstrap.model.infer import DetectStats, detect, write_detections
+    from hem_bootstrap.model.infer import DetectStats, detect
 
     cfg = ctx.cfg
     paths = [p for p, _ in _images(sets, what)]
     model = _load_model(cfg, model_path)
     stats = DetectStats()
-    if ctx.world > 1:
-        from hem_bootstrap.distributed import detect_distributed
-
-        frames = detect_distributed(model, paths, cfg, ctx.device, stats=stats, progress=ctx.progress)
-    else:
-        frames = detect(
-            model, paths, cfg.data, cfg.tiling, cfg.model, cfg.runtime, ctx.device, stats=stats,
-            progress=ctx.progress,
-        )
+    frames = detect(model, paths, cfg.data, cfg.tiling, cfg.model, cfg.runtime, ctx.device, stats=stats,
+                    progress=ctx.progress, shard=(ctx.rank, ctx.world))
     if ctx.is_main:
         n, _ = write_detections(frames, out)
     else:
@@ -343,25 +337,6 @@ def _scan(ctx: Context, model_path: Path, sets: list[ImageSet], what: str, out: 
         "seconds": round(stats.seconds, 1),
         "bad_rasters": stats.bad_rasters,
     }, what=f"{what} scan summary")
-
-
-def _read_detections(path: Path) -> gpd.GeoDataFrame:
-    """All layers of a detections file (one per CRS); rows of several CRSs keep their own coordinates.
-
-    With more than one CRS the frame has none (:func:`~hem_bootstrap.geo.frames.concat_native`):
-    its consumers work image by image, in each raster's CRS.
-    """
-    import pyogrio
-
-    from hem_bootstrap.geo.frames import concat_native
-
-    frames = [gpd.read_file(path, layer=name) for name, _ in pyogrio.list_layers(path)]
-    frames = [f for f in frames if len(f)]
-    if not frames:
-        from hem_bootstrap.model.infer import empty_detections
-
-        return empty_detections()
-    return concat_native(frames)
 
 
 def step_detect(ctx: Context, r: int) -> dict[str, Any]:
@@ -387,7 +362,7 @@ def _hard_positives(ctx: Context, r: int, bank: Any) -> dict[str, Any]:
     )
 
     cfg, rd = ctx.cfg, ctx.run.round_dir(r)
-    dets = _read_detections(rd / "train_detections.gpkg")
+    dets = read_detections(rd / "train_detections.gpkg")
     frames = []
     for path, s in _readable_images(cfg.data.train, "train", cfg):
         info, gt = read_truth(path, s, cfg)
@@ -427,7 +402,7 @@ def step_mine(ctx: Context, r: int) -> dict[str, Any]:
     rd = ctx.run.round_dir(r)
     prev_bank = ctx.run.round_dir(r - 1) / "bank.gpkg"
     bank = NegativeBank.load(prev_bank)  # always restart from the previous round's snapshot
-    dets = _read_detections(rd / "detections.gpkg")
+    dets = read_detections(rd / "detections.gpkg")
     matched = []
     images_meta = []
     truths: list[gpd.GeoDataFrame] = []
@@ -534,7 +509,7 @@ def evaluate_model(ctx: Context, model_path: Path, dets_out: Path) -> dict[str, 
     scan = _scan(ctx, model_path, cfg.data.test, "test", dets_out)
     if not ctx.is_main:
         return {}
-    dets = _read_detections(dets_out)
+    dets = read_detections(dets_out)
     images = []
     areas: dict[str, dict[str, float]] = {}
     for path, s in _readable_images(cfg.data.test, "test", cfg):

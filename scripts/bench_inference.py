@@ -100,8 +100,9 @@ def child_end_to_end(args: argparse.Namespace) -> dict:
     """One end-to-end scan of the raster (runs in its own process)."""
     import torch
 
+    from hem_bootstrap.detections import write_detections
     from hem_bootstrap.model.detectors import build_detector
-    from hem_bootstrap.model.infer import DetectStats, detect, detect_workers, write_detections
+    from hem_bootstrap.model.infer import DetectStats, detect, detect_workers
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -151,7 +151,7 @@ def single_detect(cfg_path: Path, model_path: Path, images: list[Path]) -> gpd.G
 
 
 def _read_dets(path: Path) -> gpd.GeoDataFrame:
-    from hem_bootstrap.rounds import _read_detections
+    from hem_bootstrap.detections import read_detections as _read_detections
 
     return _read_detections(path)
 

@@ -9,13 +9,8 @@ import numpy as np
 import pytest
 import shapely
 
-from hem_bootstrap.model.infer import (
-    BandMerger,
-    RawDetections,
-    cut_by_inner_edge,
-    empty_detections,
-    merge_detections,
-)
+from hem_bootstrap.detections import empty_detections
+from hem_bootstrap.model.merge import BandMerger, RawDetections, cut_by_inner_edge, merge_detections
 
 
 def test_cut_by_inner_edge_ignores_image_border() -> None:
@@ -134,12 +129,12 @@ def _frame(image: str, n: int, crs: str) -> gpd.GeoDataFrame:
 def test_write_detections_one_layer_per_crs_in_buffered_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import pyogrio
 
-    import hem_bootstrap.model.infer as infer
+    import hem_bootstrap.detections as detections
 
-    monkeypatch.setattr(infer, "WRITE_BATCH_ROWS", 5)  # force several appends
+    monkeypatch.setattr(detections, "WRITE_BATCH_ROWS", 5)  # force several appends
     frames = [_frame("a.tif", 3, "EPSG:32633"), _frame("a.tif", 4, "EPSG:32633"), _frame("b.tif", 2, "EPSG:32634"),
               _frame("b.tif", 0, "EPSG:32634"), _frame("c.tif", 6, "EPSG:32633")]
-    n, layers = infer.write_detections(iter(frames), tmp_path / "d.gpkg")
+    n, layers = detections.write_detections(iter(frames), tmp_path / "d.gpkg")
     assert n == 15 and layers == ["detections", "detections_epsg_32634"]
     assert sorted(name for name, _ in pyogrio.list_layers(tmp_path / "d.gpkg")) == sorted(layers)
     a = gpd.read_file(tmp_path / "d.gpkg", layer="detections")

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from hem_bootstrap.config import DataConfig, TilingConfig
 from hem_bootstrap.errors import DataError
 from hem_bootstrap.faults import fault_point
-from hem_bootstrap.geo.raster import RasterReader, open_raster, valid_fraction
+from hem_bootstrap.geo.raster import RasterInfo, RasterReader, open_raster, valid_fraction
 from hem_bootstrap.geo.windows import Window, tile_windows
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,10 @@ class TileRef:
     window: Window
 
 
-def plan_tiles(paths: list[Path], tiling: TilingConfig) -> list[TileRef]:
+def plan_tiles(paths: list[Path], tiling: TilingConfig, infos: list[RasterInfo] | None = None) -> list[TileRef]:
     """Every tile of every raster, raster by raster and row by row (deterministic order).
+
+    ``infos``: the rasters' headers when the caller has them (each header is read once).
 
     Raises:
         DataError: a raster is missing or unreadable (from :func:`open_raster`).
@@ -44,7 +46,7 @@ def plan_tiles(paths: list[Path], tiling: TilingConfig) -> list[TileRef]:
     refs: list[TileRef] = []
     overlap = tiling.overlap_px()
     for idx, path in enumerate(paths):
-        info = open_raster(path)
+        info = infos[idx] if infos is not None else open_raster(path)
         refs.extend(TileRef(idx, w) for w in tile_windows(info.width, info.height, tiling.tile_size, overlap))
     return refs
 

@@ -34,7 +34,7 @@ import pyproj
 import shapely
 
 from hem_bootstrap.config import BankConfig, MiningConfig
-from hem_bootstrap.contracts import DETECTION_COLUMNS
+from hem_bootstrap.detections import DETECTION_COLUMNS, PX_COLUMNS, WIN_COLUMNS
 from hem_bootstrap.errors import DataError, HemError
 from hem_bootstrap.faults import fault_point
 from hem_bootstrap.files import atomic_path
@@ -43,8 +43,6 @@ from hem_bootstrap.geo.frames import crs_text
 
 log = logging.getLogger(__name__)
 
-PX_COLUMNS = ("px_xmin", "px_ymin", "px_xmax", "px_ymax")
-WIN_COLUMNS = ("win_col", "win_row", "win_w", "win_h")
 NEG_LAYER, REVIEW_LAYER, META_LAYER = "negatives", "review", "meta"
 
 NEG_SCHEMA: dict[str, str] = {

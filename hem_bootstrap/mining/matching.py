@@ -47,7 +47,7 @@ def match_detections(
     """Label each detection of one image ``tp``, ``fp`` or ``ignore``.
 
     Args:
-        dets: Detection frame of a single image (see :mod:`hem_bootstrap.contracts`).
+        dets: Detection frame of a single image (see :mod:`hem_bootstrap.detections`).
         gt: Ground-truth boxes of that image (``label``, ``class``, ``geometry``).
         cfg: Matching mode and thresholds (``matching``, ``tp_iou``, ``fp_max_iou``,
             ``center_dist_m``).

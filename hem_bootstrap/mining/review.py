@@ -22,12 +22,12 @@ import numpy as np
 import pandas as pd
 import pyogrio
 
+from hem_bootstrap.detections import PX_COLUMNS
 from hem_bootstrap.errors import DataError
 from hem_bootstrap.files import atomic_path
 
 POSITIVES_FILE = "review_positives.gpkg"
 POSITIVES_LAYER = "labels"
-PX_COLUMNS = ("px_xmin", "px_ymin", "px_xmax", "px_ymax")
 
 PixelLabels = dict[str, tuple[np.ndarray, np.ndarray]]
 """Resolved raster path -> ``(boxes (N, 4) float64 pixels, class ids (N,) int64)``."""

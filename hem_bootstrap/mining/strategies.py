@@ -26,6 +26,7 @@ import shapely
 from affine import Affine
 
 from hem_bootstrap.config import StrategySpec
+from hem_bootstrap.detections import PX_COLUMNS
 from hem_bootstrap.errors import ConfigError, DataError
 from hem_bootstrap.geo.boxes import batched_nms
 from hem_bootstrap.geo.windows import pixel_to_map_boxes, window_around_box
@@ -33,7 +34,6 @@ from hem_bootstrap.geo.windows import pixel_to_map_boxes, window_around_box
 log = logging.getLogger(__name__)
 
 TILE_KEYS = ("image", "win_col", "win_row", "win_w", "win_h")
-PX_COLUMNS = ("px_xmin", "px_ymin", "px_xmax", "px_ymax")
 RANDOM_TRIES = 50
 """Draws per random box before giving up on placing it clear of ground truth."""
 

@@ -1,0 +1,216 @@
+"""The detection frame: its columns, its constructors, and the paired write / read of detection files.
+
+* A tile / chip target is ``{"boxes": float32 (N, 4) xyxy pixels, "labels": int64 (N,)}``;
+  a negative or background chip has ``boxes`` of shape ``(0, 4)``. Label ids are 1..K for
+  the classes in ``data.classes`` order (0 is background, the torchvision convention).
+* A detection frame is a GeoDataFrame in the raster's CRS (``crs=None`` and pixel
+  coordinates for plain images) with the columns in :data:`DETECTION_COLUMNS`, the pixel
+  box in :data:`PX_COLUMNS` (authoritative: the map box is derived from it) and ``geometry``
+  (an axis-aligned box polygon).
+* A detection file holds one layer per CRS (:func:`write_detections`);
+  :func:`read_detections` gives them back as one frame.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pyogrio
+import shapely
+
+from hem_bootstrap.errors import DataError
+from hem_bootstrap.files import atomic_path, temp_path
+from hem_bootstrap.geo.frames import concat_in_crs, concat_native, distinct_crs
+from hem_bootstrap.geo.raster import RasterInfo
+from hem_bootstrap.geo.windows import pixel_to_map_boxes
+
+log = logging.getLogger(__name__)
+
+DETECTION_COLUMNS: tuple[str, ...] = ("image", "label", "score", "win_col", "win_row", "win_w", "win_h")
+"""``image``: raster path as str; ``label``: int class id (1..K); ``score``: float in [0, 1];
+``win_*``: the tile window (pixels) the detection came from."""
+WIN_COLUMNS = ("win_col", "win_row", "win_w", "win_h")
+"""The tile window a detection came from (pixels)."""
+PX_COLUMNS = ("px_xmin", "px_ymin", "px_xmax", "px_ymax")
+"""The detection's box in its own raster's pixels (authoritative for chips, matching and merging)."""
+
+WRITE_BATCH_ROWS = 50_000
+"""Detections buffered before one GeoPackage append (bounded memory, few file opens)."""
+
+
+def detections_frame(
+    image: str,
+    info: RasterInfo,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    windows: np.ndarray,
+) -> gpd.GeoDataFrame:
+    """Build a detection frame in the raster's CRS from image-pixel boxes."""
+    map_boxes = pixel_to_map_boxes(boxes, info.transform) if len(boxes) else np.zeros((0, 4))
+    geoms = shapely.box(map_boxes[:, 0], map_boxes[:, 1], map_boxes[:, 2], map_boxes[:, 3])
+    frame = gpd.GeoDataFrame(
+        {
+            "image": [image] * len(boxes),
+            "label": labels.astype(np.int64),
+            "score": scores.astype(np.float64),
+            "win_col": windows[:, 0].astype(np.int64),
+            "win_row": windows[:, 1].astype(np.int64),
+            "win_w": windows[:, 2].astype(np.int64),
+            "win_h": windows[:, 3].astype(np.int64),
+            "px_xmin": boxes[:, 0].astype(np.float64),
+            "px_ymin": boxes[:, 1].astype(np.float64),
+            "px_xmax": boxes[:, 2].astype(np.float64),
+            "px_ymax": boxes[:, 3].astype(np.float64),
+        },
+        geometry=geoms,
+        crs=info.crs if info.georeferenced else None,
+    )
+    return frame
+
+
+def empty_detections(crs: object = None) -> gpd.GeoDataFrame:
+    """A detection frame with no rows but every column."""
+    z = np.zeros((0,), np.float64)
+    cols = {c: z.astype(np.int64) for c in ("label", "win_col", "win_row", "win_w", "win_h")}
+    frame = gpd.GeoDataFrame(
+        {"image": np.array([], dtype=object), **cols, "score": z,
+         "px_xmin": z, "px_ymin": z, "px_xmax": z, "px_ymax": z},
+        geometry=[],
+        crs=crs,
+    )
+    return frame[[*DETECTION_COLUMNS, *PX_COLUMNS, "geometry"]]
+
+
+def write_detections(
+    frames: Iterator[gpd.GeoDataFrame], out: Path, layer: str = "detections"
+) -> tuple[int, list[str]]:
+    """Stream detection frames into one file, written under a temporary name and renamed at the end.
+
+    GeoPackage (``.gpkg``): one layer per CRS (``detections`` for the first CRS met,
+    ``detections_<epsg>`` for others), appended frame by frame so memory stays flat.
+    GeoJSON (``.geojson``) and COCO (``.json``) are converted from a temporary GeoPackage.
+    Returns the number of rows and the layer names.
+
+    Raises:
+        DataError: an unsupported output format.
+    """
+    out = Path(out)
+    suffix = out.suffix.lower()
+    if suffix not in (".gpkg", ".geojson", ".json"):
+        raise DataError(f"{out}: unsupported output format '{suffix}', expected .gpkg, .geojson or .json (COCO)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = temp_path(out, ".gpkg")
+    scratch.unlink(missing_ok=True)
+    try:
+        total, layers = _stream_gpkg(frames, scratch, layer)
+        if suffix == ".gpkg":
+            os.replace(scratch, out)
+        else:
+            back = [gpd.read_file(scratch, layer=name) for name in layers]
+            with atomic_path(out) as tmp:
+                if suffix == ".geojson":
+                    _geojson_frame(back, out).to_file(tmp, driver="GeoJSON")
+                else:
+                    _write_coco(back, tmp)
+    finally:
+        scratch.unlink(missing_ok=True)
+    return total, layers
+
+
+def _stream_gpkg(frames: Iterator[gpd.GeoDataFrame], path: Path, layer: str) -> tuple[int, list[str]]:
+    """Append frames to a GeoPackage, one layer per CRS, ~50k rows per write; returns rows and layer names."""
+    layers: dict[str, str] = {}
+    total = 0
+    buffer: list[gpd.GeoDataFrame] = []
+
+    def flush() -> None:
+        if buffer:
+            chunk = buffer[0] if len(buffer) == 1 else pd.concat(buffer, ignore_index=True)
+            pyogrio.write_dataframe(chunk, path, layer=layers[_crs_key(chunk)], driver="GPKG", append=True)
+        buffer.clear()
+
+    for frame in frames:
+        key = _crs_key(frame)
+        if buffer and buffer[0].crs != frame.crs:
+            flush()
+        if key not in layers:
+            layers[key] = layer if not layers else f"{layer}_{key.replace(':', '_').lower()}"
+            pyogrio.write_dataframe(empty_detections(frame.crs), path, layer=layers[key], driver="GPKG",
+                                    append=path.exists())
+        if len(frame):
+            buffer.append(frame)
+            if sum(len(f) for f in buffer) >= WRITE_BATCH_ROWS:  # one append per ~50k rows, not per row band
+                flush()
+        total += len(frame)
+    flush()
+    if not layers:
+        pyogrio.write_dataframe(empty_detections(None), path, layer=layer, driver="GPKG")
+        layers["pixel"] = layer
+    return total, list(layers.values())
+
+
+def _crs_key(frame: gpd.GeoDataFrame) -> str:
+    return frame.crs.to_string() if frame.crs is not None else "pixel"
+
+
+def _geojson_frame(frames: list[gpd.GeoDataFrame], out: Path) -> gpd.GeoDataFrame:
+    """One frame for a GeoJSON file: as it is for one CRS; for several, all in WGS 84 (GeoJSON's own CRS).
+
+    Each row keeps its raster's CRS in ``src_crs``; pixel boxes stay in the ``px_*`` columns.
+
+    Raises:
+        DataError: pixel-space (not georeferenced) and georeferenced rows together.
+    """
+    frames = [f for f in frames if len(f)] or frames[:1]
+    if len(distinct_crs(frames)) == 1:
+        return frames[0] if len(frames) == 1 else concat_native(frames)
+    if any(f.crs is None for f in frames):
+        raise DataError(f"{out}: detections of plain (not georeferenced) and georeferenced rasters cannot share "
+                        "one GeoJSON file; write .gpkg (one layer per CRS) or .json (COCO)")
+    log.info("%s: detections in %d CRSs written in EPSG:4326 (each row's own CRS in src_crs)", out, len(frames))
+    return concat_in_crs(frames, "EPSG:4326")
+
+
+def _write_coco(frames: list[gpd.GeoDataFrame], out: Path) -> None:
+    images: dict[str, int] = {}
+    anns: list[dict[str, Any]] = []
+    category_ids: set[int] = set()
+    for frame in frames:
+        for row in frame.itertuples(index=False):
+            img_id = images.setdefault(row.image, len(images) + 1)
+            w = float(row.px_xmax - row.px_xmin)
+            h = float(row.px_ymax - row.px_ymin)
+            category_ids.add(int(row.label))
+            anns.append({
+                "id": len(anns) + 1, "image_id": img_id, "category_id": int(row.label),
+                "bbox": [float(row.px_xmin), float(row.px_ymin), w, h], "area": w * h,
+                "score": float(row.score), "iscrowd": 0,
+            })
+    doc = {
+        "images": [{"id": i, "file_name": name} for name, i in images.items()],
+        "annotations": anns,
+        "categories": [{"id": c, "name": str(c)} for c in sorted(category_ids)],
+    }
+    out.write_text(json.dumps(doc))
+
+
+def read_detections(path: Path) -> gpd.GeoDataFrame:
+    """All layers of a detections file (one per CRS) as one frame.
+
+    With more than one CRS the frame has none and each row keeps its raster's coordinates
+    (:func:`~hem_bootstrap.geo.frames.concat_native`): its consumers work image by image.
+    """
+    frames = [gpd.read_file(path, layer=name) for name, _ in pyogrio.list_layers(path)]
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return empty_detections()
+    return concat_native(frames)
