@@ -149,7 +149,7 @@ def train(
 
     Example: hem train configs/demo.yaml --round 1
     """
-    from hem_bootstrap.rounds import train_round_cli
+    from hem_bootstrap.commands import train_round_cli
 
     cfg = _load(config, set_)
     path = train_round_cli(cfg, round_idx=round_, resume=resume)
@@ -170,7 +170,7 @@ def detect(
 
     Example: hem detect configs/demo.yaml --model runs/demo/round_001/model.pt --images 'tiles/*.tif' --out d.gpkg
     """
-    from hem_bootstrap.rounds import detect_cli
+    from hem_bootstrap.commands import detect_cli
 
     cfg = _load(config, set_)
     summary = detect_cli(cfg, model, images, out)
@@ -188,7 +188,7 @@ def evaluate(
 
     Example: hem evaluate configs/demo.yaml --model runs/demo/round_003/model.pt
     """
-    from hem_bootstrap.rounds import evaluate_cli
+    from hem_bootstrap.commands import evaluate_cli
 
     cfg = _load(config, set_)
     _echo(evaluate_cli(cfg, model, out))
@@ -206,7 +206,7 @@ def run(
 
     Example: hem run configs/demo.yaml --set rounds.n_rounds=3
     """
-    from hem_bootstrap.rounds import run_experiment
+    from hem_bootstrap.loop import run_experiment
 
     cfg = _load(config, set_)
     run_experiment(cfg, resume=resume, fresh=fresh, force=force, config_path=config)
@@ -223,7 +223,7 @@ def round_(
 
     Example: hem round configs/demo.yaml --run runs/demo
     """
-    from hem_bootstrap.rounds import run_one_more_round
+    from hem_bootstrap.loop import run_one_more_round
 
     cfg = _load(config, set_)
     run_one_more_round(cfg, run_dir, force=force, config_path=config)
@@ -235,7 +235,7 @@ def status(run_dir: RunArg) -> None:
 
     Example: hem status runs/demo
     """
-    from hem_bootstrap.rounds import run_status
+    from hem_bootstrap.commands import run_status
 
     _echo(run_status(run_dir))
 
@@ -276,7 +276,7 @@ def export_model_cmd(
 
     Example: hem export-model runs/demo --out vehicle_detector.pth
     """
-    from hem_bootstrap.rounds import export_model_cli
+    from hem_bootstrap.commands import export_model_cli
 
     _echo(export_model_cli(run_dir, out, round_idx))
 
@@ -290,7 +290,7 @@ def bank_stats(run_dir: RunArg) -> None:
 
     Example: hem bank stats runs/demo
     """
-    from hem_bootstrap.rounds import bank_stats_text
+    from hem_bootstrap.commands import bank_stats_text
 
     _echo(bank_stats_text(run_dir))
 
@@ -305,7 +305,7 @@ def bank_export(
 
     Example: hem bank export runs/demo --format coco --out negatives.json
     """
-    from hem_bootstrap.rounds import bank_export_cli
+    from hem_bootstrap.commands import bank_export_cli
 
     if format_ not in ("geojson", "coco"):
         raise HemError(f"--format {format_!r}: expected 'geojson' or 'coco'")
@@ -321,7 +321,7 @@ def review_apply(
 
     Example: hem review apply runs/demo decisions.gpkg
     """
-    from hem_bootstrap.rounds import review_apply_cli
+    from hem_bootstrap.commands import review_apply_cli
 
     _echo(review_apply_cli(run_dir, decisions))
 

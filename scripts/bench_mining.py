@@ -155,7 +155,7 @@ def controls(recipe: str) -> tuple[str, str]:
 
 def run_recipe(scenes: Path, runs: Path, seed: int, recipe: str, args: argparse.Namespace) -> Path:
     from hem_bootstrap.config import config_from_tree
-    from hem_bootstrap.rounds import run_experiment
+    from hem_bootstrap.loop import run_experiment
 
     base_name = f"s{seed}_{round0_name(recipe)}"
     base = runs / base_name

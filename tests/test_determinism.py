@@ -13,7 +13,7 @@ import yaml
 from scenes import scene_data
 
 from hem_bootstrap.config import load_config
-from hem_bootstrap.rounds import run_experiment
+from hem_bootstrap.loop import run_experiment
 
 TIMINGS = {"seconds", "seconds_total", "chips_per_s", "tiles_per_s", "init"}
 

@@ -318,7 +318,7 @@ def test_loop_under_torchrun_mines_once_and_matches_one_process(
     dist_run: Path, scenes: Path, tmp_path: Path
 ) -> None:
     from hem_bootstrap.config import load_config
-    from hem_bootstrap.rounds import Context, step_mine
+    from hem_bootstrap.steps import Context, step_mine
 
     manifest = RunDir(dist_run).load_manifest()
     assert [e["round"] for e in manifest["rounds"]] == [0, 1, 2]

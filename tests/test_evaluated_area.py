@@ -15,8 +15,8 @@ from affine import Affine
 
 from hem_bootstrap.config import config_from_tree
 from hem_bootstrap.geo.raster import evaluated_area, open_raster
-from hem_bootstrap.rounds import Context, evaluate_model
 from hem_bootstrap.rundir import RunDir
+from hem_bootstrap.steps import Context, evaluate_model
 
 COLLAR = 256  # one tile: with overlap 0 the content tiles of both rasters hold the same pixels
 

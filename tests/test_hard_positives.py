@@ -13,8 +13,8 @@ from affine import Affine
 from test_loop import small_config
 
 from hem_bootstrap.config import load_config
+from hem_bootstrap.loop import run_experiment
 from hem_bootstrap.mining.positives import carry_history, hard_positives, oversample_boxes, review_rows
-from hem_bootstrap.rounds import run_experiment
 
 CRS = "EPSG:32633"
 T = Affine(0.5, 0, 1000.0, 0, -0.5, 2000.0)  # 0.5 m pixels

@@ -11,10 +11,11 @@ import pytest
 import yaml
 from scenes import scene_data
 
+from hem_bootstrap.commands import run_status
 from hem_bootstrap.config import load_config
 from hem_bootstrap.errors import RunError
+from hem_bootstrap.loop import run_experiment
 from hem_bootstrap.report import COLUMNS
-from hem_bootstrap.rounds import run_experiment, run_status
 
 
 @pytest.fixture(scope="module")
@@ -89,20 +90,20 @@ def test_two_round_run_resume_and_lock(scenes: Path, tmp_path: Path, capsys: pyt
         run_experiment(load_config(cfg_path), config_path=cfg_path)
 
     # an interrupted run (stopped after round 1's mining) resumes to the same bank, row for row
-    import hem_bootstrap.rounds as rounds
+    import hem_bootstrap.loop as loop
 
     cfg2_path = small_config(scenes, tmp_path, name="cut")
-    real_train = rounds.step_train
+    real_train = loop.step_train
 
     def crash(ctx, r, resume=False):  # noqa: ANN001, ANN202
         if r == 1:
             raise KeyboardInterrupt
         return real_train(ctx, r, resume)
 
-    monkeypatch.setattr(rounds, "step_train", crash)
+    monkeypatch.setattr(loop, "step_train", crash)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(load_config(cfg2_path), config_path=cfg2_path)
-    monkeypatch.setattr(rounds, "step_train", real_train)
+    monkeypatch.setattr(loop, "step_train", real_train)
     cut_run = tmp_path / "runs" / "cut"
     assert "pending train,evaluate" in run_status(cut_run)
 
@@ -138,3 +139,32 @@ def test_random_baseline_adds_as_many_as_the_strategy_would_newly_bank(scenes: P
     assert len(bank) <= mine[1]["shadow_new"] + mine[2]["shadow_new"]
     shadow_boxes = set(map(tuple, shadow[2][["image", "px_xmin", "px_ymin"]].to_numpy().tolist()))
     assert not shadow_boxes & set(map(tuple, bank[["image", "px_xmin", "px_ymin"]].to_numpy().tolist()))
+
+
+def test_each_raster_header_is_read_and_labels_parsed_once_per_run(
+    scenes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Preflight opens every header and parses every label file once; all rounds' steps reuse them."""
+    from collections import Counter
+
+    import hem_bootstrap.geo.raster as raster
+    import hem_bootstrap.inputs as inputs
+
+    headers: Counter[str] = Counter()
+    labels: Counter[str] = Counter()
+    real_describe, real_load = raster._describe, inputs.load_labels
+
+    def describe(p, src):  # noqa: ANN001, ANN202
+        headers[Path(p).name] += 1
+        return real_describe(p, src)
+
+    def load(path, info, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        labels[Path(path).name] += 1
+        return real_load(path, info, *a, **k)
+
+    monkeypatch.setattr(raster, "_describe", describe)
+    monkeypatch.setattr(inputs, "load_labels", load)
+    cfg_path = small_config(scenes, tmp_path, name="once")
+    run_experiment(load_config(cfg_path), config_path=cfg_path, print_table=False)  # rounds 0, 1, 2
+    assert headers == {"train.tif": 1, "pool.tif": 1, "test.tif": 1}, headers
+    assert labels == {"train_labels.gpkg": 1, "pool_labels.gpkg": 1, "test_labels.gpkg": 1}, labels

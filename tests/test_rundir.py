@@ -12,7 +12,7 @@ import pytest
 
 from hem_bootstrap.errors import RunError
 from hem_bootstrap.files import atomic_write_json, atomic_write_text
-from hem_bootstrap.rounds import breaking_changes, config_diff
+from hem_bootstrap.loop import breaking_changes, config_diff
 from hem_bootstrap.rundir import RunDir
 
 

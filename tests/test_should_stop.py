@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from hem_bootstrap.config import ExperimentConfig, RoundsConfig
-from hem_bootstrap.rounds import STEPS_ROUND, STEPS_ROUND0, _should_stop
+from hem_bootstrap.loop import should_stop as _should_stop
 from hem_bootstrap.rundir import RunDir
+from hem_bootstrap.steps import STEPS_ROUND, STEPS_ROUND0
 
 
 def config(stop_if_no_new: bool = False, patience: int | None = None) -> ExperimentConfig:

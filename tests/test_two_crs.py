@@ -16,7 +16,7 @@ import yaml
 
 from hem_bootstrap.detections import write_detections
 from hem_bootstrap.geo.frames import concat_in_crs, concat_native
-from hem_bootstrap.rounds import run_experiment
+from hem_bootstrap.loop import run_experiment
 
 ZONE2 = "EPSG:32634"
 

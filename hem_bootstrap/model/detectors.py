@@ -455,8 +455,25 @@ def load_backbone_weights(model: nn.Module, path: Path) -> None:
 
 def model_hash(model: nn.Module) -> str:
     """Short SHA-256 of the state_dict (names, dtypes, shapes, bytes): which weights made a result."""
+    return state_hash(model.state_dict())
+
+
+def checkpoint_hash(path: Path) -> str:
+    """The model hash a checkpoint records (computed from its weights when it records none).
+
+    Raises:
+        ModelError: the file is missing or not a torch file.
+    """
+    obj = _read_torch_file(Path(path), "checkpoint")
+    if isinstance(obj, Mapping) and isinstance(obj.get("model_hash"), str):
+        return str(obj["model_hash"])
+    return state_hash(_state_dict_of(obj, Path(path), "checkpoint"))
+
+
+def state_hash(state: Mapping[str, Tensor]) -> str:
+    """:func:`model_hash` of a state_dict."""
     h = hashlib.sha256()
-    for key, value in model.state_dict().items():
+    for key, value in state.items():
         t = value.detach().cpu().contiguous()
         h.update(key.encode())
         h.update(str(t.dtype).encode())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,14 +61,26 @@ class DetectStats:
         return self.tiles_total / self.seconds if self.seconds > 0 else 0.0
 
 
-def usable_rasters(paths: list[Path], on_bad: str) -> tuple[list[Path], list[RasterInfo], list[str]]:
-    """Open every raster once; a broken one is skipped (logged) or fails the scan, by config."""
+def usable_rasters(
+    paths: list[Path], on_bad: str, headers: Mapping[Path, RasterInfo | str] | None = None
+) -> tuple[list[Path], list[RasterInfo], list[str]]:
+    """The rasters that open, with their headers; a broken one is skipped (logged) or fails the scan, by config.
+
+    ``headers``: what the caller already knows per path, a header or the error it met
+    opening it; only other paths are opened here.
+
+    Raises:
+        DataError: a raster does not open and ``on_bad`` is ``fail``.
+    """
     good: list[Path] = []
     infos: list[RasterInfo] = []
     bad: list[str] = []
     for p in paths:
+        known = (headers or {}).get(Path(p))
         try:
-            infos.append(open_raster(p))
+            if isinstance(known, str):
+                raise DataError(known)
+            infos.append(known if known is not None else open_raster(p))
             good.append(Path(p))
         except DataError as err:
             if on_bad == "fail":
@@ -114,9 +126,9 @@ class ScanPlan:
 
 
 def plan_scan(paths: list[Path], data_cfg: DataConfig, tiling: TilingConfig, stats: DetectStats,
-              rank: int = 0, world: int = 1) -> ScanPlan:
+              rank: int = 0, world: int = 1, headers: Mapping[Path, RasterInfo | str] | None = None) -> ScanPlan:
     """Open each raster once (bad ones skipped or failing, by config) and cut this rank's share of the tiles."""
-    good, infos, bad = usable_rasters(paths, data_cfg.on_bad_raster)
+    good, infos, bad = usable_rasters(paths, data_cfg.on_bad_raster, headers)
     stats.bad_rasters.extend(bad)
     refs = plan_tiles(good, tiling, infos)
     return ScanPlan(good, infos, shard_refs(refs, rank, world), len(refs))
@@ -268,6 +280,7 @@ def detect(
     progress: bool = True,
     drop_cut: bool = True,
     shard: tuple[int, int] = (0, 1),
+    headers: Mapping[Path, RasterInfo | str] | None = None,
 ) -> Iterator[gpd.GeoDataFrame]:
     """Detect objects over rasters; yields merged detection frames (several per image), in each raster's CRS.
 
@@ -276,12 +289,13 @@ def detect(
     run's; other ranks yield nothing but must exhaust the iterator, which drives the
     collectives. ``stats`` then holds totals over all ranks, and ``stats.seconds`` is rank 0's
     wall time, so ``stats.tiles_per_s`` is the job's rate. An image's last frame comes even
-    when empty, so every raster's CRS gets its layer.
+    when empty, so every raster's CRS gets its layer. ``headers``: rasters' headers (or open
+    errors) the caller already has, see :func:`usable_rasters`.
     """
     stats = stats if stats is not None else DetectStats()
     t0 = time.perf_counter()
     rank, world = shard
-    plan = plan_scan(paths, data_cfg, tiling, stats, rank, world)
+    plan = plan_scan(paths, data_cfg, tiling, stats, rank, world, headers)
     prepared = prepare_model(model, device, model_cfg, runtime, tiling.tile_size)
     stats.fast_path = prepared.fast_path
     scan = scan_raw(prepared, plan, data_cfg, runtime, stats, progress and rank == 0, bands=world == 1)

@@ -1,0 +1,244 @@
+"""What the CLI commands do, one library function each, returning the text they print.
+
+``cli.py`` parses options and calls these; the loop itself lives in :mod:`hem_bootstrap.loop`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+
+import geopandas as gpd
+import yaml
+
+from hem_bootstrap.config import ExperimentConfig, ImageSet
+from hem_bootstrap.distributed import broadcast_from_rank0, init_distributed
+from hem_bootstrap.errors import DataError, HemError, RunError
+from hem_bootstrap.evaluate import write_metrics
+from hem_bootstrap.geo.raster import open_raster
+from hem_bootstrap.inputs import check_inputs
+from hem_bootstrap.loop import make_context
+from hem_bootstrap.mining.bank import NegativeBank, apply_review
+from hem_bootstrap.mining.review import POSITIVES_FILE, append_accepted, latest_snapshot
+from hem_bootstrap.model.detectors import export_model
+from hem_bootstrap.rundir import RunDir
+from hem_bootstrap.steps import STEPS_ROUND, STEPS_ROUND0, evaluate_model, scan, step_train
+
+EVALUATE_KEYS = ("ap50", "ap", "precision", "recall", "f1", "fp_per_km2", "fp_per_km2_at_recall",
+                 "recall_at_fp_per_km2", "fp_on_distractors_share", "n_gt", "n_det", "area_km2")
+
+
+def run_status(run_dir: Path) -> str:
+    """Text for ``hem status``: steps done per round, bank size, AP, skipped rasters, lock holder.
+
+    Raises:
+        RunError: ``run_dir`` holds no run.
+    """
+    run = RunDir(Path(run_dir))
+    if not run.exists():
+        raise RunError(f"{run_dir}: not a run directory (no manifest.json)")
+    m = run.load_manifest()
+    lines = [f"run: {run.path}", f"updated: {m.get('updated', '?')}"]
+    for e in m["rounds"]:
+        steps = STEPS_ROUND0 if e["round"] == 0 else STEPS_ROUND
+        done = [s for s in steps if s in e.get("steps", {})]
+        todo = [s for s in steps if s not in done]
+        ap = e.get("steps", {}).get("evaluate", {}).get("ap50")
+        lines.append(
+            f"round {e['round']}: done {','.join(done) or '-'}"
+            + (f"; pending {','.join(todo)}" if todo else "")
+            + (f"; bank {e.get('bank_size')}" if e.get("bank_size") is not None else "")
+            + (f"; AP50 {ap:.3f}" if isinstance(ap, float) else "")
+        )
+    if m.get("stopped"):
+        lines.append(f"stopped: {m['stopped']}")
+    bad = m.get("bad_rasters", [])
+    lines.append(f"skipped rasters: {len(bad)}")
+    lines.extend(f"  {b}" for b in bad)
+    holder = _lock_holder(run.path / ".lock")
+    if holder:
+        lines.append(f"in use by {holder}")
+    return "\n".join(lines)
+
+
+def _lock_holder(lock: Path) -> str | None:
+    if not lock.exists():
+        return None
+    with open(lock) as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        except BlockingIOError:
+            return fh.read().strip()
+    return None
+
+
+def _run_of(cfg: ExperimentConfig) -> RunDir:
+    return RunDir(Path(cfg.rounds.out_dir) / cfg.rounds.name)
+
+
+def _check_model(model: Path) -> Path:
+    model = Path(model)
+    if not model.is_file():
+        raise RunError(f"{model}: model checkpoint not found")
+    return model
+
+
+def train_round_cli(cfg: ExperimentConfig, round_idx: int, resume: bool) -> Path:
+    """``hem train``: train one round's model with the run's bank as of that round.
+
+    Raises:
+        RunError: that round has no bank snapshot yet.
+    """
+    run = _run_of(cfg)
+    if round_idx > 0 and not (run.round_dir(round_idx) / "bank.gpkg").exists():
+        raise RunError(f"{run.path}: round {round_idx} has no bank yet; run `hem round` or mine first")
+    inputs = check_inputs(cfg, ("train", "pool"))
+    init_distributed(cfg.runtime)
+    ctx = make_context(cfg, run, inputs)
+    with run.locked() if ctx.is_main else nullcontext():  # under torchrun rank 0 holds the lock
+        step_train(ctx, round_idx, resume=resume)
+    return run.round_dir(round_idx) / "model.pt"
+
+
+def detect_cli(cfg: ExperimentConfig, model: Path, images: list[str] | None, out: Path) -> str:
+    """``hem detect``: scan rasters (default: the pool) and write merged detections.
+
+    Raises:
+        DataError: ``--images`` matches nothing or names a missing file.
+        RunError: the model checkpoint does not exist.
+    """
+    if images:
+        paths = ImageSet(images=images).resolved_images()
+        if not paths:
+            raise DataError(f"--images {' '.join(images)}: no file matches")
+        missing = [p for p in paths if not p.exists()]
+        if missing:
+            raise DataError(f"--images: {missing[0]} does not exist")
+        cfg = cfg.model_copy(deep=True)
+        cfg.data.pool = [ImageSet(images=images)]
+    init_distributed(cfg.runtime)
+    ctx = make_context(cfg, _run_of(cfg), check_inputs(cfg, ("pool",)))
+    info = scan(ctx, _check_model(model), "pool", Path(out))
+    return (
+        f"{info['detections']} detections from {info['tiles']} tiles ({info['tiles_skipped']} skipped) "
+        f"at {info['tiles_per_s']} tiles/s -> {out}"
+    )
+
+
+def evaluate_cli(cfg: ExperimentConfig, model: Path, out: Path | None) -> str:
+    """``hem evaluate``: metrics of a model on the held-out set (JSON text of the main ones)."""
+    inputs = check_inputs(cfg, ("test",))
+    init_distributed(cfg.runtime)
+    ctx = make_context(cfg, _run_of(cfg), inputs)
+    with tempfile.TemporaryDirectory() as tmp:  # under torchrun rank 0's scan output; the others write none
+        metrics = evaluate_model(ctx, _check_model(model), Path(tmp) / "dets.gpkg")
+    metrics = broadcast_from_rank0(metrics, what="evaluation metrics")
+    if out is not None and ctx.is_main:
+        write_metrics(out, metrics)
+    return json.dumps({k: metrics.get(k) for k in EVALUATE_KEYS}, indent=2)
+
+
+def export_model_cli(run_dir: Path, out: Path, round_idx: int | None) -> str:
+    """``hem export-model``: weights plus a JSON model card.
+
+    Raises:
+        RunError: no trained round, or not the asked one.
+    """
+    run = RunDir(Path(run_dir))
+    trained = [e["round"] for e in run.load_manifest()["rounds"] if "train" in e.get("steps", {})]
+    if not trained:
+        raise RunError(f"{run_dir}: no trained round to export")
+    r = max(trained) if round_idx is None else round_idx
+    if r not in trained:
+        raise RunError(f"{run_dir}: round {r} has no trained model; trained rounds: {trained}")
+    cfg_tree = yaml.safe_load((run.path / "config.resolved.yaml").read_text())
+    metrics_path = run.round_dir(r) / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
+    card = {
+        "architecture": cfg_tree["model"]["arch"],
+        "classes": cfg_tree["data"]["classes"],
+        "tile_size": cfg_tree["tiling"]["tile_size"],
+        "bands": cfg_tree["data"]["bands"],
+        "round": r,
+        "training_data": [s["images"] for s in cfg_tree["data"]["train"]],
+        "negatives_from": [s["images"] for s in cfg_tree["data"]["pool"]],
+        "metrics": {k: metrics.get(k) for k in ("ap50", "ap", "precision", "recall", "fp_per_km2")} if metrics else None,
+        "gsd_m": _training_gsd(cfg_tree),
+    }
+    export_model(run.round_dir(r) / "model.pt", Path(out), card)
+    return f"weights: {out}\nmodel card: {Path(out).with_suffix('.json')}"
+
+
+def _training_gsd(cfg_tree: dict) -> float | None:
+    try:
+        return abs(open_raster(cfg_tree["data"]["train"][0]["images"][0]).res[0])
+    except (HemError, IndexError, KeyError):
+        return None
+
+
+def _bank_of(run_dir: Path) -> NegativeBank:
+    path = Path(run_dir) / "bank.gpkg"
+    if not path.is_file():
+        raise RunError(f"{run_dir}: no bank.gpkg (has round 1 been mined?)")
+    return NegativeBank.load(path)
+
+
+def bank_stats_text(run_dir: Path) -> str:
+    """``hem bank stats``."""
+    return json.dumps(_bank_of(run_dir).stats(), indent=2, default=str)
+
+
+def bank_export_cli(run_dir: Path, out: Path, fmt: str) -> str:
+    """``hem bank export``: GeoJSON or COCO of the active negatives."""
+    bank = _bank_of(run_dir)
+    rasters = {}
+    for im in sorted(set(bank.active()["image"])) if len(bank.active()) else []:
+        try:
+            rasters[im] = open_raster(im).transform
+        except HemError:
+            pass
+    bank.export(Path(out), fmt, rasters)
+    return f"{fmt}: {out}"
+
+
+def review_apply_cli(run_dir: Path, decisions: Path) -> str:
+    """``hem review apply``: decisions go into the bank snapshot the next round starts from.
+
+    Negatives join the latest ``round_NNN/bank.gpkg`` (and the top-level copy); positives are
+    appended to the run's accepted labels, which every later round trains and mines with
+    (see :mod:`hem_bootstrap.mining.review`). The manifest lists each application.
+
+    Raises:
+        DataError: the decisions file is missing or malformed.
+        RunError: the run has no bank snapshot yet, or another process holds it.
+    """
+    run = RunDir(Path(run_dir))
+    if not Path(decisions).is_file():
+        raise DataError(f"{decisions}: decisions file not found")
+    frame = gpd.read_file(decisions)
+    with run.locked():
+        snapshot = latest_snapshot(run.path)
+        if snapshot is None:
+            raise RunError(f"{run_dir}: no bank snapshot (round_NNN/bank.gpkg); has round 1 been mined?")
+        bank = NegativeBank.load(snapshot)
+        result = apply_review(bank, frame)
+        bank.save(snapshot)
+        bank.save(run.bank_path)
+        classes = list(yaml.safe_load((run.path / "config.resolved.yaml").read_text())["data"]["classes"])
+        round_idx = int(snapshot.parent.name.split("_")[1])
+        added = append_accepted(run.path, result["new_positives"], classes, round_idx)
+        manifest = run.load_manifest()
+        manifest.setdefault("reviews", []).append({
+            "decisions": str(Path(decisions).resolve()), "snapshot": str(snapshot.relative_to(run.path)),
+            "negatives_added": int(result["negatives_added"]), "positives_accepted": added,
+            "negatives_retired": int(result["negatives_retired"]),
+        })
+        run.save_manifest(manifest)
+    return (
+        f"{result['negatives_added']} moved to the bank ({snapshot.relative_to(run.path)}), {added} accepted as "
+        f"objects ({POSITIVES_FILE}); the next round trains with them and never mines them again"
+    )

@@ -1,0 +1,202 @@
+"""The experiment's inputs, checked once: one object per raster with its header, labels and overlays.
+
+:func:`check_inputs` (the preflight of ``hem run``) expands every image set, opens each
+raster's header once, validates bands, labels and overlay files, and returns :class:`Inputs`.
+The steps of every round then take headers and labels from there instead of opening and
+parsing the files again. A pool or test raster that does not open is kept as unreadable
+(``data.on_bad_raster: skip``) so the scan can log and count it; a missing file is an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+
+from hem_bootstrap.config import ExperimentConfig, ImageSet
+from hem_bootstrap.errors import DataError, ModelError
+from hem_bootstrap.geo.labels import load_labels, load_zones, with_pixel_labels
+from hem_bootstrap.geo.raster import RasterInfo, open_raster
+
+ROLES = ("train", "pool", "test")
+PixelLabels = dict[str, tuple[np.ndarray, np.ndarray]]
+"""Resolved raster path -> ``(boxes (N, 4) pixels, class ids (N,))``: objects accepted in review."""
+
+
+@dataclass
+class RasterInput:
+    """One raster of an image set: its header (None when it does not open) and its overlays, loaded once."""
+
+    path: Path
+    image_set: ImageSet
+    role: str
+    info: RasterInfo | None
+    error: str = ""
+    labels: gpd.GeoDataFrame | None = None
+    _overlays: dict[str, gpd.GeoDataFrame | None] = field(default_factory=dict, repr=False)
+
+    @property
+    def readable(self) -> bool:
+        """Whether the header opened."""
+        return self.info is not None
+
+    def header(self) -> RasterInfo:
+        """The raster's header (a readable raster only)."""
+        assert self.info is not None, f"{self.path} is not readable"
+        return self.info
+
+    def truth(self, cfg: ExperimentConfig, accepted: PixelLabels | None = None) -> gpd.GeoDataFrame:
+        """Labels in the raster's CRS (an empty frame without a label file), plus objects accepted in review."""
+        info = self.header()
+        gt = self.labels if self.labels is not None else _no_labels(info)
+        if accepted:
+            boxes, ids = accepted.get(str(self.path.resolve()), (np.zeros((0, 4)), np.zeros(0, np.int64)))
+            gt = with_pixel_labels(gt, info, boxes, ids, cfg.data)
+        return gt
+
+    def zones(self) -> gpd.GeoDataFrame | None:
+        """Ignore zones, validated polygons in the raster's CRS (None without a file); training uses the same."""
+        if "ignore_zones" not in self._overlays:
+            path = self.image_set.ignore_zones
+            self._overlays["ignore_zones"] = None if path is None else load_zones(path, self.header())
+        return self._overlays["ignore_zones"]
+
+    def distractors(self) -> gpd.GeoDataFrame | None:
+        """Labelled look-alikes reprojected to the raster's CRS, attributes kept (None without a file)."""
+        return self._overlay("distractors")
+
+    def _overlay(self, key: str) -> gpd.GeoDataFrame | None:
+        if key not in self._overlays:
+            path = getattr(self.image_set, key)
+            self._overlays[key] = None if path is None else read_overlay(path, self.header())
+        return self._overlays[key]
+
+    def as_set(self) -> ImageSet:
+        """Its image set narrowed to this one raster."""
+        return self.image_set.model_copy(update={"images": [str(self.path)]})
+
+
+@dataclass
+class Inputs:
+    """Every raster of ``data.train``, ``data.pool`` and ``data.test``, in config order."""
+
+    rasters: dict[str, list[RasterInput]]
+
+    def of(self, role: str) -> list[RasterInput]:
+        """All rasters of a role, readable or not."""
+        return self.rasters[role]
+
+    def readable(self, role: str) -> list[RasterInput]:
+        """The rasters of a role whose header opened (mining, evaluation and training skip the others)."""
+        return [r for r in self.rasters[role] if r.readable]
+
+    def paths(self, role: str) -> list[Path]:
+        """Paths of all rasters of a role."""
+        return [r.path for r in self.rasters[role]]
+
+
+def expand(sets: list[ImageSet], what: str) -> list[tuple[Path, ImageSet]]:
+    """The rasters of image sets, globs expanded, each with its set.
+
+    Raises:
+        DataError: a set matches nothing, or a raster is listed twice.
+    """
+    out: list[tuple[Path, ImageSet]] = []
+    seen: set[Path] = set()
+    for s in sets:
+        paths = s.resolved_images()
+        if not paths:
+            raise DataError(f"data.{what}: no raster matches {s.images}")
+        for p in paths:
+            if p.resolve() in seen:
+                raise DataError(f"data.{what}: image {p} is listed twice")
+            seen.add(p.resolve())
+            out.append((p, s))
+    return out
+
+
+def check_inputs(cfg: ExperimentConfig, roles: tuple[str, ...] = ROLES) -> Inputs:
+    """Check every input before a run starts, so a bad path, band or label file fails in seconds, not after training.
+
+    Opens each raster's header and loads its labels once. A pool or test raster that exists
+    but does not open is kept as unreadable under ``data.on_bad_raster: skip``. ``roles``: the
+    image sets to check (a command that only detects or evaluates needs no training imagery).
+
+    Raises:
+        DataError: no training imagery, no image matched, an image listed twice or in both
+            the held-out set and the pool/train sets, a missing or unreadable file, a set with
+            no readable raster, a band that does not exist, bad labels.
+        ModelError: a weights file that does not exist.
+    """
+    if "train" in roles and not cfg.data.train:
+        raise DataError("data.train: no training imagery configured; expected at least one image set")
+    where: dict[Path, str] = {}
+    rasters: dict[str, list[RasterInput]] = {}
+    for what in roles:
+        sets: list[ImageSet] = getattr(cfg.data, what)
+        rasters[what] = []
+        for path, s in expand(sets, what):
+            _check_held_out(path, what, where)
+            rasters[what].append(_check_raster(path, s, what, cfg))
+        _check_sets_readable(sets, rasters[what], what)
+    for key in ("weights", "backbone_weights"):
+        value = getattr(cfg.model, key)
+        if value is not None and not Path(value).is_file():
+            raise ModelError(f"model.{key}: {value} not found; give a local .pth/.pt file")
+    return Inputs(rasters)
+
+
+def _check_held_out(path: Path, what: str, where: dict[Path, str]) -> None:
+    other = where.get(path.resolve())
+    if other is not None and "test" in (what, other):
+        raise DataError(f"data.{what}: image {path} is also in data.{other}; held-out imagery must not be "
+                        "trained on or mined")
+    where[path.resolve()] = what
+
+
+def _check_raster(path: Path, s: ImageSet, what: str, cfg: ExperimentConfig) -> RasterInput:
+    if not path.exists():  # a typo, not a bad raster: data.on_bad_raster does not apply
+        raise DataError(f"{path}: raster not found (data.{what})")
+    try:
+        info = open_raster(path)
+    except DataError as err:
+        if what == "train" or cfg.data.on_bad_raster == "fail":
+            raise
+        return RasterInput(path, s, what, None, error=str(err))
+    bad = [b for b in cfg.data.bands if b > info.count]
+    if bad:
+        raise DataError(f"{path}: data.bands asks for band {bad[0]} but the raster has {info.count} band(s)")
+    labels = load_labels(s.labels, info, cfg.data, image_name=path.name) if s.labels is not None else None
+    for extra in (s.distractors, s.ignore_zones):
+        if extra is not None and not Path(extra).is_file():
+            raise DataError(f"{extra}: file not found (data.{what})")
+    return RasterInput(path, s, what, info, labels=labels)
+
+
+def _check_sets_readable(sets: list[ImageSet], rasters: list[RasterInput], what: str) -> None:
+    for i, s in enumerate(sets):
+        mine = [r for r in rasters if r.image_set is s]
+        if mine and not any(r.readable for r in mine):
+            raise DataError(f"data.{what}[{i}]: no readable raster in {s.images} (data.on_bad_raster: skip "
+                            f"skips bad rasters, but a set needs one that reads); first: {mine[0].error}")
+
+
+def read_overlay(path: str | Path, info: RasterInfo) -> gpd.GeoDataFrame:
+    """Distractors or ignore zones, reprojected to the raster's CRS, any attribute kept.
+
+    Raises:
+        DataError: the file does not exist.
+    """
+    if not Path(path).is_file():
+        raise DataError(f"{path}: file not found")
+    frame = gpd.read_file(path)
+    if info.georeferenced and frame.crs is not None and frame.crs != info.crs:
+        frame = frame.to_crs(info.crs)
+    return frame
+
+
+def _no_labels(info: RasterInfo) -> gpd.GeoDataFrame:
+    return gpd.GeoDataFrame({"label": np.zeros(0, np.int64), "class": np.array([], dtype=object)}, geometry=[],
+                            crs=info.crs if info.georeferenced else None)
