@@ -14,13 +14,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import geopandas as gpd
 import numpy as np
+import yaml
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from hem_bootstrap.errors import RunError
+from hem_bootstrap.config import DataConfig
+from hem_bootstrap.errors import HemError, RunError
 from hem_bootstrap.files import atomic_path, atomic_write_text
+from hem_bootstrap.geo.raster import RasterReader, open_raster
+from hem_bootstrap.geo.windows import Window, map_to_pixel_boxes
 
 log = logging.getLogger(__name__)
 
@@ -262,10 +267,6 @@ def plot_bank(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def _data_config(run_dir: Path) -> Any:
     """The run's ``data`` section (bands, scaling), or the defaults when it cannot be read."""
-    import yaml
-
-    from hem_bootstrap.config import DataConfig
-
     path = run_dir / "config.resolved.yaml"
     try:
         tree = yaml.safe_load(path.read_text()) if path.is_file() else {}
@@ -281,9 +282,6 @@ def _resolve_image(run_dir: Path, image: str) -> Path:
 
 def _crop(path: Path, bounds: tuple[float, float, float, float], data_cfg: Any) -> tuple[np.ndarray, tuple]:
     """A crop of the raster around a map box (float RGB or gray) and the box in crop pixels."""
-    from hem_bootstrap.geo.raster import RasterReader, open_raster
-    from hem_bootstrap.geo.windows import Window, map_to_pixel_boxes
-
     info = open_raster(path)
     x0, y0, x1, y1 = map_to_pixel_boxes(np.array([bounds]), info.transform)[0]
     side = int(max(CROP_MIN_PX, 3 * max(x1 - x0, y1 - y0)))
@@ -302,10 +300,6 @@ def plot_mined_examples(run_dir: Path, mined_path: Path, out: Path) -> Path | No
     Returns None when the file holds no mined box. A raster that cannot be read shows a
     note in its cell instead of failing the report.
     """
-    import geopandas as gpd
-
-    from hem_bootstrap.errors import HemError
-
     frame = gpd.read_file(mined_path)
     if len(frame) == 0:
         return None

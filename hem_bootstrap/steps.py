@@ -28,7 +28,7 @@ from hem_bootstrap.geo.frames import concat_in_crs, crs_text
 from hem_bootstrap.geo.labels import LabelIndex
 from hem_bootstrap.geo.raster import evaluated_area
 from hem_bootstrap.inputs import Inputs, PixelLabels, RasterInput, check_inputs
-from hem_bootstrap.mining.bank import NegativeBank, route_for_review
+from hem_bootstrap.mining.bank import NegativeBank
 from hem_bootstrap.mining.matching import match_detections
 from hem_bootstrap.mining.positives import (
     LAYER,
@@ -38,7 +38,7 @@ from hem_bootstrap.mining.positives import (
     oversample_boxes,
     review_rows,
 )
-from hem_bootstrap.mining.review import accepted_pixel_labels
+from hem_bootstrap.mining.review import accepted_pixel_labels, route_for_review
 from hem_bootstrap.mining.strategies import (
     build_strategy,
     random_windows,

@@ -19,7 +19,8 @@ from pycocotools.coco import COCO
 from hem_bootstrap.config import BankConfig, MiningConfig
 from hem_bootstrap.errors import DataError
 from hem_bootstrap.geo.windows import pixel_to_map_boxes
-from hem_bootstrap.mining.bank import NegativeBank, apply_review, route_for_review
+from hem_bootstrap.mining.bank import NegativeBank
+from hem_bootstrap.mining.review import apply_review, route_for_review
 
 CRS = "EPSG:32633"
 T = Affine(0.5, 0.0, 500_000.0, 0.0, -0.5, 5_000_000.0)

@@ -90,7 +90,8 @@ def test_loop_records_and_oversamples_hard_positives(synth_scenes: Path, tmp_pat
 
 
 def test_review_decisions_on_chronic_misses() -> None:
-    from hem_bootstrap.mining.bank import NegativeBank, apply_review
+    from hem_bootstrap.mining.bank import NegativeBank
+    from hem_bootstrap.mining.review import apply_review
 
     first = carry_history(hard_positives("a.tif", _gt(), _dets([]), T, 0.5, 0.3), None, 1)
     assert first["review"].all()  # max_rounds 1: every miss goes straight to review

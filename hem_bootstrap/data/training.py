@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import geopandas as gpd
 import numpy as np
 import pandas as pd
 import torch
@@ -80,8 +81,6 @@ def prepare_train_images(
 
 def load_labels_empty(info: RasterInfo) -> Any:
     """An empty label frame for a raster without a label file."""
-    import geopandas as gpd
-
     return gpd.GeoDataFrame(
         {"label": np.zeros(0, np.int64), "class": np.array([], dtype=object)},
         geometry=[],

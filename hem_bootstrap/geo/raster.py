@@ -22,13 +22,14 @@ import rasterio
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import MaskFlags, Resampling
+from rasterio.env import set_gdal_config
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.features import geometry_mask
 from rasterio.windows import Window as RioWindow
 
 from hem_bootstrap.config import DataConfig
 from hem_bootstrap.errors import DataError
-from hem_bootstrap.geo.windows import Window
+from hem_bootstrap.geo.windows import Window, pixel_to_map_boxes
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,6 @@ class RasterInfo:
     @property
     def bounds(self) -> tuple[float, float, float, float]:
         """Map bounds ``(minx, miny, maxx, maxy)`` of the whole raster."""
-        from hem_bootstrap.geo.windows import pixel_to_map_boxes
-
         box = np.array([[0, 0, self.width, self.height]], dtype=np.float64)
         minx, miny, maxx, maxy = pixel_to_map_boxes(box, self.transform)[0]
         return float(minx), float(miny), float(maxx), float(maxy)
@@ -235,8 +234,6 @@ def limit_gdal_cache(mb: int) -> None:
     """
     if _CACHE_SET_IN.get(os.getpid()) == mb:
         return
-    from rasterio.env import set_gdal_config
-
     set_gdal_config("GDAL_CACHEMAX", int(mb) * 2**20)
     _CACHE_SET_IN[os.getpid()] = mb
 

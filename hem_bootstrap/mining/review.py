@@ -1,6 +1,9 @@
-"""Review decisions that stick: where ``hem review apply`` puts them so the next round uses them.
+"""Review: which mined false positives go to a person instead of the bank, and decisions that stick.
 
-A person decides each suspected missing label (the bank's ``review`` layer):
+:func:`route_for_review` holds back confident false positives that may be missing labels;
+:func:`apply_review` applies a person's decisions to a bank. Where they land so that the next
+round uses them:
+
 
 * ``negative``: it moves into the bank (strategy ``review``) of the run's latest snapshot,
   ``round_NNN/bank.gpkg``, the one the next round starts from; mining never queues it for
@@ -16,15 +19,21 @@ A person decides each suspected missing label (the bank's ``review`` layer):
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import geopandas as gpd
 import numpy as np
 import pandas as pd
 import pyogrio
 
+from hem_bootstrap.config import BankConfig, MiningConfig
 from hem_bootstrap.detections import PX_COLUMNS
 from hem_bootstrap.errors import DataError
 from hem_bootstrap.files import atomic_path
+from hem_bootstrap.geo.boxes import any_overlap, best_match
+from hem_bootstrap.mining.bank import MATCH_IOU, NegativeBank
+from hem_bootstrap.mining.positives import REVIEW_REASON
+from hem_bootstrap.mining.rows import px_array, require, scores_of
 
 POSITIVES_FILE = "review_positives.gpkg"
 POSITIVES_LAYER = "labels"
@@ -98,3 +107,159 @@ def _read(path: Path) -> gpd.GeoDataFrame | None:
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; expected image, label, review_id and px_* columns")
     return frame
+
+
+# ------------------------------------------------------------------------------ routing and decisions
+
+
+HIGH_SCORE = 0.8
+"""Score above which repeated mining of the same entry looks like a missing label."""
+
+
+DECISIONS = ("positive", "negative")
+
+
+REVIEWED_STRATEGY = "review"
+"""The ``strategy`` of bank rows a person decided are negatives (they never go back to review)."""
+
+
+def route_for_review(
+    mined: gpd.GeoDataFrame, bank: NegativeBank, cfg: MiningConfig
+) -> tuple[gpd.GeoDataFrame, gpd.GeoDataFrame]:
+    """Split mined FPs into those for the bank and suspected missing labels for review.
+
+    A false positive is suspect when its score is above ``cfg.review_above`` (reason
+    ``score>0.95``), or when it matches (IoU > 0.5) an active bank entry already found hard
+    in ``cfg.review_after_rounds`` rounds, still scoring > 0.8 and scoring > 0.8 again
+    (reason ``mined N rounds``): a model that insists is often right and the label missing.
+    With ``review_mode == "hold"`` suspects stay out of the bank; with ``"bank"`` they go to
+    both. ``to_review`` carries ``reason`` and ``bank_neg_id`` (-1 when none) columns.
+    """
+    if len(mined) == 0:
+        return mined, mined.assign(
+            reason=pd.Series([], dtype=object), bank_neg_id=pd.Series([], dtype=np.int64)
+        )
+    scores = scores_of(mined)
+    reason = np.full(len(mined), "", dtype=object)
+    match_id = np.full(len(mined), -1, dtype=np.int64)
+    if cfg.review_above is not None:
+        reason[scores > cfg.review_above] = f"score>{cfg.review_above:g}"
+    _repeated(mined, bank, cfg.review_after_rounds, scores, reason, match_id)
+    reason[_decided_negative(mined, bank)] = ""  # a person already said: background
+    suspect = reason != ""
+    to_review = mined[suspect].assign(reason=reason[suspect], bank_neg_id=match_id[suspect])
+    to_bank = mined if cfg.review_mode == "bank" else mined[~suspect]
+    return to_bank, to_review
+
+
+def _decided_negative(mined: gpd.GeoDataFrame, bank: NegativeBank) -> np.ndarray:
+    """Mined rows that match (IoU > ``MATCH_IOU``) a bank entry a person decided is a negative."""
+    out = np.zeros(len(mined), dtype=bool)
+    act = bank.active()
+    decided = act[act["reviewed"].to_numpy(dtype=bool)]
+    if len(decided) == 0 or not {*PX_COLUMNS} <= set(mined.columns):
+        return out
+    images = mined["image"].astype(str).to_numpy(dtype=object)
+    dec_images = decided["image"].astype(str).to_numpy(dtype=object)
+    mined_px, dec_px = px_array(mined), px_array(decided)
+    for image in np.unique(images):
+        ent = np.flatnonzero(dec_images == image)
+        if len(ent):
+            rows = np.flatnonzero(images == image)
+            out[rows[any_overlap(mined_px[rows], dec_px[ent], MATCH_IOU)]] = True
+    return out
+
+
+def _repeated(
+    mined: gpd.GeoDataFrame,
+    bank: NegativeBank,
+    after_rounds: int,
+    scores: np.ndarray,
+    reason: np.ndarray,
+    match_id: np.ndarray,
+) -> None:
+    """Mark (in place) high-scoring FPs matching bank entries hard for ``after_rounds`` rounds."""
+    act = bank.active()
+    if len(act) == 0 or not {*PX_COLUMNS} <= set(mined.columns):
+        return
+    vet = act[(act["rounds_seen"] >= after_rounds) & (act["last_score"] > HIGH_SCORE)]
+    if len(vet) == 0:
+        return
+    vet_px, vet_images = px_array(vet), vet["image"].to_numpy(dtype=object)
+    vet_ids, vet_rounds = vet["neg_id"].to_numpy(), vet["rounds_seen"].to_numpy()
+    mined_px = px_array(mined)
+    images = mined["image"].astype(str).to_numpy(dtype=object)
+    for image in np.unique(images[scores > HIGH_SCORE]):
+        ent = np.flatnonzero(vet_images == image)
+        rows = np.flatnonzero((images == image) & (scores > HIGH_SCORE))
+        if len(ent) == 0:
+            continue
+        best, arg = best_match(mined_px[rows], vet_px[ent])
+        for i, hit, j in zip(rows, (best > MATCH_IOU).tolist(), ent[arg], strict=True):
+            if hit:
+                match_id[i] = int(vet_ids[j])
+                if not reason[i]:
+                    reason[i] = f"mined {int(vet_rounds[j])} rounds"
+
+
+def apply_review(
+    bank: NegativeBank, decisions: pd.DataFrame, cfg: BankConfig | None = None
+) -> dict[str, Any]:
+    """Apply a person's review decisions to the bank.
+
+    ``decisions`` needs ``review_id`` and ``decision`` columns (e.g. the ``review`` layer
+    edited in QGIS). ``negative`` rows move into the bank (strategy ``review``);
+    ``positive`` rows are returned for the caller to add to the labels, and bank entries
+    overlapping them (IoU > 0.5) are retired, since they are objects after all; a hard
+    positive listed because it was missed every round is already labelled, so ``positive``
+    only confirms it. Both leave the
+    review layer; blank decisions stay pending.
+
+    Returns:
+        ``{"new_positives": GeoDataFrame, "negatives_added": int, "negatives_retired": int}``.
+
+    Raises:
+        DataError: A missing column, an unknown ``review_id`` or a decision other than
+            ``positive``, ``negative`` or blank, naming the row.
+    """
+    cfg = cfg or BankConfig.model_validate({})
+    require(decisions, ("review_id", "decision"), "review decisions")
+    chosen = _parse_decisions(decisions, bank)
+    rf = bank.review_frame
+    pos_rows = rf[rf["review_id"].isin([k for k, v in chosen.items() if v == "positive"])]
+    neg_rows = rf[rf["review_id"].isin([k for k, v in chosen.items() if v == "negative"])]
+    moved = 0
+    for rnd, group in neg_rows.groupby("last_round", sort=True):
+        res = bank.add(gpd.GeoDataFrame(group, crs=bank.crs), int(rnd), "", REVIEWED_STRATEGY, cfg)
+        moved += res["added"] + res["updated"]
+    bank.mark_reviewed(neg_rows)
+    retired = bank.retire_overlapping(pos_rows)
+    pos_rows = pos_rows[pos_rows["reason"] != REVIEW_REASON]  # already labelled: confirmed, nothing to add
+    positives = gpd.GeoDataFrame(
+        pos_rows[["review_id", "image", "label", "score", *PX_COLUMNS, "geometry"]].reset_index(drop=True),
+        geometry="geometry",
+        crs=bank.crs,
+    )
+    bank.review_frame = rf[~rf["review_id"].isin(list(chosen))].reset_index(drop=True)
+    return {"new_positives": positives, "negatives_added": moved, "negatives_retired": retired}
+
+
+def _parse_decisions(decisions: pd.DataFrame, bank: NegativeBank) -> dict[int, str]:
+    """``review_id -> decision`` for decided rows, validated."""
+    known = set(bank.review_frame["review_id"].tolist())
+    out: dict[int, str] = {}
+    for i, (rid, raw) in enumerate(zip(decisions["review_id"], decisions["decision"], strict=True)):
+        if pd.isna(rid) or int(rid) not in known:
+            raise DataError(f"review decisions row {i}: review_id = {rid!r} is not in the review layer")
+        value = "" if raw is None or (isinstance(raw, float) and np.isnan(raw)) else str(raw).strip().lower()
+        if value == "":
+            continue
+        if value not in DECISIONS:
+            raise DataError(
+                f"review decisions row {i} (review_id {int(rid)}): decision = {raw!r}, "
+                f"expected 'positive', 'negative' or blank (pending)"
+            )
+        if out.get(int(rid), value) != value:
+            raise DataError(f"review decisions row {i}: review_id {int(rid)} is both positive and negative")
+        out[int(rid)] = value
+    return out

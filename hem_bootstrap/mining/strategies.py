@@ -24,6 +24,7 @@ import numpy as np
 import pyproj
 import shapely
 from affine import Affine
+from pydantic import ValidationError
 
 from hem_bootstrap.config import StrategySpec
 from hem_bootstrap.detections import PX_COLUMNS
@@ -302,8 +303,6 @@ def build_strategy(specs: Sequence[StrategySpec | dict[str, Any]]) -> Compose:
 
 
 def _validate_spec(raw: Any, i: int) -> StrategySpec:
-    from pydantic import ValidationError
-
     try:
         return StrategySpec.model_validate(raw)
     except ValidationError as err:
