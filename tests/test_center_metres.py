@@ -20,9 +20,10 @@ from pyproj import Geod
 
 from hem_bootstrap.config import EvaluateConfig, MiningConfig
 from hem_bootstrap.errors import DataError
-from hem_bootstrap.evaluate import EvalImage, evaluate, greedy_match
+from hem_bootstrap.evaluate import EvalImage, evaluate
 from hem_bootstrap.geo.raster import RasterInfo, open_raster
 from hem_bootstrap.mining.matching import match_detections
+from hem_bootstrap.scoring.match import greedy_match
 
 GEOD = Geod(ellps="WGS84")
 LON0, LAT0 = 10.0, 60.0

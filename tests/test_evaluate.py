@@ -13,15 +13,9 @@ from affine import Affine
 
 from hem_bootstrap.config import EvaluateConfig
 from hem_bootstrap.errors import DataError
-from hem_bootstrap.evaluate import (
-    EvalImage,
-    build_sweep,
-    coco_interpolated_ap,
-    evaluate,
-    greedy_match,
-    overlap_groups,
-    write_metrics,
-)
+from hem_bootstrap.evaluate import EvalImage, evaluate, write_metrics
+from hem_bootstrap.scoring.match import greedy_match, overlap_groups
+from hem_bootstrap.scoring.sweep import build_sweep, coco_interpolated_ap
 
 X0, Y0 = 500_000.0, 5_000_000.0
 GSD = 0.1

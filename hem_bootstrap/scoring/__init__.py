@@ -1,0 +1,1 @@
+"""Detection scoring maths without I/O: one-to-one matching, COCO AP, precision-recall sweeps."""
