@@ -235,6 +235,12 @@ class _Pending:
     totals: list[Tensor] = field(default_factory=list)
     parts: list[dict[str, Tensor]] = field(default_factory=list)
 
+    def add(self, step: int, total: Tensor, parts: dict[str, Tensor]) -> None:
+        """Keep one step's loss (and its parts) on the device until the next flush."""
+        self.steps.append(step)
+        self.totals.append(total)
+        self.parts.append(parts)
+
     def flush(self, into: list[float], distributed: bool = False) -> None:
         """Read losses back, append them to ``into``; stop at the first non-finite one.
 
@@ -378,12 +384,75 @@ def train(
     Raises:
         TrainingError: empty dataset, or a non-finite loss (the step and loss parts named).
     """
+    run = _start(model, train_cfg, runtime_cfg, steps, distributed)
+    start, losses = _resume_state(ckpt_path, resume, run.model, run.optimizer, run.scheduler, run.scaler)
+    if start >= steps:
+        return TrainResult(start, losses[-1] if losses else float("nan"), 0.0, 0.0, losses)
+    seed = int(runtime_cfg.seed)
+    if batch_sampler is None:
+        sampler: Sampler[list[int]] = StepBatchSampler(
+            len(dataset), train_cfg.batch_size, steps, seed, start, run.rank, run.world  # type: ignore[arg-type]
+        )
+    else:
+        sampler = _StepWindow(batch_sampler, start, steps)
+    loader = _make_loader(dataset, sampler, collate_fn, runtime_cfg, run.device, step_seed(seed, start))
+    net = _wrap_ddp(run.model, run.device, run.world)
+    bar = tqdm(total=steps, initial=start, disable=None if (progress and run.rank == 0) else True, unit="step",
+               leave=False)
+    pending = _Pending()
+    sync_every = CUDA_SYNC_EVERY if run.device.type == "cuda" else 1
+    chips, step, t0 = 0, start, time.perf_counter()
+    for batch in loader:
+        torch.manual_seed(step_seed(seed, step))
+        batch = _to_device(batch, run.device)
+        loss, parts = train_one_step(net, batch, run.optimizer, scaler=run.scaler, grad_clip=train_cfg.grad_clip,
+                                     autocast_dtype=run.autocast_dtype, device_type=run.device.type)
+        run.scheduler.step()
+        pending.add(step, loss, parts)
+        chips += len(batch[0]) * run.world
+        step += 1
+        done = step == steps
+        save_now = ckpt_path is not None and (step % train_cfg.checkpoint_every == 0 or done)
+        if len(pending.steps) >= sync_every or save_now or done:
+            pending.flush(losses, distributed=run.world > 1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", chips_s=f"{chips / max(time.perf_counter() - t0, 1e-9):.1f}",
+                            refresh=False)
+        bar.update(1)
+        if save_now and run.rank == 0 and ckpt_path is not None:
+            run.save(Path(ckpt_path), step, round_idx, config_dump, losses)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    pending.flush(losses, distributed=run.world > 1)
+    return TrainResult(steps=step, final_loss=losses[-1] if losses else float("nan"),
+                       chips_per_s=chips / seconds if seconds > 0 else 0.0, seconds=seconds, losses=losses)
+
+
+@dataclass
+class _Run:
+    """A training run's device, ranks, model (unwrapped, on its device), optimizer, schedule and AMP scaler."""
+
+    device: torch.device
+    rank: int
+    world: int
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    autocast_dtype: torch.dtype | None
+
+    def save(self, path: Path, step: int, round_idx: int, config: dict[str, Any] | None, losses: list[float]) -> None:
+        """A checkpoint with everything a resume needs."""
+        save_checkpoint(path, self.model, self.optimizer, self.scheduler,
+                        self.scaler if self.scaler.is_enabled() else None, step=step, round_idx=round_idx,
+                        config=config, extra={"losses": losses})
+
+
+def _start(model: nn.Module, train_cfg: TrainConfig, runtime_cfg: RuntimeConfig, steps: int, distributed: bool) -> _Run:
     device = resolve_device(runtime_cfg.device)
     if device.type == "cuda" and device.index is None and distributed:
         device = torch.device("cuda", torch.cuda.current_device())
     rank, world = _dist_rank_world(distributed)
-    seed = int(runtime_cfg.seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(int(runtime_cfg.seed))
     model.to(device)
     model.train()
     model = prepare_ddp_model(model, device, world)
@@ -392,73 +461,4 @@ def train(
     optimizer = make_optimizer(model, train_cfg)
     scheduler = make_scheduler(optimizer, train_cfg, steps)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and ac_dtype == torch.float16)
-    start, losses = _resume_state(ckpt_path, resume, model, optimizer, scheduler, scaler)
-    if start >= steps:
-        return TrainResult(start, losses[-1] if losses else float("nan"), 0.0, 0.0, losses)
-
-    if batch_sampler is None:
-        n_items = len(dataset)  # type: ignore[arg-type]
-        sampler: Sampler[list[int]] = StepBatchSampler(
-            n_items, train_cfg.batch_size, steps, seed, start, rank, world
-        )
-    else:
-        sampler = _StepWindow(batch_sampler, start, steps)
-    loader = _make_loader(dataset, sampler, collate_fn, runtime_cfg, device, step_seed(seed, start))
-    net = _wrap_ddp(model, device, world)
-    is_main = rank == 0
-    bar = tqdm(
-        total=steps, initial=start, disable=None if (progress and is_main) else True, unit="step", leave=False
-    )
-    pending = _Pending()
-    sync_every = CUDA_SYNC_EVERY if device.type == "cuda" else 1
-    chips = 0
-    t0 = time.perf_counter()
-    step = start
-    for batch in loader:
-        torch.manual_seed(step_seed(seed, step))
-        batch = _to_device(batch, device)
-        loss, parts = train_one_step(
-            net,
-            batch,
-            optimizer,
-            scaler=scaler,
-            grad_clip=train_cfg.grad_clip,
-            autocast_dtype=ac_dtype,
-            device_type=device.type,
-        )
-        scheduler.step()
-        pending.steps.append(step)
-        pending.totals.append(loss)
-        pending.parts.append(parts)
-        chips += len(batch[0]) * world
-        step += 1
-        done = step == steps
-        save_now = ckpt_path is not None and (step % train_cfg.checkpoint_every == 0 or done)
-        if len(pending.steps) >= sync_every or save_now or done:
-            pending.flush(losses, distributed=world > 1)
-            rate = chips / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", chips_s=f"{rate:.1f}", refresh=False)
-        bar.update(1)
-        if save_now and is_main:
-            assert ckpt_path is not None
-            save_checkpoint(
-                Path(ckpt_path),
-                model,
-                optimizer,
-                scheduler,
-                scaler if scaler.is_enabled() else None,
-                step=step,
-                round_idx=round_idx,
-                config=config_dump,
-                extra={"losses": losses},
-            )
-    bar.close()
-    seconds = time.perf_counter() - t0
-    pending.flush(losses, distributed=world > 1)
-    return TrainResult(
-        steps=step,
-        final_loss=losses[-1] if losses else float("nan"),
-        chips_per_s=chips / seconds if seconds > 0 else 0.0,
-        seconds=seconds,
-        losses=losses,
-    )
+    return _Run(device, rank, world, model, optimizer, scheduler, scaler, ac_dtype)
