@@ -23,7 +23,7 @@ from hem_bootstrap.inputs import check_inputs
 from hem_bootstrap.loop import make_context
 from hem_bootstrap.mining.bank import NegativeBank
 from hem_bootstrap.mining.review import POSITIVES_FILE, append_accepted, apply_review, latest_snapshot
-from hem_bootstrap.model.detectors import export_model
+from hem_bootstrap.model.checkpoints import export_model
 from hem_bootstrap.rundir import RunDir
 from hem_bootstrap.steps import STEPS_ROUND, STEPS_ROUND0, evaluate_model, scan, step_train
 

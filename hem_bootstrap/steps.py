@@ -24,9 +24,9 @@ from hem_bootstrap.detections import read_detections, write_detections
 from hem_bootstrap.distributed import broadcast_from_rank0
 from hem_bootstrap.evaluate import EvalImage, evaluate, write_metrics
 from hem_bootstrap.files import atomic_copy, atomic_path
+from hem_bootstrap.geo.area import evaluated_area
 from hem_bootstrap.geo.frames import concat_in_crs, crs_text
 from hem_bootstrap.geo.labels import LabelIndex
-from hem_bootstrap.geo.raster import evaluated_area
 from hem_bootstrap.inputs import Inputs, PixelLabels, RasterInput, check_inputs
 from hem_bootstrap.mining.bank import NegativeBank
 from hem_bootstrap.mining.matching import match_detections
@@ -46,7 +46,8 @@ from hem_bootstrap.mining.strategies import (
     strategy_label,
     typical_box_px,
 )
-from hem_bootstrap.model.detectors import build_detector, checkpoint_hash, load_checkpoint
+from hem_bootstrap.model.checkpoints import checkpoint_hash, load_checkpoint
+from hem_bootstrap.model.detectors import build_detector
 from hem_bootstrap.model.hard_mining import apply_loss_options
 from hem_bootstrap.model.infer import DetectStats, detect
 from hem_bootstrap.model.train import train

@@ -110,7 +110,7 @@ def child_end_to_end(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = build_detector(cfg.model, 2, args.tile)
     if args.weights:
-        from hem_bootstrap.model.detectors import load_checkpoint
+        from hem_bootstrap.model.checkpoints import load_checkpoint
 
         load_checkpoint(Path(args.weights), model)
     device = torch.device(cfg.runtime.device)
@@ -141,7 +141,7 @@ def child_model_only(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = build_detector(cfg.model, 2, args.tile)
     if args.weights:
-        from hem_bootstrap.model.detectors import load_checkpoint
+        from hem_bootstrap.model.checkpoints import load_checkpoint
 
         load_checkpoint(Path(args.weights), model)
     device = torch.device(cfg.runtime.device)
@@ -191,7 +191,7 @@ def child_sahi(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = build_detector(cfg.model, 2, args.tile)
     if args.weights:
-        from hem_bootstrap.model.detectors import load_checkpoint
+        from hem_bootstrap.model.checkpoints import load_checkpoint
 
         load_checkpoint(Path(args.weights), model)
     model = model.eval()

@@ -12,15 +12,8 @@ import torch
 
 from hem_bootstrap.config import ModelConfig
 from hem_bootstrap.errors import ConfigError, ModelError
-from hem_bootstrap.model.detectors import (
-    ARCHS,
-    TileTransform,
-    build_detector,
-    export_model,
-    load_checkpoint,
-    model_hash,
-    save_checkpoint,
-)
+from hem_bootstrap.model.checkpoints import export_model, load_checkpoint, model_hash, save_checkpoint
+from hem_bootstrap.model.detectors import ARCHS, TileTransform, build_detector
 from hem_bootstrap.model.device import amp_enabled, resolve_device, seed_everything
 from hem_bootstrap.model.train import train_one_step
 

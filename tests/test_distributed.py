@@ -136,7 +136,8 @@ def assert_same_detections(got: pd.DataFrame, want: pd.DataFrame) -> None:
 def single_detect(cfg_path: Path, model_path: Path, images: list[Path]) -> gpd.GeoDataFrame:
     """One process, no process group: the reference output."""
     from hem_bootstrap.config import load_config
-    from hem_bootstrap.model.detectors import build_detector, load_checkpoint
+    from hem_bootstrap.model.checkpoints import load_checkpoint
+    from hem_bootstrap.model.detectors import build_detector
     from hem_bootstrap.model.infer import detect
 
     cfg = load_config(cfg_path)

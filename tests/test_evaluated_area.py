@@ -14,7 +14,8 @@ import torch
 from affine import Affine
 
 from hem_bootstrap.config import config_from_tree
-from hem_bootstrap.geo.raster import evaluated_area, open_raster
+from hem_bootstrap.geo.area import evaluated_area
+from hem_bootstrap.geo.raster import open_raster
 from hem_bootstrap.rundir import RunDir
 from hem_bootstrap.steps import Context, evaluate_model
 
@@ -94,6 +95,6 @@ def test_evaluated_area_of_nodata_values_and_decimated_grid(tmp_path: Path, monk
     info = open_raster(path)
     exact = evaluated_area(info, [1, 2, 3])
     assert exact.valid_km2 == pytest.approx(info.area_km2() * 0.75)
-    monkeypatch.setattr("hem_bootstrap.geo.raster.AREA_MAX_SIDE", 60)  # a 10x decimation
+    monkeypatch.setattr("hem_bootstrap.geo.area.AREA_MAX_SIDE", 60)  # a 10x decimation
     coarse = evaluated_area(info, [1, 2, 3])
     assert coarse.valid_km2 == pytest.approx(exact.valid_km2, rel=0.02)

@@ -17,7 +17,8 @@ from hem_bootstrap.config import ExperimentConfig
 from hem_bootstrap.detections import write_detections
 from hem_bootstrap.errors import DataError
 from hem_bootstrap.geo.windows import map_to_pixel_boxes
-from hem_bootstrap.model.detectors import build_detector, load_checkpoint
+from hem_bootstrap.model.checkpoints import load_checkpoint
+from hem_bootstrap.model.detectors import build_detector
 from hem_bootstrap.model.infer import DetectStats, detect
 
 

@@ -15,7 +15,8 @@ from torch.utils.data import Dataset
 
 from hem_bootstrap.config import ModelConfig, RuntimeConfig, TrainConfig
 from hem_bootstrap.errors import TrainingError
-from hem_bootstrap.model.detectors import build_detector, load_checkpoint
+from hem_bootstrap.model.checkpoints import load_checkpoint
+from hem_bootstrap.model.detectors import build_detector
 from hem_bootstrap.model.train import (
     StepBatchSampler,
     TrainResult,

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from hem_bootstrap.config import DataConfig, ImageSet
+from hem_bootstrap.data.augment import ChipAugment
 from hem_bootstrap.data.training import (
-    ChipAugment,
     ChipDataset,
     RatioBatchSampler,
     TrainImage,

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from hem_bootstrap.config import RuntimeConfig, TrainConfig
 from hem_bootstrap.distributed import all_mean, rank_world
 from hem_bootstrap.errors import TrainingError
-from hem_bootstrap.model.detectors import load_checkpoint, save_checkpoint
+from hem_bootstrap.model.checkpoints import load_checkpoint, save_checkpoint
 from hem_bootstrap.model.device import amp_dtype, amp_enabled, resolve_device
 
 log = logging.getLogger(__name__)
