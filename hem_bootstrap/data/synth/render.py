@@ -52,6 +52,13 @@ class _Canvas:
         ca, sa = _F32(math.cos(angle)), _F32(math.sin(angle))
         return (slice(r0, r1), slice(c0, c1)), xs * ca + ys * sa, ys * ca - xs * sa
 
+    def box_frame(
+        self, b: _Box, margin: float
+    ) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray, float, float] | None:
+        """:meth:`frame` around a box (its circumradius plus ``margin``) and the box's half length and width."""
+        fr = self.frame(b.cx, b.cy, b.angle, 0.5 * math.hypot(b.length, b.width) + margin)
+        return None if fr is None else (*fr, b.length / 2, b.width / 2)
+
     def soft(self, inside_m: np.ndarray) -> np.ndarray:
         """Anti-aliased coverage from a signed distance (metres, positive inside)."""
         return np.clip(inside_m * _F32(1.0 / self.gsd) + _F32(0.5), 0.0, 1.0)
@@ -286,11 +293,10 @@ def _drop_shadow(cv: _Canvas, t: _Thing, sun: _Sun) -> None:
 def _paint_vehicle(cv: _Canvas, v: _Thing) -> None:
     """A car or van from above: rounded body, shaded sides, windscreen, rear and side windows."""
     b = v.box
-    fr = cv.frame(b.cx, b.cy, b.angle, 0.5 * math.hypot(b.length, b.width) + 0.5)
+    fr = cv.box_frame(b, 0.5)
     if fr is None:
         return
-    sl, a, bb = fr
-    hl, hw = b.length / 2, b.width / 2
+    sl, a, bb, hl, hw = fr
     body = _rrect(cv, a, bb, hl, hw, 0.35)
     an, bn = a * _F32(1 / hl), np.abs(bb) * _F32(1 / hw)
     if v.variant == "van":
@@ -325,11 +331,10 @@ def _paint_vehicle(cv: _Canvas, v: _Thing) -> None:
 def _paint_distractor(cv: _Canvas, d: _Thing, sun: _Sun) -> None:
     """Dispatch to the painter of the distractor's kind."""
     b = d.box
-    fr = cv.frame(b.cx, b.cy, b.angle, 0.5 * math.hypot(b.length, b.width) + 1.5)
+    fr = cv.box_frame(b, 1.5)
     if fr is None:
         return
-    sl, a, bb = fr
-    hl, hw = b.length / 2, b.width / 2
+    sl, a, bb, hl, hw = fr
     if d.kind == "shadow":
         cov = _rrect(cv, a, bb, hl, hw, d.corner)
         cv.darken(sl, cov * _F32(0.8), np.array([0.3, 0.32, 0.38], dtype=_F32))
@@ -418,11 +423,10 @@ def _paint_big_shadows(cv: _Canvas, lay: _Layout, trees: list[_Thing], sun: _Sun
 def _paint_building(cv: _Canvas, bld: _Building, sun: _Sun) -> None:
     """A flat roof with a parapet, or a gabled roof with a lit and an unlit side and a ridge."""
     b = bld.box
-    fr = cv.frame(b.cx, b.cy, b.angle, 0.5 * math.hypot(b.length, b.width) + 1)
+    fr = cv.box_frame(b, 1)
     if fr is None:
         return
-    sl, a, bb = fr
-    hl, hw = b.length / 2, b.width / 2
+    sl, a, bb, hl, hw = fr
     cov = _rrect(cv, a, bb, hl, hw, 0.1)
     edge = np.minimum(_F32(hl) - np.abs(a), _F32(hw) - np.abs(bb))
     if bld.roof == "flat":
