@@ -22,6 +22,7 @@ from torch.utils.data import Dataset, Sampler
 from hem_bootstrap.config import DataConfig, ImageSet
 from hem_bootstrap.data.augment import ChipAugment
 from hem_bootstrap.data.tiles import ReaderPool
+from hem_bootstrap.detections import PX_COLUMNS
 from hem_bootstrap.errors import DataError, TrainingError
 from hem_bootstrap.faults import fault_point
 from hem_bootstrap.geo.labels import LabelIndex, load_labels, load_zones, with_pixel_labels
@@ -30,7 +31,7 @@ from hem_bootstrap.geo.windows import Window, tile_windows, window_around_box, w
 
 log = logging.getLogger(__name__)
 
-NEG_COLUMNS = ("image", "px_xmin", "px_ymin", "px_xmax", "px_ymax")
+NEG_COLUMNS = ("image", *PX_COLUMNS)
 KIND_POS, KIND_NEG, KIND_BG = "pos", "neg", "bg"
 BG_TRIES = 3
 """Random background windows tried before accepting one with little valid data."""

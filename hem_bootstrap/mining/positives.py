@@ -24,6 +24,7 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 
+from hem_bootstrap.detections import PX_COLUMNS
 from hem_bootstrap.geo.boxes import box_iou
 from hem_bootstrap.geo.windows import map_to_pixel_boxes
 
@@ -32,7 +33,7 @@ REVIEW_REASON = "labelled object missed every round"
 """``reason`` of the review rows this module adds (a decision of ``positive`` keeps the label as it is)."""
 COLUMNS = (
     "image", "gt_index", "label", "best_score", "hard", "rounds_hard", "oversample", "review",
-    "px_xmin", "px_ymin", "px_xmax", "px_ymax",
+    *PX_COLUMNS,
 )
 
 
@@ -66,7 +67,7 @@ def hard_positives(
         "rounds_hard": np.zeros(n, dtype=np.int64),
         "oversample": np.zeros(n, dtype=bool),
         "review": np.zeros(n, dtype=bool),
-        **{c: px[:, i] if n else np.zeros(0) for i, c in enumerate(("px_xmin", "px_ymin", "px_xmax", "px_ymax"))},
+        **{c: px[:, i] if n else np.zeros(0) for i, c in enumerate(PX_COLUMNS)},
     })
     return gpd.GeoDataFrame(frame, geometry=list(gt.geometry.envelope.values) if n else [], crs=gt.crs)
 
@@ -95,7 +96,7 @@ def oversample_boxes(frame: pd.DataFrame) -> dict[str, np.ndarray]:
     """Pixel boxes of the objects to oversample, by image path."""
     sel = frame[frame["oversample"].astype(bool)]
     return {
-        str(img): rows[["px_xmin", "px_ymin", "px_xmax", "px_ymax"]].to_numpy(dtype=np.float64)
+        str(img): rows[list(PX_COLUMNS)].to_numpy(dtype=np.float64)
         for img, rows in sel.groupby("image")
     }
 
@@ -112,7 +113,7 @@ def review_rows(frame: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
         "win_row": np.zeros(n, dtype=np.int64),
         "win_w": np.zeros(n, dtype=np.int64),
         "win_h": np.zeros(n, dtype=np.int64),
-        **{c: sel[c].to_numpy(dtype=np.float64) for c in ("px_xmin", "px_ymin", "px_xmax", "px_ymax")},
+        **{c: sel[c].to_numpy(dtype=np.float64) for c in PX_COLUMNS},
         "reason": np.full(n, REVIEW_REASON, dtype=object),
     }
     return gpd.GeoDataFrame(cols, geometry=list(sel.geometry.values), crs=frame.crs)

@@ -114,66 +114,50 @@ class ScoreThreshold:
 
 
 @dataclass(frozen=True)
-class PerImageCap:
+class _TopK:
+    """Keep the ``k`` highest-scoring false positives of each group of :attr:`keys` (of the round without keys)."""
+
+    k: int
+    name: ClassVar[str] = "top_k"
+    random: ClassVar[bool] = False
+    keys: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        _check_k(self.name, self.k)
+
+    def select(self, fps: gpd.GeoDataFrame, rng: np.random.Generator) -> gpd.GeoDataFrame:
+        """Top ``k`` by score per group."""
+        if not self.keys:
+            return _keep(fps, _by_score(fps)[: self.k])
+        return _top_k_per_group(fps, self.keys, self.k)
+
+    @classmethod
+    def from_spec(cls, spec: StrategySpec) -> _TopK:
+        """Build from a validated config entry."""
+        return cls(_need(spec, "k"))
+
+
+@dataclass(frozen=True)
+class PerImageCap(_TopK):
     """Keep the ``k`` highest-scoring false positives of each image (spreads mining out)."""
 
-    k: int
     name: ClassVar[str] = "per_image_cap"
-    random: ClassVar[bool] = False
-
-    def __post_init__(self) -> None:
-        _check_k(self.name, self.k)
-
-    def select(self, fps: gpd.GeoDataFrame, rng: np.random.Generator) -> gpd.GeoDataFrame:
-        """Top ``k`` by score per ``image``."""
-        return _top_k_per_group(fps, ("image",), self.k)
-
-    @classmethod
-    def from_spec(cls, spec: StrategySpec) -> PerImageCap:
-        """Build from a validated config entry."""
-        return cls(_need(spec, "k"))
+    keys: ClassVar[tuple[str, ...]] = ("image",)
 
 
 @dataclass(frozen=True)
-class PerTileCap:
+class PerTileCap(_TopK):
     """Keep the ``k`` highest-scoring false positives of each tile (one busy tile cannot dominate)."""
 
-    k: int
     name: ClassVar[str] = "per_tile_cap"
-    random: ClassVar[bool] = False
-
-    def __post_init__(self) -> None:
-        _check_k(self.name, self.k)
-
-    def select(self, fps: gpd.GeoDataFrame, rng: np.random.Generator) -> gpd.GeoDataFrame:
-        """Top ``k`` by score per ``(image, win_col, win_row, win_w, win_h)``."""
-        return _top_k_per_group(fps, TILE_KEYS, self.k)
-
-    @classmethod
-    def from_spec(cls, spec: StrategySpec) -> PerTileCap:
-        """Build from a validated config entry."""
-        return cls(_need(spec, "k"))
+    keys: ClassVar[tuple[str, ...]] = TILE_KEYS
 
 
 @dataclass(frozen=True)
-class Budget:
+class Budget(_TopK):
     """Keep the ``k`` highest-scoring false positives of the whole round."""
 
-    k: int
     name: ClassVar[str] = "budget"
-    random: ClassVar[bool] = False
-
-    def __post_init__(self) -> None:
-        _check_k(self.name, self.k)
-
-    def select(self, fps: gpd.GeoDataFrame, rng: np.random.Generator) -> gpd.GeoDataFrame:
-        """Global top ``k`` by score."""
-        return _keep(fps, _by_score(fps)[: self.k])
-
-    @classmethod
-    def from_spec(cls, spec: StrategySpec) -> Budget:
-        """Build from a validated config entry."""
-        return cls(_need(spec, "k"))
 
 
 @dataclass(frozen=True)

@@ -188,24 +188,23 @@ def _build_small_frcnn(model_cfg: ModelConfig, num_classes: int, tile_size: int)
 # ------------------------------------------------------------------------------ torchvision archs
 
 
-def _rcnn_kwargs(model_cfg: ModelConfig, tile_size: int) -> dict[str, Any]:
+def _postprocess_kwargs(model_cfg: ModelConfig, tile_size: int, prefix: str = "") -> dict[str, Any]:
+    """No resize, and the configured score floor, NMS IoU and detections per tile (R-CNN names take ``box_``)."""
     return {
         "min_size": tile_size,
         "max_size": tile_size,
-        "box_score_thresh": model_cfg.score_floor,
-        "box_nms_thresh": model_cfg.nms_iou,
-        "box_detections_per_img": model_cfg.detections_per_img,
+        f"{prefix}score_thresh": model_cfg.score_floor,
+        f"{prefix}nms_thresh": model_cfg.nms_iou,
+        f"{prefix}detections_per_img": model_cfg.detections_per_img,
     }
+
+
+def _rcnn_kwargs(model_cfg: ModelConfig, tile_size: int) -> dict[str, Any]:
+    return _postprocess_kwargs(model_cfg, tile_size, "box_")
 
 
 def _one_stage_kwargs(model_cfg: ModelConfig, tile_size: int) -> dict[str, Any]:
-    return {
-        "min_size": tile_size,
-        "max_size": tile_size,
-        "score_thresh": model_cfg.score_floor,
-        "nms_thresh": model_cfg.nms_iou,
-        "detections_per_img": model_cfg.detections_per_img,
-    }
+    return _postprocess_kwargs(model_cfg, tile_size)
 
 
 def _build_frcnn_r50(model_cfg: ModelConfig, num_classes: int, tile_size: int) -> nn.Module:
@@ -244,33 +243,28 @@ def _build_frcnn_mobilenet(model_cfg: ModelConfig, num_classes: int, tile_size: 
     return model
 
 
-def _build_retinanet_r50(model_cfg: ModelConfig, num_classes: int, tile_size: int) -> nn.Module:
-    """RetinaNet v2 (strides 8-128); three octave scales x three ratios per level as torchvision."""
-    model = retinanet_resnet50_fpn_v2(
-        weights=None,
-        weights_backbone=None,
-        num_classes=num_classes,
-        **_one_stage_kwargs(model_cfg, tile_size),
-    )
-    sizes = _level_sizes(model_cfg.anchor_sizes, 5)
-    per_level = tuple(tuple(int(round(s * 2 ** (k / 3))) for k in range(3)) for s in sizes)
-    model.anchor_generator = AnchorGenerator(per_level, ((0.5, 1.0, 2.0),) * 5)
+def _one_stage(builder: Callable[..., nn.Module], model_cfg: ModelConfig, num_classes: int, tile_size: int,
+               anchors: AnchorGenerator) -> nn.Module:
+    """A torchvision one-stage detector built offline, with our anchors and the no-resize tile transform."""
+    model = builder(weights=None, weights_backbone=None, num_classes=num_classes,
+                    **_one_stage_kwargs(model_cfg, tile_size))
+    model.anchor_generator = anchors
     model.transform = _tile_transform(tile_size, IMAGENET_MEAN, IMAGENET_STD)
     return model
+
+
+def _build_retinanet_r50(model_cfg: ModelConfig, num_classes: int, tile_size: int) -> nn.Module:
+    """RetinaNet v2 (strides 8-128); three octave scales x three ratios per level as torchvision."""
+    sizes = _level_sizes(model_cfg.anchor_sizes, 5)
+    per_level = tuple(tuple(int(round(s * 2 ** (k / 3))) for k in range(3)) for s in sizes)
+    anchors = AnchorGenerator(per_level, ((0.5, 1.0, 2.0),) * 5)
+    return _one_stage(retinanet_resnet50_fpn_v2, model_cfg, num_classes, tile_size, anchors)
 
 
 def _build_fcos_r50(model_cfg: ModelConfig, num_classes: int, tile_size: int) -> nn.Module:
     """FCOS on ResNet-50 FPN (strides 8-128)."""
-    model = fcos_resnet50_fpn(
-        weights=None,
-        weights_backbone=None,
-        num_classes=num_classes,
-        **_one_stage_kwargs(model_cfg, tile_size),
-    )
     sizes = _fcos_point_sizes(model_cfg, (8, 16, 32, 64, 128))
-    model.anchor_generator = AnchorGenerator(sizes, ((1.0,),) * 5)
-    model.transform = _tile_transform(tile_size, IMAGENET_MEAN, IMAGENET_STD)
-    return model
+    return _one_stage(fcos_resnet50_fpn, model_cfg, num_classes, tile_size, AnchorGenerator(sizes, ((1.0,),) * 5))
 
 
 def _build_ssdlite(model_cfg: ModelConfig, num_classes: int, tile_size: int) -> nn.Module:
