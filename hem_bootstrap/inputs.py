@@ -17,12 +17,10 @@ import numpy as np
 
 from hem_bootstrap.config import ExperimentConfig, ImageSet
 from hem_bootstrap.errors import DataError, ModelError
-from hem_bootstrap.geo.labels import load_labels, load_zones, with_pixel_labels
+from hem_bootstrap.geo.labels import PixelLabels, load_labels, load_zones, pixel_labels_of, with_pixel_labels
 from hem_bootstrap.geo.raster import RasterInfo, open_raster
 
 ROLES = ("train", "pool", "test")
-PixelLabels = dict[str, tuple[np.ndarray, np.ndarray]]
-"""Resolved raster path -> ``(boxes (N, 4) pixels, class ids (N,))``: objects accepted in review."""
 
 
 @dataclass
@@ -52,8 +50,7 @@ class RasterInput:
         info = self.header()
         gt = self.labels if self.labels is not None else _no_labels(info)
         if accepted:
-            boxes, ids = accepted.get(str(self.path.resolve()), (np.zeros((0, 4)), np.zeros(0, np.int64)))
-            gt = with_pixel_labels(gt, info, boxes, ids, cfg.data)
+            gt = with_pixel_labels(gt, info, *pixel_labels_of(accepted, self.path), cfg.data)
         return gt
 
     def zones(self) -> gpd.GeoDataFrame | None:

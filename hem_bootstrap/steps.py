@@ -26,8 +26,8 @@ from hem_bootstrap.evaluate import EvalImage, evaluate, write_metrics
 from hem_bootstrap.files import atomic_copy, atomic_path
 from hem_bootstrap.geo.area import evaluated_area
 from hem_bootstrap.geo.frames import concat_in_crs, crs_text
-from hem_bootstrap.geo.labels import LabelIndex
-from hem_bootstrap.inputs import Inputs, PixelLabels, RasterInput, check_inputs
+from hem_bootstrap.geo.labels import LabelIndex, PixelLabels
+from hem_bootstrap.inputs import Inputs, RasterInput, check_inputs
 from hem_bootstrap.mining.bank import NegativeBank
 from hem_bootstrap.mining.matching import match_detections
 from hem_bootstrap.mining.positives import (

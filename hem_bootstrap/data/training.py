@@ -25,7 +25,14 @@ from hem_bootstrap.data.tiles import ReaderPool
 from hem_bootstrap.detections import PX_COLUMNS
 from hem_bootstrap.errors import DataError, TrainingError
 from hem_bootstrap.faults import fault_point
-from hem_bootstrap.geo.labels import LabelIndex, load_labels, load_zones, with_pixel_labels
+from hem_bootstrap.geo.labels import (
+    LabelIndex,
+    PixelLabels,
+    load_labels,
+    load_zones,
+    pixel_labels_of,
+    with_pixel_labels,
+)
 from hem_bootstrap.geo.raster import RasterInfo, open_raster, valid_fraction
 from hem_bootstrap.geo.windows import Window, tile_windows, window_around_box, window_inside
 
@@ -35,8 +42,6 @@ NEG_COLUMNS = ("image", *PX_COLUMNS)
 KIND_POS, KIND_NEG, KIND_BG = "pos", "neg", "bg"
 BG_TRIES = 3
 """Random background windows tried before accepting one with little valid data."""
-PixelLabels = dict[str, tuple[np.ndarray, np.ndarray]]
-"""Resolved raster path -> ``(boxes (N, 4) float64 pixels, class ids (N,) int64)``."""
 
 
 @dataclass
@@ -189,7 +194,7 @@ class ChipDataset(Dataset):
         t = self.tile_size
         for i in range(first, len(self.images)):
             im = self.images[i]
-            boxes, _ = accepted.get(str(Path(im.path).resolve()), (np.zeros((0, 4)), None))
+            boxes, _ = pixel_labels_of(accepted, im.path)
             for box in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
                 win = window_around_box(tuple(box), t, im.info.width, im.info.height, (0.5, 0.5))
                 self._add(kinds, weights, KIND_POS, i, win, None)

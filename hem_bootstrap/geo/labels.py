@@ -249,6 +249,15 @@ def load_labels(
     return _keep_overlapping(_frame(boxes, ids, data_cfg, info), info, p)
 
 
+PixelLabels = dict[str, tuple[np.ndarray, np.ndarray]]
+"""Resolved raster path -> ``(boxes (N, 4) float64 pixels, class ids (N,) int64)``: e.g. objects accepted in review."""
+
+
+def pixel_labels_of(labels: PixelLabels, path: Path | str) -> tuple[np.ndarray, np.ndarray]:
+    """One raster's entry of ``labels`` (empty arrays when it has none)."""
+    return labels.get(str(Path(path).resolve()), (np.zeros((0, 4)), np.zeros(0, dtype=np.int64)))
+
+
 def with_pixel_labels(
     labels: gpd.GeoDataFrame, info: RasterInfo, boxes_px: np.ndarray, ids: np.ndarray, data_cfg: DataConfig
 ) -> gpd.GeoDataFrame:

@@ -31,6 +31,7 @@ from hem_bootstrap.detections import PX_COLUMNS
 from hem_bootstrap.errors import DataError
 from hem_bootstrap.files import atomic_path
 from hem_bootstrap.geo.boxes import any_overlap, best_match
+from hem_bootstrap.geo.labels import PixelLabels
 from hem_bootstrap.mining.bank import MATCH_IOU, NegativeBank
 from hem_bootstrap.mining.positives import REVIEW_REASON
 from hem_bootstrap.mining.rows import px_array, require, scores_of
@@ -38,8 +39,6 @@ from hem_bootstrap.mining.rows import px_array, require, scores_of
 POSITIVES_FILE = "review_positives.gpkg"
 POSITIVES_LAYER = "labels"
 
-PixelLabels = dict[str, tuple[np.ndarray, np.ndarray]]
-"""Resolved raster path -> ``(boxes (N, 4) float64 pixels, class ids (N,) int64)``."""
 
 
 def latest_snapshot(run_path: Path) -> Path | None:
@@ -89,11 +88,6 @@ def accepted_pixel_labels(run_path: Path) -> PixelLabels:
         boxes = rows[list(PX_COLUMNS)].to_numpy(dtype=np.float64)
         out[str(Path(image).resolve())] = (boxes, rows["label"].to_numpy(dtype=np.int64))
     return out
-
-
-def for_image(accepted: PixelLabels, path: Path | str) -> tuple[np.ndarray, np.ndarray]:
-    """One raster's accepted positives (empty arrays when it has none)."""
-    return accepted.get(str(Path(path).resolve()), (np.zeros((0, 4)), np.zeros(0, dtype=np.int64)))
 
 
 def _read(path: Path) -> gpd.GeoDataFrame | None:
