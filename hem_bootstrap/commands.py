@@ -180,6 +180,14 @@ def _training_gsd(cfg_tree: dict) -> float | None:
         return None
 
 
+def _run_classes(run: RunDir) -> list[str]:
+    """The class names of a run, from its resolved config."""
+    path = run.path / "config.resolved.yaml"
+    if not path.is_file():
+        raise RunError(f"{path}: missing; is {run.path} a complete run directory?")
+    return list(yaml.safe_load(path.read_text())["data"]["classes"])
+
+
 def _bank_of(run_dir: Path) -> NegativeBank:
     path = Path(run_dir) / "bank.gpkg"
     if not path.is_file():
@@ -221,17 +229,18 @@ def review_apply_cli(run_dir: Path, decisions: Path) -> str:
         raise DataError(f"{decisions}: decisions file not found")
     frame = gpd.read_file(decisions)
     with run.locked():
-        snapshot = latest_snapshot(run.path)
+        manifest = run.load_manifest()
+        snapshot = latest_snapshot(run.path, manifest)
         if snapshot is None:
             raise RunError(f"{run_dir}: no bank snapshot (round_NNN/bank.gpkg); has round 1 been mined?")
+        classes = _run_classes(run)
         bank = NegativeBank.load(snapshot)
         result = apply_review(bank, frame)
+        # positives first (appending is idempotent by review_id), then the banks: a stop in between
+        # leaves the decisions re-appliable instead of lost
+        added = append_accepted(run.path, result["new_positives"], classes, int(snapshot.parent.name.split("_")[1]))
         bank.save(snapshot)
         bank.save(run.bank_path)
-        classes = list(yaml.safe_load((run.path / "config.resolved.yaml").read_text())["data"]["classes"])
-        round_idx = int(snapshot.parent.name.split("_")[1])
-        added = append_accepted(run.path, result["new_positives"], classes, round_idx)
-        manifest = run.load_manifest()
         manifest.setdefault("reviews", []).append({
             "decisions": str(Path(decisions).resolve()), "snapshot": str(snapshot.relative_to(run.path)),
             "negatives_added": int(result["negatives_added"]), "positives_accepted": added,

@@ -169,7 +169,10 @@ def _check_raster(path: Path, s: ImageSet, what: str, cfg: ExperimentConfig) -> 
     for extra in (s.distractors, s.ignore_zones):
         if extra is not None and not Path(extra).is_file():
             raise DataError(f"{extra}: file not found (data.{what})")
-    return RasterInput(path, s, what, info, labels=labels)
+    raster = RasterInput(path, s, what, info, labels=labels)
+    raster.zones()  # validated now (polygons, a usable CRS), not after training
+    raster.distractors()
+    return raster
 
 
 def _check_sets_readable(sets: list[ImageSet], rasters: list[RasterInput], what: str) -> None:
@@ -188,7 +191,10 @@ def read_overlay(path: str | Path, info: RasterInfo) -> gpd.GeoDataFrame:
     """
     if not Path(path).is_file():
         raise DataError(f"{path}: file not found")
-    frame = gpd.read_file(path)
+    try:
+        frame = gpd.read_file(path)
+    except Exception as err:  # noqa: BLE001 - any OGR failure means the file is not a vector file
+        raise DataError(f"{path}: not a readable vector file ({type(err).__name__}: {err})") from None
     if info.georeferenced and frame.crs is not None and frame.crs != info.crs:
         frame = frame.to_crs(info.crs)
     return frame

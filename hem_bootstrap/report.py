@@ -22,6 +22,7 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from hem_bootstrap.config import DataConfig
+from hem_bootstrap.detections import PX_COLUMNS
 from hem_bootstrap.errors import HemError, RunError
 from hem_bootstrap.files import atomic_path, atomic_write_text
 from hem_bootstrap.geo.raster import RasterReader, open_raster
@@ -280,10 +281,18 @@ def _resolve_image(run_dir: Path, image: str) -> Path:
     return p if p.is_absolute() or p.exists() else (run_dir / p if (run_dir / p).exists() else p)
 
 
-def _crop(path: Path, bounds: tuple[float, float, float, float], data_cfg: Any) -> tuple[np.ndarray, tuple]:
-    """A crop of the raster around a map box (float RGB or gray) and the box in crop pixels."""
+def _crop(path: Path, rec: Any, data_cfg: Any) -> tuple[np.ndarray, tuple]:
+    """A crop of the raster around a mined box (float RGB or gray) and the box in crop pixels.
+
+    The row's own pixel box is used when it has one (rows of a pool in several CRSs carry their
+    geometry in the bank's CRS, not the raster's); else its map box through the raster's transform.
+    """
     info = open_raster(path)
-    x0, y0, x1, y1 = map_to_pixel_boxes(np.array([bounds]), info.transform)[0]
+    px = np.array([rec.get(c, np.nan) for c in PX_COLUMNS], dtype=np.float64)
+    if np.isfinite(px).all():
+        x0, y0, x1, y1 = px
+    else:
+        x0, y0, x1, y1 = map_to_pixel_boxes(np.array([rec.geometry.bounds]), info.transform)[0]
     side = int(max(CROP_MIN_PX, 3 * max(x1 - x0, y1 - y0)))
     col, row = int(round((x0 + x1 - side) / 2)), int(round((y0 + y1 - side) / 2))
     bands = [b for b in data_cfg.bands if b <= info.count] or list(range(1, min(3, info.count) + 1))
@@ -319,7 +328,7 @@ def plot_mined_examples(run_dir: Path, mined_path: Path, out: Path) -> Path | No
         title = Path(image).stem + (f"  {float(score):.2f}" if score is not None else "")
         ax.set_title(title, fontsize=8)
         try:
-            crop, (bx, by, bw, bh) = _crop(_resolve_image(run_dir, image), rec.geometry.bounds, data_cfg)
+            crop, (bx, by, bw, bh) = _crop(_resolve_image(run_dir, image), rec, data_cfg)
         except (HemError, OSError) as err:
             log.warning("report: cannot draw mined example from %s: %s", image, err)
             ax.text(0.5, 0.5, "image not readable", ha="center", va="center", fontsize=8)

@@ -388,3 +388,30 @@ def test_re_adding_the_same_round_output_adds_nothing() -> None:
     assert again == {"added": 0, "updated": first["added"]}
     assert (bank.frame["rounds_seen"] == 2).all()
     assert bank.frame["neg_id"].is_unique
+
+
+def test_a_rejected_suspect_never_returns_to_review_even_once_retired() -> None:
+    from hem_bootstrap.config import MiningConfig
+
+    bank = NegativeBank()
+    bank.add(mined([("a.tif", 0.97, box(0))]), 1, "h", "review", CFG)
+    bank.mark_reviewed(mined([("a.tif", 0.97, box(0))]))
+    bank.frame.loc[0, "retired"] = True  # the model learned it (refresh) or the cap evicted it
+    cfg = MiningConfig(review_above=0.95)
+    again = mined([("a.tif", 0.99, box(0, 0.5)), ("a.tif", 0.99, box(3))])
+    to_bank, to_review = route_for_review(again, bank, cfg)
+    assert to_review["px_xmin"].tolist() == [60.0]  # only the new suspect; the decided one goes to the bank
+    assert len(to_bank) == 1 and to_bank["px_xmin"].tolist() == [0.5]
+
+
+def test_review_applies_to_the_snapshot_of_the_newest_finished_mining(tmp_path: Path) -> None:
+    from hem_bootstrap.mining.review import latest_snapshot
+
+    for r in (0, 1, 2):
+        NegativeBank().save(tmp_path / f"round_{r:03d}" / "bank.gpkg")
+    manifest = {"rounds": [{"round": 0, "steps": {"train": {}, "evaluate": {}}},
+                           {"round": 1, "steps": {"detect": {}, "mine": {}}},
+                           {"round": 2, "steps": {"detect": {}}}]}  # round 2's mining was killed
+    assert latest_snapshot(tmp_path, manifest) == tmp_path / "round_001" / "bank.gpkg"
+    assert latest_snapshot(tmp_path, {"rounds": manifest["rounds"][:1]}) == tmp_path / "round_000" / "bank.gpkg"
+    assert latest_snapshot(tmp_path, {"rounds": []}) is None

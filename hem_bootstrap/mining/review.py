@@ -41,10 +41,19 @@ POSITIVES_LAYER = "labels"
 
 
 
-def latest_snapshot(run_path: Path) -> Path | None:
-    """The newest ``round_NNN/bank.gpkg`` of a run: the bank the next round starts from."""
-    snapshots = sorted(Path(run_path).glob("round_[0-9][0-9][0-9]/bank.gpkg"))
-    return snapshots[-1] if snapshots else None
+def latest_snapshot(run_path: Path, manifest: dict[str, Any]) -> Path | None:
+    """The bank snapshot the next round starts from: that of the newest round whose mining finished.
+
+    Round 0's empty snapshot counts once round 0's training finished; a snapshot whose step
+    the manifest does not record (a killed mine step, redone on resume) never does.
+    """
+    done = [e["round"] for e in manifest.get("rounds", [])
+            if "mine" in e.get("steps", {}) or (e["round"] == 0 and "train" in e.get("steps", {}))]
+    for r in sorted(done, reverse=True):
+        path = Path(run_path) / f"round_{r:03d}" / "bank.gpkg"
+        if path.is_file():
+            return path
+    return None
 
 
 def append_accepted(run_path: Path, positives: gpd.GeoDataFrame, classes: list[str], round_idx: int) -> int:
@@ -149,8 +158,8 @@ def route_for_review(
 def _decided_negative(mined: gpd.GeoDataFrame, bank: NegativeBank) -> np.ndarray:
     """Mined rows that match (IoU > ``MATCH_IOU``) a bank entry a person decided is a negative."""
     out = np.zeros(len(mined), dtype=bool)
-    act = bank.active()
-    decided = act[act["reviewed"].to_numpy(dtype=bool)]
+    rows = bank.frame  # retired ones too: a person's "negative" stays said when the model later learns it
+    decided = rows[rows["reviewed"].to_numpy(dtype=bool)]
     if len(decided) == 0 or not {*PX_COLUMNS} <= set(mined.columns):
         return out
     images = mined["image"].astype(str).to_numpy(dtype=object)

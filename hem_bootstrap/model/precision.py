@@ -28,6 +28,7 @@ Training mixed precision is separate: it runs on CUDA only (see :func:`hem_boots
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ import torch
 from torch import nn
 
 from hem_bootstrap.config import ModelConfig, RuntimeConfig
+from hem_bootstrap.distributed import broadcast_from_rank0, rank_world
 from hem_bootstrap.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -197,18 +199,25 @@ def _as_float32(value: Any) -> Any:
 
 
 def measured_cpu_path(model: nn.Module, model_cfg: ModelConfig, tile_size: int, batch: int) -> str:
-    """The fastest CPU path for this model on this machine (see the module docstring); cached."""
-    key = _choice_key(model_cfg, tile_size, batch)
-    if key in _CHOICES:
-        return _CHOICES[key]
+    """The fastest CPU path for this model on this machine (see the module docstring); cached.
+
+    Under torchrun rank 0 decides (cache or measurement) and every rank takes its choice, so a
+    sharded scan runs one path, and the ranks do not time the model against each other.
+    """
+    key = _choice_key(model, model_cfg, tile_size, batch)
+    if key not in _CHOICES:
+        choice = _stored_or_measured(key, model, model_cfg, tile_size, batch) if rank_world()[0] == 0 else None
+        _CHOICES[key] = str(broadcast_from_rank0(choice, what="fast path choice"))
+    return _CHOICES[key]
+
+
+def _stored_or_measured(key: str, model: nn.Module, model_cfg: ModelConfig, tile_size: int, batch: int) -> str:
     stored = _read_cache().get(key)
     if stored in ("none", "channels_last", "bf16"):
-        _CHOICES[key] = stored
-        return stored
+        return str(stored)
     candidates = ["none", "channels_last"] + (["bf16"] if cpu_has_native_bf16() else [])
     seconds = _time_candidates(model, candidates, tile_size, batch, model_cfg.channels_last)
     choice = choose_path(seconds)
-    _CHOICES[key] = choice
     _write_cache(key, choice)
     gains = ", ".join(f"{c} {seconds['none'] / s:.2f}x" for c, s in seconds.items())
     log.info("fast path auto -> %s on %s (measured against eager float32: %s)", choice, cpu_name(), gains)
@@ -245,9 +254,14 @@ def _time_candidates(
     return best
 
 
-def _choice_key(model_cfg: ModelConfig, tile_size: int, batch: int) -> str:
+def _choice_key(model: nn.Module, model_cfg: ModelConfig, tile_size: int, batch: int) -> str:
+    """What the choice depends on: the CPU and its ISA limits, torch, the model and its settings, tile, batch, threads."""
     env = ",".join(f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if k in os.environ)
-    parts = (cpu_name(), torch.__version__, model_cfg.arch, str(tile_size), str(batch),
+    settings = json.dumps(model_cfg.model_dump(mode="json", exclude={"fast_path", "weights", "backbone_weights"}),
+                          sort_keys=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    parts = (cpu_name(), platform.node(), torch.__version__, model_cfg.arch, str(n_params),
+             hashlib.sha256(settings.encode()).hexdigest()[:12], str(tile_size), str(batch),
              str(torch.get_num_threads()), env)
     return "|".join(parts)
 
