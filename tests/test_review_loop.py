@@ -9,8 +9,7 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import torch
-import yaml
-from scenes import scene_data
+from scenes import loop_config, scene_data
 from torchvision.ops import box_iou
 
 from hem_bootstrap.cli import main
@@ -31,18 +30,8 @@ def _hem(*args: str) -> None:
 
 
 def test_review_decisions_stick_in_the_next_round(synth_scenes: Path, tmp_path: Path) -> None:
-    tree = {
-        "data": scene_data(synth_scenes),
-        "tiling": {"tile_size": 256, "overlap": 32},
-        "train": {"steps": 12, "finetune_steps": 6, "batch_size": 4, "background_chips": 4, "warmup_steps": 2},
-        # a low review score, so that round 1 holds suspects back for a person to decide
-        "mining": {"strategies": [{"name": "per_image_cap", "k": 30}], "review_above": 0.15},
-        "model": {"score_floor": 0.01},
-        "rounds": {"name": "rev", "out_dir": str(tmp_path / "runs"), "n_rounds": 1, "stop_if_no_new": False},
-        "runtime": {"workers": 0, "batch_size": 4, "seed": 3},
-    }
-    cfg = tmp_path / "rev.yaml"
-    cfg.write_text(yaml.safe_dump(tree))
+    # a low review score, so that round 1 holds suspects back for a person to decide
+    cfg = loop_config(tmp_path, "rev", scene_data(synth_scenes), k=30, review_above=0.15)
     _hem("run", str(cfg))
     run = tmp_path / "runs" / "rev"
     review = gpd.read_file(run / "round_001" / "bank.gpkg", layer="review")

@@ -12,8 +12,9 @@ import pyogrio
 import pytest
 import rasterio
 import shapely
-import yaml
+from scenes import loop_config
 
+from hem_bootstrap.config import load_config
 from hem_bootstrap.detections import write_detections
 from hem_bootstrap.geo.frames import concat_in_crs, concat_native
 from hem_bootstrap.loop import run_experiment
@@ -45,25 +46,14 @@ def test_two_zone_pool_and_test_set_run_whole_loop(synth_scenes: Path, tmp_path:
     def iset(img: Path, labels: Path, dist: Path) -> dict[str, object]:
         return {"images": [str(img)], "labels": str(labels), "distractors": str(dist)}
 
-    tree = {
-        "data": {
-            "train": [iset(s / "train.tif", s / "train_labels.gpkg", s / "train_distractors.gpkg")],
-            "pool": [iset(s / "pool.tif", s / "pool_labels.gpkg", s / "pool_distractors.gpkg"),
-                     iset(pool2, pool2_labels, pool2_d)],
-            "test": [iset(s / "test.tif", s / "test_labels.gpkg", s / "test_distractors.gpkg"),
-                     iset(test2, test2_labels, test2_d)],
-        },
-        "tiling": {"tile_size": 256, "overlap": 32},
-        "train": {"steps": 8, "finetune_steps": 4, "batch_size": 4, "background_chips": 4, "warmup_steps": 2},
-        "mining": {"strategies": [{"name": "per_image_cap", "k": 15}], "review_above": 0.99},
-        "model": {"score_floor": 0.01},
-        "rounds": {"name": "zones", "out_dir": str(tmp_path / "runs"), "n_rounds": 1, "stop_if_no_new": False},
-        "runtime": {"workers": 0, "batch_size": 4, "seed": 3},
+    data = {
+        "train": [iset(s / "train.tif", s / "train_labels.gpkg", s / "train_distractors.gpkg")],
+        "pool": [iset(s / "pool.tif", s / "pool_labels.gpkg", s / "pool_distractors.gpkg"),
+                 iset(pool2, pool2_labels, pool2_d)],
+        "test": [iset(s / "test.tif", s / "test_labels.gpkg", s / "test_distractors.gpkg"),
+                 iset(test2, test2_labels, test2_d)],
     }
-    cfg_path = tmp_path / "zones.yaml"
-    cfg_path.write_text(yaml.safe_dump(tree))
-    from hem_bootstrap.config import load_config
-
+    cfg_path = loop_config(tmp_path, "zones", data, k=15, steps=8)
     run = run_experiment(load_config(cfg_path), config_path=cfg_path, print_table=False)
     layers = [name for name, _ in pyogrio.list_layers(run / "round_001" / "detections.gpkg")]
     assert len(layers) == 2  # one per CRS
