@@ -9,6 +9,7 @@ parsing the files again. A pool or test raster that does not open is kept as unr
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,8 +18,11 @@ import numpy as np
 
 from hem_bootstrap.config import ExperimentConfig, ImageSet
 from hem_bootstrap.errors import DataError, ModelError
+from hem_bootstrap.geo.area import EvaluatedArea, evaluated_area
 from hem_bootstrap.geo.labels import PixelLabels, load_labels, load_zones, pixel_labels_of, with_pixel_labels
 from hem_bootstrap.geo.raster import RasterInfo, open_raster
+
+log = logging.getLogger(__name__)
 
 ROLES = ("train", "pool", "test")
 
@@ -34,6 +38,7 @@ class RasterInput:
     error: str = ""
     labels: gpd.GeoDataFrame | None = None
     _overlays: dict[str, gpd.GeoDataFrame | None] = field(default_factory=dict, repr=False)
+    _area: EvaluatedArea | None = field(default=None, repr=False)
 
     @property
     def readable(self) -> bool:
@@ -69,6 +74,23 @@ class RasterInput:
             path = getattr(self.image_set, key)
             self._overlays[key] = None if path is None else read_overlay(path, self.header())
         return self._overlays[key]
+
+    def searched_area(self, cfg: ExperimentConfig) -> EvaluatedArea:
+        """Valid ground minus ignore zones, read once per process (a full mask read, so not once a round).
+
+        Under ``data.on_bad_raster: skip`` a raster whose masks do not read counts whole (logged),
+        as the scan skips its unreadable tiles and goes on.
+        """
+        if self._area is None:
+            try:
+                self._area = evaluated_area(self.header(), cfg.data.bands, self.zones())
+            except DataError as err:
+                if cfg.data.on_bad_raster == "fail":
+                    raise
+                log.warning("evaluated area of %s taken as the whole raster: %s", self.path, err)
+                whole = self.header().area_km2()
+                self._area = EvaluatedArea(whole, whole, 0.0)
+        return self._area
 
     def as_set(self) -> ImageSet:
         """Its image set narrowed to this one raster."""

@@ -22,10 +22,8 @@ from hem_bootstrap.config import ExperimentConfig
 from hem_bootstrap.data.training import ChipDataset, RatioBatchSampler, TrainImage, collate_chips
 from hem_bootstrap.detections import read_detections, write_detections
 from hem_bootstrap.distributed import broadcast_from_rank0
-from hem_bootstrap.errors import DataError
 from hem_bootstrap.evaluate import EvalImage, evaluate, write_metrics
 from hem_bootstrap.files import atomic_copy, atomic_path
-from hem_bootstrap.geo.area import EvaluatedArea, evaluated_area
 from hem_bootstrap.geo.frames import concat_in_crs, crs_text
 from hem_bootstrap.geo.labels import LabelIndex, PixelLabels
 from hem_bootstrap.inputs import Inputs, RasterInput, check_inputs
@@ -333,7 +331,7 @@ def evaluate_model(ctx: Context, model_path: Path, dets_out: Path) -> dict[str, 
     images, areas = [], {}
     for t in ctx.data.readable("test"):
         info = t.header()
-        area = _searched_area(t, cfg)
+        area = t.searched_area(cfg)
         areas[str(t.path)] = {"raster_km2": area.raster_km2, "valid_km2": area.valid_km2,
                               "ignored_km2": area.ignored_km2, "evaluated_km2": area.evaluated_km2}
         images.append(EvalImage(image=str(t.path), gt=t.truth(cfg), area_km2=area.evaluated_km2,
@@ -344,18 +342,6 @@ def evaluate_model(ctx: Context, model_path: Path, dets_out: Path) -> dict[str, 
     metrics["area_by_image"] = areas
     metrics["scan"] = summary
     return metrics
-
-
-def _searched_area(t: RasterInput, cfg: ExperimentConfig) -> EvaluatedArea:
-    """Valid ground minus ignore zones; a raster whose masks do not read counts whole (logged), as the scan skips on."""
-    try:
-        return evaluated_area(t.header(), cfg.data.bands, t.zones())
-    except DataError as err:
-        if cfg.data.on_bad_raster == "fail":
-            raise
-        log.warning("evaluated area of %s taken as the whole raster: %s", t.path, err)
-        whole = t.header().area_km2()
-        return EvaluatedArea(whole, whole, 0.0)
 
 
 def step_evaluate(ctx: Context, r: int) -> dict[str, Any]:
