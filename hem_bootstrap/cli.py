@@ -106,6 +106,9 @@ def synth(
     vehicles: Annotated[int | None, typer.Option(help="Number of vehicles (default: by density).")] = None,
     distractors: Annotated[int | None, typer.Option(help="Number of look-alikes (default: by density).")] = None,
     similarity: Annotated[float, typer.Option(help="How closely look-alikes resemble vehicles, 0..1.")] = 0.7,
+    lookalike_share: Annotated[
+        float | None, typer.Option(help="Share of 256 px windows holding look-alikes, 0..1 (default: by layout).")
+    ] = None,
     epsg: Annotated[int, typer.Option(help="Projected CRS of the scene.")] = 32633,
     compress: Annotated[str, typer.Option(help="GeoTIFF compression: deflate (lossless) or jpeg.")] = "deflate",
 ) -> None:
@@ -124,6 +127,7 @@ def synth(
         n_vehicles=vehicles,
         n_distractors=distractors,
         distractor_similarity=similarity,
+        lookalike_share=lookalike_share,
         epsg=epsg,
     )
     paths = write_scene(out_dir, spec, name=name, compress=compress)

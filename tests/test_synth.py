@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from hem_bootstrap.data.synth import (
     CAR_WIDTH_M,
     DISTRACTOR_KINDS,
     SceneSpec,
+    lookalike_window_share,
     make_scene,
     write_scene,
 )
@@ -217,3 +219,28 @@ def test_bundled_samples_are_readable(name: str) -> None:
     dis = gpd.read_file(SAMPLES / f"{name}_distractors.gpkg", layer="distractors")
     assert len(lab) > 0 and len(dis) > 0
     assert shapely.contains(bounds, lab.geometry.values).all()
+
+
+def test_lookalike_share_sets_density_apart_from_the_layout() -> None:
+    """The share of 256 px windows holding look-alikes is what was asked; the layout and vehicles stay."""
+    base = SceneSpec(size=1024, gsd=0.15, seed=4)
+    rgb0, lab0, dis0, tr = make_scene(base)
+    full = lookalike_window_share(dis0, tr, base.size)
+    assert full > 0.25
+    for share in (1 / 16, 3 / 16):
+        _, lab, dis, _ = make_scene(dataclasses.replace(base, lookalike_share=share))
+        assert lookalike_window_share(dis, tr, base.size) == pytest.approx(share)
+        assert set(dis.geometry.to_wkb()) <= set(dis0.geometry.to_wkb())  # a subset of the default look-alikes
+        assert len(lab) == len(lab0)
+    _, _, none, _ = make_scene(dataclasses.replace(base, lookalike_share=0.0))
+    assert len(none) == 0
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [({"lookalike_share": 1.5}, "lookalike_share=1.5"), ({"lookalike_share": 0.99}, "look-alikes in only"),
+     ({"lookalike_share": 0.1, "n_distractors": 3}, "not both")],
+)
+def test_lookalike_share_errors_name_the_field(changes: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        make_scene(dataclasses.replace(SceneSpec(size=1024, gsd=0.15, seed=4), **changes))

@@ -54,9 +54,12 @@ from hem_bootstrap.data.synth.shapes import (
     TILE_SIZE,
     SceneSpec,
     _box_polygons,
+    _Thing,
 )
 
-__all__ = ["CAR_LENGTH_M", "CAR_WIDTH_M", "DISTRACTOR_KINDS", "SceneSpec", "make_scene", "write_scene"]
+__all__ = [
+    "CAR_LENGTH_M", "CAR_WIDTH_M", "DISTRACTOR_KINDS", "SceneSpec", "lookalike_window_share", "make_scene", "write_scene",
+]
 from hem_bootstrap.errors import ConfigError
 from hem_bootstrap.files import atomic_path
 
@@ -80,8 +83,9 @@ def make_scene(spec: SceneSpec) -> tuple[np.ndarray, gpd.GeoDataFrame, gpd.GeoDa
             than fit into the scene.
     """
     crs = _validate(spec)
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(spec.seed).spawn(5)]
-    rng_layout, rng_vehicles, rng_distractors, rng_trees, rng_render = streams
+    # a sixth stream for the look-alike share: the first five stay those of older scenes
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(spec.seed).spawn(6)]
+    rng_layout, rng_vehicles, rng_distractors, rng_trees, rng_render, rng_share = streams
     extent = spec.size * spec.gsd
     sun = _make_sun(rng_layout)
     layout = _plan_layout(extent, rng_layout)
@@ -98,6 +102,8 @@ def make_scene(spec: SceneSpec) -> tuple[np.ndarray, gpd.GeoDataFrame, gpd.GeoDa
         scene_box,
         "n_distractors",
     )
+    if spec.lookalike_share is not None:
+        distractors = _in_share_of_windows(distractors, spec, rng_share)
     fixed = list(_box_polygons([t.box for t in vehicles + distractors], 0.15))
     trees = _select(layout.tree_cands, fixed, None, box(-50, -50, extent + 50, extent + 50), "trees")
 
@@ -146,6 +152,38 @@ def write_scene(
     return paths
 
 
+def _in_share_of_windows(distractors: list[_Thing], spec: SceneSpec, rng: np.random.Generator) -> list[_Thing]:
+    """The look-alikes whose centre lies in ``lookalike_share`` of the tile grid windows, drawn at random.
+
+    Windows are drawn among those holding at least one look-alike; a share larger than the
+    layout can fill is an error naming the most it can.
+    """
+    side = TILE_SIZE * spec.gsd
+    n_cols = n_rows = math.ceil(spec.size / TILE_SIZE)
+    cells = np.array([int(d.box.cy // side) * n_cols + int(d.box.cx // side) for d in distractors], dtype=np.int64)
+    occupied = np.unique(cells)
+    want = round(float(spec.lookalike_share) * n_cols * n_rows)
+    if want > len(occupied):
+        raise ConfigError(
+            f"SceneSpec.lookalike_share={spec.lookalike_share}: this layout has look-alikes in only "
+            f"{len(occupied)} of {n_cols * n_rows} windows ({len(occupied) / (n_cols * n_rows):.3f}); use a lower share"
+        )
+    keep = set(rng.choice(occupied, size=want, replace=False).tolist()) if want else set()
+    return [d for d, c in zip(distractors, cells) if int(c) in keep]
+
+
+def lookalike_window_share(distractors: gpd.GeoDataFrame, transform: Affine, size: int) -> float:
+    """Share of a scene's :data:`TILE_SIZE` grid windows that hold a look-alike's centre."""
+    if len(distractors) == 0:
+        return 0.0
+    c = distractors.geometry.centroid
+    cols = (c.x.to_numpy() - transform.c) / transform.a  # north-up scenes: no rotation terms
+    rows = (c.y.to_numpy() - transform.f) / transform.e
+    n = math.ceil(size / TILE_SIZE)
+    cells = (np.floor(rows / TILE_SIZE) * n + np.floor(cols / TILE_SIZE)).astype(np.int64)
+    return len(np.unique(cells)) / (n * n)
+
+
 # ------------------------------------------------------------------------------------ checks
 
 
@@ -157,6 +195,11 @@ def _validate(spec: SceneSpec) -> CRS:
         raise ConfigError(f"SceneSpec.gsd={spec.gsd!r}: expected metres per pixel > 0")
     if not 0.0 <= spec.distractor_similarity <= 1.0:
         raise ConfigError(f"SceneSpec.distractor_similarity={spec.distractor_similarity!r}: expected 0..1")
+    share = spec.lookalike_share
+    if share is not None and (not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0):
+        raise ConfigError(f"SceneSpec.lookalike_share={share!r}: expected None or a share in [0, 1]")
+    if share is not None and spec.n_distractors is not None:
+        raise ConfigError("SceneSpec: set lookalike_share or n_distractors, not both")
     for key in ("n_vehicles", "n_distractors"):
         val = getattr(spec, key)
         if val is not None and (not isinstance(val, int) or val < 0):

@@ -79,6 +79,11 @@ class SceneSpec:
         n_distractors: Number of look-alikes; None for a density-based default.
         distractor_similarity: 0..1, how closely look-alikes resemble vehicles in size, colour
             and shape; at 1.0 some are car-sized, car-coloured boxes with a shadow.
+        lookalike_share: None, or the share (0..1) of the scene's :data:`TILE_SIZE` grid windows
+            that hold look-alikes: the look-alikes laid out by default are kept in that many
+            windows drawn at random and removed elsewhere, so look-alike density is set apart
+            from the scene layout (rare confusers in a large background pool). Exclusive with
+            ``n_distractors``.
         epsg: Projected CRS of the raster and the vector layers.
         origin: Map x of the left edge and map y of the top edge.
     """
@@ -89,6 +94,7 @@ class SceneSpec:
     n_vehicles: int | None = None
     n_distractors: int | None = None
     distractor_similarity: float = 0.7
+    lookalike_share: float | None = None
     epsg: int = 32633
     origin: tuple[float, float] = (500000.0, 5400000.0)
 
