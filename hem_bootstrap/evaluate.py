@@ -44,6 +44,7 @@ from hem_bootstrap.errors import DataError
 from hem_bootstrap.files import atomic_write_text
 from hem_bootstrap.geo.boxes import box_iou
 from hem_bootstrap.mining.matching import check_metres_per_unit, ignored_mask
+from hem_bootstrap.scoring.breakdown import fp_kinds, per_image, tp_score_quantiles
 from hem_bootstrap.scoring.match import (
     PreparedImage,
     center_dist,
@@ -55,6 +56,7 @@ from hem_bootstrap.scoring.sweep import (
     allpoint_ap,
     build_sweep,
     fp_per_km2_at_recall,
+    log_average_fp_per_km2,
     pr_curve,
     recall_at_fp_per_km2,
 )
@@ -311,7 +313,10 @@ def evaluate(
         ``fp_per_km2``), ``fp_per_km2_at_recall``, the same two for FPs away from every labelled
         object (``fp_away_per_km2``, ``fp_away_per_km2_at_recall``: look-alikes and background,
         without localisation errors and duplicates; ``fp_near_objects`` counts those),
-        ``recall_at_fp_per_km2``, ``pr_curve``,
+        ``recall_at_fp_per_km2``, ``log_avg_fp_per_km2`` (geometric mean of FP/km² over recall
+        0.5-0.9), ``per_image`` (each image's FP/km² at the fixed recalls and log-average),
+        ``fp_kinds_at_recall`` (look-alike / background / duplicate / localisation counts at
+        each fixed recall), ``tp_score_quantiles``, ``pr_curve``,
         counts and area, and distractor statistics when any image has distractors.
 
     Raises:
@@ -349,12 +354,31 @@ def evaluate(
         "n_det": int(len(pooled.scores)),
         "n_ignored": int(sum(im.n_ignored for im in prepared.values())),
         "pr_curve": pr_curve(build_sweep(pooled.scores, pooled.tp, pooled.n_gt)),
+        **_diagnostics(prepared, flags, pooled, by_key, cfg),
     }
     if len(categories) > 1:
         metrics["per_class"] = _per_class(pooled, categories, per_class_ap, _class_names(images))
     if any(img.distractors is not None for img in images):
         metrics.update(_distractor_stats(prepared, flags, by_key, cfg.score_threshold))
     return metrics
+
+
+def _diagnostics(
+    prepared: dict[str, PreparedImage], flags: dict[str, np.ndarray], pooled: _Pooled,
+    by_key: dict[str, EvalImage], cfg: EvaluateConfig,
+) -> dict[str, Any]:
+    """Per-image FP/km², FPs by kind at the fixed recalls, and the spread of true-positive scores."""
+
+    def on_distractor(key: str, boxes: np.ndarray) -> list[str | None]:
+        dis = by_key[key].distractors
+        return [None] * len(boxes) if dis is None or len(dis) == 0 else _fp_on_distractors(boxes, dis)
+
+    sweep = build_sweep(pooled.scores, pooled.tp, pooled.n_gt)
+    return {
+        "per_image": per_image(prepared, flags, {k: im.area_km2 for k, im in by_key.items()}, cfg.fixed_recalls),
+        "fp_kinds_at_recall": fp_kinds(prepared, flags, sweep, cfg.iou, cfg.fixed_recalls, on_distractor),
+        "tp_score_quantiles": tp_score_quantiles(pooled.scores, pooled.tp),
+    }
 
 
 @dataclass
@@ -417,6 +441,7 @@ def _fp_rates(pooled: _Pooled, area: float, cfg: EvaluateConfig) -> dict[str, An
     return {
         "fp_per_km2": _ratio(int((~pooled.tp & op).sum()), area),
         "fp_per_km2_at_recall": {str(float(r)): fp_per_km2_at_recall(sweep, r, area) for r in cfg.fixed_recalls},
+        "log_avg_fp_per_km2": log_average_fp_per_km2(sweep, area),
         "fp_near_objects": int((pooled.near & op).sum()),
         "fp_away_per_km2": _ratio(int((~pooled.tp & away & op).sum()), area),
         "fp_away_per_km2_at_recall": {

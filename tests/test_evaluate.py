@@ -7,6 +7,7 @@ from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pytest
 import shapely
 from affine import Affine
@@ -15,7 +16,12 @@ from hem_bootstrap.config import EvaluateConfig
 from hem_bootstrap.errors import DataError
 from hem_bootstrap.evaluate import EvalImage, evaluate, write_metrics
 from hem_bootstrap.scoring.match import greedy_match, overlap_groups
-from hem_bootstrap.scoring.sweep import build_sweep, coco_interpolated_ap
+from hem_bootstrap.scoring.sweep import (
+    build_sweep,
+    coco_interpolated_ap,
+    log_average_fp_per_km2,
+    threshold_at_recall,
+)
 
 X0, Y0 = 500_000.0, 5_000_000.0
 GSD = 0.1
@@ -311,3 +317,54 @@ def test_write_metrics_is_json_and_atomic(tmp_path: Path) -> None:
     assert back["ap50"] == pytest.approx(1.0)
     assert back["odd"] == [0.5, None, 3]
     assert [p.name for p in out.parent.iterdir()] == ["metrics.json"]
+
+
+def test_log_average_fp_per_km2_by_hand() -> None:
+    """Geometric mean of FP/km² at recall 0.5, 0.55, ..., 0.9; no FP counts as half an FP."""
+    # 10 objects found in score order, 1 FP after the 6th TP and 3 FPs after the 8th
+    is_tp = np.array([1] * 6 + [0] + [1] * 2 + [0] * 3 + [1] * 2, dtype=bool)
+    scores = np.linspace(1.0, 0.1, len(is_tp))
+    sweep = build_sweep(scores, is_tp, 10)
+    area = 0.5
+    # recall 0.5, 0.55, 0.6: 0 FP -> 0.5 FP; 0.65, 0.7: 1 FP; 0.75, 0.8: 1; 0.85, 0.9: 4
+    fp = [0.5, 0.5, 0.5, 1, 1, 1, 1, 4, 4]
+    expect = float(np.exp(np.mean(np.log(np.array(fp) / area))))
+    assert log_average_fp_per_km2(sweep, area) == pytest.approx(expect)
+    assert threshold_at_recall(sweep, 0.6) == pytest.approx(scores[5])
+    assert threshold_at_recall(sweep, 1.01) is None
+    # a recall never reached counts at the FP/km² of every detection
+    short = build_sweep(scores[:9], is_tp[:9], 10)  # reaches recall 0.8 only
+    assert log_average_fp_per_km2(short, area) == pytest.approx(
+        float(np.exp(np.mean(np.log(np.array([0.5, 0.5, 0.5, 1, 1, 1, 1, 1, 1]) / area)))))
+
+
+def test_fp_kinds_per_image_and_tp_scores() -> None:
+    """FPs at the recall threshold split into look-alike, background, duplicate and localisation; per image too."""
+    gt_a = [(10, 10, 14, 14), (30, 10, 34, 14)]
+    distractors = gpd.GeoDataFrame({"class": ["shadow"]}, geometry=boxes([(60, 60, 64, 64)]), crs=CRS)
+    dets_a = det_frame(
+        [gt_a[0], gt_a[1], (10.2, 10, 14.2, 14), (12, 10, 16, 14), (60, 60, 64, 64), (80, 80, 84, 84), (90, 5, 94, 9)],
+        [0.9, 0.8, 0.85, 0.7, 0.75, 0.6, 0.1],
+    )
+    gt_b = [(10, 10, 14, 14)]
+    dets_b = det_frame([gt_b[0], (50, 50, 54, 54)], [0.95, 0.3], image="b.tif")
+    images = [image(gt_frame(gt_a), distractors=distractors), image(gt_frame(gt_b), name="b.tif")]
+    m = evaluate(pd.concat([dets_a, dets_b]), images, EvaluateConfig(fixed_recalls=[0.6, 1.0]))
+    # recall 1.0 needs the TP at 0.8: FPs above it are the duplicate (0.85) only
+    assert m["fp_kinds_at_recall"]["0.6"] == {"threshold": 0.9, "look-alike": 0, "background": 0, "duplicate": 0,
+                                              "localisation": 0}
+    kinds = m["fp_kinds_at_recall"]["1.0"]
+    assert kinds["threshold"] == pytest.approx(0.8)
+    assert (kinds["duplicate"], kinds["localisation"], kinds["look-alike"], kinds["background"]) == (1, 0, 0, 0)
+    m2 = evaluate(pd.concat([dets_a, dets_b]), images, EvaluateConfig(fixed_recalls=[1.0], score_threshold=0.05))
+    assert m2["per_image"]["a.tif"]["n_gt"] == 2 and m2["per_image"]["b.tif"]["n_gt"] == 1
+    assert m2["per_image"]["b.tif"]["fp_per_km2_at_recall"]["1.0"] == 0.0
+    assert m2["per_image"]["a.tif"]["fp_per_km2_at_recall"]["1.0"] == pytest.approx(1 / AREA_KM2)
+    assert m2["tp_score_quantiles"]["0.5"] == pytest.approx(0.9)
+    # every kind once: lower the recall target's threshold to take every a.tif detection
+    low = evaluate(dets_a, images[:1], EvaluateConfig(fixed_recalls=[1.0]))
+    assert low["fp_kinds_at_recall"]["1.0"]["duplicate"] == 1
+    everything = evaluate(dets_a.assign(score=[0.1, 0.05, 0.9, 0.8, 0.7, 0.6, 0.5]), images[:1],
+                          EvaluateConfig(fixed_recalls=[1.0]))
+    assert everything["fp_kinds_at_recall"]["1.0"] == {"threshold": 0.05, "look-alike": 1, "background": 2,
+                                                       "duplicate": 1, "localisation": 1}

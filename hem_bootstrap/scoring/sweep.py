@@ -6,6 +6,7 @@ implementations; evaluation and the benchmarks share them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,6 +85,35 @@ def fp_per_km2_at_recall(sweep: Sweep, recall: float, area_km2: float) -> float 
         return None
     hit = np.flatnonzero(sweep.recall >= recall - 1e-12)
     return float(sweep.fp[hit[0]] / area_km2) if len(hit) else None
+
+
+def threshold_at_recall(sweep: Sweep, recall: float) -> float | None:
+    """The highest score threshold whose kept detections reach ``recall`` (None if never reached)."""
+    if sweep.n_gt == 0:
+        return None
+    hit = np.flatnonzero(sweep.recall >= recall - 1e-12)
+    return float(sweep.scores[hit[0]]) if len(hit) and hit[0] > 0 else None
+
+
+LOG_AVG_RECALLS = tuple(round(0.5 + 0.05 * i, 2) for i in range(9))
+"""Recall points of :func:`log_average_fp_per_km2`: 0.5, 0.55, ..., 0.9."""
+
+
+def log_average_fp_per_km2(sweep: Sweep, area_km2: float, recalls: tuple[float, ...] = LOG_AVG_RECALLS) -> float | None:
+    """Geometric mean of FP/km² at ``recalls`` (0.5-0.9), the way pedestrian benchmarks log-average miss rate.
+
+    One number for the low-FP end of the curve that still separates two detectors when both
+    have no false positive at one recall. A point with no false positive counts as half a false
+    positive over the area (``0.5 / area_km2``), so the mean stays finite; a recall the detector
+    never reaches counts at the FP/km² of all its detections. None without ground truth or area.
+    """
+    if sweep.n_gt == 0 or area_km2 <= 0:
+        return None
+    floor = 0.5 / area_km2
+    end = float(sweep.fp[-1] / area_km2)
+    vals = [fp_per_km2_at_recall(sweep, r, area_km2) for r in recalls]
+    logs = [math.log(max(end if v is None else v, floor)) for v in vals]
+    return float(math.exp(sum(logs) / len(logs)))
 
 
 def recall_at_fp_per_km2(sweep: Sweep, fp_per_km2: float, area_km2: float) -> float | None:
