@@ -131,7 +131,7 @@ def detect_cli(cfg: ExperimentConfig, model: Path, images: list[str] | None, out
 
 def evaluate_cli(cfg: ExperimentConfig, model: Path, out: Path | None) -> str:
     """``hem evaluate``: metrics of a model on the held-out set (JSON text of the main ones)."""
-    inputs = check_inputs(cfg, ("test",))
+    inputs = check_inputs(cfg, ("val", "test"))
     init_distributed(cfg.runtime)
     ctx = make_context(cfg, _run_of(cfg), inputs)
     with tempfile.TemporaryDirectory() as tmp:  # under torchrun rank 0's scan output; the others write none

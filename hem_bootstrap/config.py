@@ -56,6 +56,11 @@ class DataConfig(_Section):
         default_factory=list, description="Imagery scanned for hard negatives (labels needed to tell FPs)."
     )
     test: list[ImageSet] = Field(default_factory=list, description="Held-out imagery, never mined.")
+    val: list[ImageSet] = Field(
+        default_factory=list,
+        description="Validation imagery, never trained on or mined: each round's operating threshold is chosen "
+        "here (evaluate.calibrate_recall) and applied to data.test, never chosen on the test scenes.",
+    )
     classes: list[str] = Field(default_factory=lambda: ["vehicle"], description="Class names, in id order.")
     class_field: str = Field("class", description="Label attribute holding the class name.")
     geometry: Literal["auto", "polygon", "point"] = Field(
@@ -248,6 +253,12 @@ class EvaluateConfig(_Section):
     score_threshold: float = Field(0.5, ge=0, le=1, description="Operating threshold.")
     fixed_recalls: list[float] = Field(default_factory=lambda: [0.8, 0.9], description="Report FP/km2 here.")
     fixed_fp_per_km2: list[float] = Field(default_factory=lambda: [10.0, 100.0], description="Report recall here.")
+    calibrate_recall: float = Field(
+        0.8, gt=0, le=1,
+        description="With data.val: the operating threshold of each round is the highest score reaching this "
+        "recall on data.val (harder negatives move scores, so a fixed score_threshold drifts); without "
+        "data.val, score_threshold is used.",
+    )
 
 
 class RuntimeConfig(_Section):

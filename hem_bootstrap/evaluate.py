@@ -59,6 +59,7 @@ from hem_bootstrap.scoring.sweep import (
     log_average_fp_per_km2,
     pr_curve,
     recall_at_fp_per_km2,
+    threshold_at_recall,
 )
 
 DISTRACTOR_IOU = 0.1
@@ -441,6 +442,7 @@ def _fp_rates(pooled: _Pooled, area: float, cfg: EvaluateConfig) -> dict[str, An
     return {
         "fp_per_km2": _ratio(int((~pooled.tp & op).sum()), area),
         "fp_per_km2_at_recall": {str(float(r)): fp_per_km2_at_recall(sweep, r, area) for r in cfg.fixed_recalls},
+        "threshold_at_recall": {str(float(r)): threshold_at_recall(sweep, r) for r in cfg.fixed_recalls},
         "log_avg_fp_per_km2": log_average_fp_per_km2(sweep, area),
         "fp_near_objects": int((pooled.near & op).sum()),
         "fp_away_per_km2": _ratio(int((~pooled.tp & away & op).sum()), area),

@@ -24,7 +24,9 @@ from hem_bootstrap.geo.raster import RasterInfo, open_raster
 
 log = logging.getLogger(__name__)
 
-ROLES = ("train", "pool", "test")
+ROLES = ("train", "pool", "val", "test")
+HELD_OUT = ("val", "test")
+"""Roles never trained on or mined."""
 
 
 @dataclass
@@ -169,9 +171,9 @@ def check_inputs(cfg: ExperimentConfig, roles: tuple[str, ...] = ROLES) -> Input
 
 def _check_held_out(path: Path, what: str, where: dict[Path, str]) -> None:
     other = where.get(path.resolve())
-    if other is not None and "test" in (what, other):
-        raise DataError(f"data.{what}: image {path} is also in data.{other}; held-out imagery must not be "
-                        "trained on or mined")
+    if other is not None and (what in HELD_OUT or other in HELD_OUT):
+        raise DataError(f"data.{what}: image {path} is also in data.{other}; held-out imagery (data.val, "
+                        "data.test) must not be trained on, mined or used twice")
     where[path.resolve()] = what
 
 

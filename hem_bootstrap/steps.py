@@ -18,7 +18,7 @@ import numpy as np
 import pyogrio
 import torch
 
-from hem_bootstrap.config import ExperimentConfig
+from hem_bootstrap.config import EvaluateConfig, ExperimentConfig
 from hem_bootstrap.data.training import ChipDataset, RatioBatchSampler, TrainImage, collate_chips
 from hem_bootstrap.detections import read_detections, write_detections
 from hem_bootstrap.distributed import broadcast_from_rank0
@@ -323,13 +323,44 @@ def hard_positives_step(ctx: Context, r: int, bank: NegativeBank) -> dict[str, A
 
 
 def evaluate_model(ctx: Context, model_path: Path, dets_out: Path) -> dict[str, Any]:
-    """Detect over the held-out set and compute metrics (AP, P/R, FP per km² of the ground searched)."""
+    """Detect over the held-out set and compute metrics (AP, P/R, FP per km² of the ground searched).
+
+    With ``data.val``, the operating point on the test scenes uses the threshold that reaches
+    ``evaluate.calibrate_recall`` on the validation scenes (``calibration`` in the metrics).
+    """
     cfg = ctx.cfg
-    summary = scan(ctx, model_path, "test", dets_out)
+    eval_cfg, calibration = cfg.evaluate, None
+    if cfg.data.val:
+        val = _evaluate_role(ctx, model_path, "val", dets_out.with_name("val_detections.gpkg"),
+                             cfg.evaluate.model_copy(update={"fixed_recalls": [cfg.evaluate.calibrate_recall]}))
+        if ctx.is_main:
+            calibration = _calibration(val, cfg.evaluate)
+            eval_cfg = cfg.evaluate.model_copy(update={"score_threshold": calibration["threshold"]})
+    metrics = _evaluate_role(ctx, model_path, "test", dets_out, eval_cfg)
+    if calibration is not None:
+        metrics["calibration"] = calibration
+    return metrics
+
+
+def _calibration(val: dict[str, Any], cfg: EvaluateConfig) -> dict[str, Any]:
+    """The validation threshold at ``cfg.calibrate_recall`` (``cfg.score_threshold`` if it is never reached)."""
+    key = str(float(cfg.calibrate_recall))
+    thr = val["threshold_at_recall"].get(key)
+    if thr is None:
+        log.warning("data.val never reaches recall %s; the operating threshold stays evaluate.score_threshold=%s",
+                    cfg.calibrate_recall, cfg.score_threshold)
+    return {"recall_target": cfg.calibrate_recall, "threshold": cfg.score_threshold if thr is None else thr,
+            "reached": thr is not None, "val_ap50": val.get("ap50"), "val_fp_per_km2": val["fp_per_km2_at_recall"].get(key),
+            "val_area_km2": val.get("area_km2")}
+
+
+def _evaluate_role(ctx: Context, model_path: Path, role: str, dets_out: Path, eval_cfg: EvaluateConfig) -> dict[str, Any]:
+    cfg = ctx.cfg
+    summary = scan(ctx, model_path, role, dets_out)
     if not ctx.is_main:
         return {}
     images, areas = [], {}
-    for t in ctx.data.readable("test"):
+    for t in ctx.data.readable(role):
         info = t.header()
         area = t.searched_area(cfg)
         areas[str(t.path)] = {"raster_km2": area.raster_km2, "valid_km2": area.valid_km2,
@@ -337,7 +368,7 @@ def evaluate_model(ctx: Context, model_path: Path, dets_out: Path) -> dict[str, 
         images.append(EvalImage(image=str(t.path), gt=t.truth(cfg), area_km2=area.evaluated_km2,
                                 transform=info.transform, distractors=t.distractors(), ignore=t.zones(),
                                 metres_per_unit=info.metres_per_unit()))
-    metrics = evaluate(read_detections(dets_out), images, cfg.evaluate, matching=cfg.mining.matching,
+    metrics = evaluate(read_detections(dets_out), images, eval_cfg, matching=cfg.mining.matching,
                        center_dist=cfg.mining.center_dist_m)
     metrics["area_by_image"] = areas
     metrics["scan"] = summary
@@ -350,7 +381,10 @@ def step_evaluate(ctx: Context, r: int) -> dict[str, Any]:
     metrics = evaluate_model(ctx, rd / "model.pt", rd / "test_detections.gpkg")
     if ctx.is_main:
         write_metrics(rd / "metrics.json", metrics)
-    return {k: metrics.get(k) for k in ("ap50", "ap", "precision", "recall", "fp_per_km2")}
+    info = {k: metrics.get(k) for k in ("ap50", "ap", "precision", "recall", "fp_per_km2", "log_avg_fp_per_km2")}
+    if "calibration" in metrics:
+        info["threshold"] = metrics["calibration"]["threshold"]
+    return info
 
 
 def save_empty_bank(ctx: Context) -> None:
