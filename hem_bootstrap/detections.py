@@ -209,8 +209,8 @@ def read_detections(path: Path) -> gpd.GeoDataFrame:
     With more than one CRS the frame has none and each row keeps its raster's coordinates
     (:func:`~hem_bootstrap.geo.frames.concat_native`): its consumers work image by image.
     """
-    frames = [gpd.read_file(path, layer=name) for name, _ in pyogrio.list_layers(path)]
-    frames = [f for f in frames if len(f)]
-    if not frames:
-        return empty_detections()
+    every = [gpd.read_file(path, layer=name) for name, _ in pyogrio.list_layers(path)]
+    frames = [f for f in every if len(f)]
+    if not frames:  # an empty scan keeps its raster's CRS
+        return empty_detections(every[0].crs if every else None)
     return concat_native(frames)

@@ -20,7 +20,7 @@ import torch
 
 from hem_bootstrap.config import EvaluateConfig, ExperimentConfig
 from hem_bootstrap.data.training import ChipDataset, RatioBatchSampler, TrainImage, collate_chips
-from hem_bootstrap.detections import read_detections, write_detections
+from hem_bootstrap.detections import empty_detections, read_detections, write_detections
 from hem_bootstrap.distributed import broadcast_from_rank0
 from hem_bootstrap.evaluate import EvalImage, evaluate, write_metrics
 from hem_bootstrap.files import atomic_copy, atomic_path
@@ -183,11 +183,24 @@ def step_detect(ctx: Context, r: int) -> dict[str, Any]:
     """Scan the pool with the previous round's model (and the training images, for hard positives)."""
     rd = ctx.run.round_dir(r)
     model = ctx.run.round_dir(r - 1) / "model.pt"
+    if not _needs_pool_scan(ctx, r):
+        if ctx.is_main:
+            crs = next((t.header().crs for t in ctx.data.readable("pool")), None)
+            write_detections(iter([empty_detections(crs)]), rd / "detections.gpkg")
+        return {"detections": 0, "tiles": 0, "skipped": "mining.strategies: none, and no bank to refresh"}
     info = scan(ctx, model, "pool", rd / "detections.gpkg")
     if ctx.cfg.train.hard_positive_factor > 1:
         train_scan = scan(ctx, model, "train", rd / "train_detections.gpkg")
         info["train_scan"] = {k: train_scan[k] for k in ("detections", "tiles", "seconds")}
     return info
+
+
+def _needs_pool_scan(ctx: Context, r: int) -> bool:
+    """False for a no-mining control with nothing to re-score: scanning the pool would feed nothing."""
+    cfg = ctx.cfg
+    if cfg.train.hard_positive_factor > 1 or any(s.name != "none" for s in cfg.mining.strategies):
+        return True
+    return bool(cfg.bank.refresh and len(NegativeBank.load(ctx.run.round_dir(r - 1) / "bank.gpkg").active()))
 
 
 # ------------------------------------------------------------------------------ mine
@@ -231,9 +244,11 @@ def select_negatives(ctx: Context, r: int, pool: PoolMatch) -> tuple[gpd.GeoData
     selected = spatial_dedupe(strategy.select(pool.fps, rng), cfg.mining.dedupe_iou)
     shadow: dict[str, int] = {}
     if strategy.random:
-        shadow = {"strategy_selected": len(selected), "shadow_new": shadow_count(ctx, r, selected)}
+        fixed = strategy.random_k
+        shadow = ({"random_k": fixed} if fixed is not None else
+                  {"strategy_selected": len(selected), "shadow_new": shadow_count(ctx, r, selected)})
         box_px = typical_box_px(selected) if len(selected) else None
-        selected = random_windows(shadow["shadow_new"], pool.images, cfg.tiling.tile_size, rng, avoid=pool.truths,
+        selected = random_windows(shadow.get("shadow_new", fixed or 0), pool.images, cfg.tiling.tile_size, rng, avoid=pool.truths,
                                   box_px=box_px)
     if len(selected):
         own = {m[0]: crs_text(m[4]) for m in pool.images}

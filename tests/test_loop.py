@@ -141,6 +141,25 @@ def test_random_baseline_adds_as_many_as_the_strategy_would_newly_bank(scenes: P
     assert not shadow_boxes & set(map(tuple, bank[["image", "px_xmin", "px_ymin"]].to_numpy().tolist()))
 
 
+def test_fixed_random_count_and_no_mining_skips_the_pool_scan(scenes: Path, tmp_path: Path) -> None:
+    """``random`` with ``k`` adds exactly k random windows a round; a no-mining control scans no pool."""
+    cfg_path = small_config(scenes, tmp_path, name="dense", mining__strategies=[{"name": "random", "k": 7}],
+                            bank__refresh=False)
+    run = run_experiment(load_config(cfg_path), config_path=cfg_path, print_table=False)
+    manifest = json.loads((run / "manifest.json").read_text())
+    mine = {e["round"]: e["steps"]["mine"] for e in manifest["rounds"] if e["round"] > 0}
+    assert [mine[r]["new_negatives"] for r in (1, 2)] == [7, 7] and mine[1]["random_k"] == 7
+    assert len(_bank(run)) == 14 and _bank(run)["score"].isna().all()
+
+    cfg_path = small_config(scenes, tmp_path, name="none", mining__strategies=[{"name": "none"}])
+    run = run_experiment(load_config(cfg_path), config_path=cfg_path, print_table=False)
+    manifest = json.loads((run / "manifest.json").read_text())
+    for e in manifest["rounds"][1:]:
+        assert e["steps"]["detect"]["tiles"] == 0 and "skipped" in e["steps"]["detect"]
+        assert e["steps"]["mine"]["new_negatives"] == 0
+    assert "evaluate" in manifest["rounds"][-1]["steps"]
+
+
 def test_each_raster_header_is_read_and_labels_parsed_once_per_run(
     scenes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

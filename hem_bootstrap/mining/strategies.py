@@ -195,9 +195,12 @@ class RandomBaseline:
     The loop then mines random background boxes (:func:`random_windows`) instead of the
     false positives themselves: as many as the selection would have added as *new* rows to
     a bank of past selections (an FP found again only updates its row), so a random run and
-    a mining run add the same number of negatives.
+    a mining run add the same number of negatives. With ``k`` it adds exactly ``k`` random
+    windows per round instead (a dense sample of the pool: the upper-bound control that
+    trains on much of the pool with the same steps).
     """
 
+    k: int | None = None
     name: ClassVar[str] = "random"
     random: ClassVar[bool] = True
 
@@ -208,7 +211,9 @@ class RandomBaseline:
     @classmethod
     def from_spec(cls, spec: StrategySpec) -> RandomBaseline:
         """Build from a validated config entry."""
-        return cls()
+        if spec.k is not None:
+            _check_k(cls.name, spec.k)
+        return cls(spec.k)
 
 
 class NoMining:
@@ -238,6 +243,11 @@ class Compose:
     def random(self) -> bool:
         """True when a :class:`RandomBaseline` is part of the chain."""
         return any(getattr(s, "random", False) for s in self.strategies)
+
+    @property
+    def random_k(self) -> int | None:
+        """The fixed count of a ``random`` strategy with ``k`` (None: match the mining count)."""
+        return next((s.k for s in self.strategies if isinstance(s, RandomBaseline) and s.k is not None), None)
 
     def select(self, fps: gpd.GeoDataFrame, rng: np.random.Generator) -> gpd.GeoDataFrame:
         """Apply every strategy in turn."""
