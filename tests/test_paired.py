@@ -1,0 +1,35 @@
+"""The hierarchical paired bootstrap: a clear difference is found, no difference straddles zero."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hem_bootstrap.scoring.paired import paired_bootstrap
+
+
+def _seeds(rng: np.random.Generator, shift: float, n_seeds: int = 6, n_scenes: int = 3) -> tuple[dict, dict]:
+    b = {s: list(rng.uniform(50, 150, n_scenes)) for s in range(n_seeds)}
+    a = {s: [v + shift + rng.normal(0, 5) for v in b[s]] for s in b}
+    return a, b
+
+
+def test_a_clear_gain_lies_below_zero_and_no_gain_straddles_it() -> None:
+    rng = np.random.default_rng(1)
+    a, b = _seeds(rng, -20.0)
+    d = paired_bootstrap(a, b, n_boot=2000)
+    assert d is not None and d.hi < 0 and d.lo < d.mean < d.hi
+    assert d.mean == pytest.approx(-20.0, abs=4)
+    assert (d.n_seeds, d.n_pairs) == (6, 18) and d.a_lower >= 16
+    a0, b0 = _seeds(rng, 0.0)
+    d0 = paired_bootstrap(a0, b0, n_boot=2000)
+    assert d0 is not None and d0.lo < 0 < d0.hi
+
+
+def test_missing_values_are_left_out_and_nothing_paired_is_none() -> None:
+    a = {1: [10.0, None, 5.0], 2: [None]}
+    b = {1: [12.0, 3.0, 9.0], 2: [1.0], 3: [4.0]}
+    d = paired_bootstrap(a, b, n_boot=500)
+    assert d is not None and (d.n_seeds, d.n_pairs) == (1, 2) and d.mean == pytest.approx(-3.0)
+    assert paired_bootstrap({1: [None]}, {1: [2.0]}) is None
+    assert paired_bootstrap(a, b, n_boot=500).text() == d.text()  # reproducible
