@@ -130,6 +130,11 @@ class ModelConfig(_Section):
     )
     focal_alpha: float = Field(0.25, ge=0, le=1, description="Focal loss alpha (RetinaNet, FCOS, box_focal).")
     focal_gamma: float = Field(2.0, ge=0, description="Focal loss gamma (RetinaNet, FCOS, box_focal).")
+    width: float = Field(
+        1.0, gt=0, le=4,
+        description="small_fcos / small_frcnn: channel multiplier of the trunk and FPN (capacity to absorb harder "
+        "negatives; 1.5 is about 2.2x the compute).",
+    )
     box_focal: bool = Field(False, description="Faster R-CNN: focal loss instead of cross-entropy in the box head.")
 
 

@@ -309,3 +309,21 @@ def test_device_helpers() -> None:
     a = torch.rand(3)
     seed_everything(3)
     assert torch.equal(a, torch.rand(3))
+
+
+@pytest.mark.parametrize("arch", ["small_fcos", "small_frcnn"])
+def test_width_widens_the_small_trunk_and_fpn(arch: str) -> None:
+    """``model.width`` scales the channels (multiples of 8); the wider model still detects at tile size."""
+    def n_params(width: float) -> int:
+        model = build_detector(ModelConfig(arch=arch, width=width), num_classes=2, tile_size=128)
+        return sum(p.numel() for p in model.parameters())
+
+    model = build_detector(ModelConfig(arch=arch, width=1.5), num_classes=2, tile_size=128)
+    assert model.backbone.out_channels == 96 and model.backbone.body.out_widths == [48, 96, 192]
+    assert n_params(1.5) > 1.4 * n_params(1.0)
+    model.eval()
+    with torch.no_grad():
+        out = model([torch.rand(3, 128, 128)])
+    assert set(out[0]) >= {"boxes", "scores", "labels"}
+    with pytest.raises(ValueError, match="width"):
+        ModelConfig(width=0)

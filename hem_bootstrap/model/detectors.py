@@ -108,15 +108,21 @@ class SmallTrunk(nn.Module):
 class SmallBackbone(nn.Module):
     """:class:`SmallTrunk` plus torchvision's FPN; ``out_channels`` as torchvision detectors expect."""
 
-    def __init__(self, fpn_channels: int = 64) -> None:
+    def __init__(self, fpn_channels: int = 64, width: float = 1.0) -> None:
         super().__init__()
-        self.body = SmallTrunk()
+        self.body = SmallTrunk(_widened((24, 32, 64, 128), width))
+        fpn_channels = _widened((fpn_channels,), width)[0]
         self.fpn = FeaturePyramidNetwork(self.body.out_widths, fpn_channels)
         self.out_channels = fpn_channels
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         """Pyramid features at strides 4, 8, 16."""
         return self.fpn(self.body(x))
+
+
+def _widened(widths: tuple[int, ...], factor: float) -> tuple[int, ...]:
+    """Channel counts times ``factor``, rounded to multiples of 8 (fast on CPU BLAS and tensor cores)."""
+    return tuple(max(8, int(round(w * factor / 8)) * 8) for w in widths)
 
 
 #: Strides of the small backbone's pyramid levels.
@@ -135,7 +141,7 @@ def _fcos_point_sizes(model_cfg: ModelConfig, strides: tuple[int, ...]) -> tuple
 
 
 def _build_small_fcos(model_cfg: ModelConfig, num_classes: int, tile_size: int) -> nn.Module:
-    backbone = SmallBackbone(fpn_channels=64)
+    backbone = SmallBackbone(fpn_channels=64, width=model_cfg.width)
     sizes = _fcos_point_sizes(model_cfg, SMALL_STRIDES)
     anchors = AnchorGenerator(sizes, ((1.0,),) * len(sizes))
     head = FCOSHead(backbone.out_channels, 1, num_classes, num_convs=2)
@@ -163,7 +169,7 @@ def _build_small_frcnn(model_cfg: ModelConfig, num_classes: int, tile_size: int)
     ResNet features); the RPN keeps fewer proposals than torchvision's 2000 and the box head
     samples 256 RoIs per tile, not 512: a tile holds tens of objects, not an image's hundreds.
     """
-    backbone = SmallBackbone(fpn_channels=64)
+    backbone = SmallBackbone(fpn_channels=64, width=model_cfg.width)
     sizes = _level_sizes(model_cfg.anchor_sizes, len(SMALL_STRIDES))
     anchors = AnchorGenerator(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * len(sizes))
     pooler = MultiScaleRoIAlign([str(i) for i in range(len(SMALL_STRIDES))], output_size=7, sampling_ratio=2)
