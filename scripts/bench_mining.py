@@ -103,7 +103,9 @@ def config_tree(scenes: Path, runs: Path, name: str, arm: str, a: argparse.Names
         "data": {"train": [iset("train")], "pool": [iset(f"pool_{i}") for i in range(a.pool_rasters)],
                  "val": [iset("val")], "test": [iset(f"test_{i}") for i in range(a.test_scenes)]},
         "train": {"steps": a.steps, "finetune_steps": a.finetune_steps, "batch_size": 8},
-        "mining": {"strategies": strategies},
+        # the pool has no vehicles, so a reviewer would confirm every suspect as a negative: bank them
+        # (the default, hold, waits for a person and would keep the most confident look-alikes out)
+        "mining": {"strategies": strategies, "review_mode": "bank"},
         "rounds": {"name": name, "out_dir": str(runs), "n_rounds": a.rounds, "stop_if_no_new": False},
         "runtime": {"workers": a.workers, "seed": a.train_seed, "threads": a.threads},
     }
