@@ -110,7 +110,8 @@ class SmallBackbone(nn.Module):
 
     def __init__(self, fpn_channels: int = 64, width: float = 1.0) -> None:
         super().__init__()
-        self.body = SmallTrunk(_widened((24, 32, 64, 128), width))
+        a, b, c, d = _widened((24, 32, 64, 128), width)
+        self.body = SmallTrunk((a, b, c, d))
         fpn_channels = _widened((fpn_channels,), width)[0]
         self.fpn = FeaturePyramidNetwork(self.body.out_widths, fpn_channels)
         self.out_channels = fpn_channels

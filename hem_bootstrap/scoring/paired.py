@@ -46,18 +46,18 @@ def paired_bootstrap(
     Returns:
         The mean difference with its interval, or None when no seed has a complete pair.
     """
-    diffs = []
+    diffs: list[np.ndarray] = []
     for s in sorted(set(a) & set(b)):
-        d = [x - y for x, y in zip(a[s], b[s], strict=True) if x is not None and y is not None]
-        if d:
-            diffs.append(np.asarray(d, dtype=np.float64))
+        pairs = [x - y for x, y in zip(a[s], b[s], strict=True) if x is not None and y is not None]
+        if pairs:
+            diffs.append(np.asarray(pairs, dtype=np.float64))
     if not diffs:
         return None
     rng = np.random.default_rng(seed)
     n, m = len(diffs), max(len(d) for d in diffs)
     table = np.full((n, m), np.nan)  # seeds x scenes; a seed with fewer pairs resamples among its own
-    for i, d in enumerate(diffs):
-        table[i, : len(d)] = d
+    for i, row in enumerate(diffs):
+        table[i, : len(row)] = row
     counts = np.array([len(d) for d in diffs])
     picks = rng.integers(0, n, size=(n_boot, n))
     scenes = (rng.random((n_boot, n, m)) * counts[picks][..., None]).astype(np.int64)

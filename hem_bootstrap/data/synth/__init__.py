@@ -158,18 +158,19 @@ def _in_share_of_windows(distractors: list[_Thing], spec: SceneSpec, rng: np.ran
     Windows are drawn among those holding at least one look-alike; a share larger than the
     layout can fill is an error naming the most it can.
     """
+    share = float(spec.lookalike_share or 0.0)
     side = TILE_SIZE * spec.gsd
     n_cols = n_rows = math.ceil(spec.size / TILE_SIZE)
     cells = np.array([int(d.box.cy // side) * n_cols + int(d.box.cx // side) for d in distractors], dtype=np.int64)
     occupied = np.unique(cells)
-    want = round(float(spec.lookalike_share) * n_cols * n_rows)
+    want = round(share * n_cols * n_rows)
     if want > len(occupied):
         raise ConfigError(
             f"SceneSpec.lookalike_share={spec.lookalike_share}: this layout has look-alikes in only "
             f"{len(occupied)} of {n_cols * n_rows} windows ({len(occupied) / (n_cols * n_rows):.3f}); use a lower share"
         )
     keep = set(rng.choice(occupied, size=want, replace=False).tolist()) if want else set()
-    return [d for d, c in zip(distractors, cells) if int(c) in keep]
+    return [d for d, c in zip(distractors, cells, strict=True) if int(c) in keep]
 
 
 def lookalike_window_share(distractors: gpd.GeoDataFrame, transform: Affine, size: int) -> float:
