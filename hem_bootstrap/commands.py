@@ -27,8 +27,9 @@ from hem_bootstrap.model.checkpoints import export_model
 from hem_bootstrap.rundir import RunDir
 from hem_bootstrap.steps import STEPS_ROUND, STEPS_ROUND0, evaluate_model, scan, step_train
 
-EVALUATE_KEYS = ("ap50", "ap", "precision", "recall", "f1", "fp_per_km2", "fp_per_km2_at_recall",
-                 "recall_at_fp_per_km2", "fp_on_distractors_share", "n_gt", "n_det", "area_km2")
+EVALUATE_KEYS = ("ap50", "ap", "score_threshold", "precision", "recall", "f1", "fp_per_km2", "fp_per_km2_at_recall",
+                 "log_avg_fp_per_km2", "recall_at_fp_per_km2", "fp_on_distractors_share", "n_gt", "n_det", "area_km2",
+                 "calibration")
 
 
 def run_status(run_dir: Path) -> str:
@@ -160,6 +161,7 @@ def export_model_cli(run_dir: Path, out: Path, round_idx: int | None) -> str:
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
     card = {
         "architecture": cfg_tree["model"]["arch"],
+        "width": cfg_tree["model"].get("width", 1.0),
         "classes": cfg_tree["data"]["classes"],
         "tile_size": cfg_tree["tiling"]["tile_size"],
         "bands": cfg_tree["data"]["bands"],

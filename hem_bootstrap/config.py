@@ -180,7 +180,7 @@ class StrategySpec(_Section):
         ..., description="Strategy kind."
     )
     threshold: float | None = Field(None, ge=0, le=1, description="threshold: keep FPs with score > this.")
-    k: int | None = Field(None, gt=0, description="per_image_cap / per_tile_cap / budget: how many to keep; random: exactly this many random windows per round.")
+    k: int | None = Field(None, gt=0, description="per_image_cap / per_tile_cap / budget: how many to keep; random: this many random windows per round (fewer only where they cannot avoid ground truth).")
     lo: float | None = Field(None, ge=0, le=1, description="score_band: lower bound (inclusive).")
     hi: float | None = Field(None, ge=0, le=1, description="score_band: upper bound (exclusive).")
 

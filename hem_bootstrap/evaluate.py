@@ -229,8 +229,8 @@ def _distractor_class(frame: gpd.GeoDataFrame) -> np.ndarray:
     return np.full(len(frame), "distractor", dtype=object)
 
 
-def _fp_on_distractors(boxes: np.ndarray, distractors: gpd.GeoDataFrame) -> list[str | None]:
-    """For each FP box: the class of the distractor it lies on (IoU > 0.1 or centre inside), else None."""
+def distractor_hits(boxes: np.ndarray, distractors: gpd.GeoDataFrame) -> list[str | None]:
+    """For each box (map coordinates, e.g. a false positive): the class of the distractor it lies on (IoU > 0.1 or centre inside), else None."""
     out: list[str | None] = [None] * len(boxes)
     geoms = np.asarray(distractors.geometry.values, dtype=object)
     valid = ~(shapely.is_missing(geoms) | shapely.is_empty(geoms))
@@ -266,7 +266,7 @@ def _distractor_stats(
         if dis is None or len(dis) == 0:
             hits.extend([None] * int(fp.sum()))
         else:
-            hits.extend(_fp_on_distractors(im.det_boxes[fp], dis))
+            hits.extend(distractor_hits(im.det_boxes[fp], dis))
     on = [h for h in hits if h is not None]
     return {
         "fp_on_distractors": len(on),
@@ -355,7 +355,7 @@ def evaluate(
         "n_det": int(len(pooled.scores)),
         "n_ignored": int(sum(im.n_ignored for im in prepared.values())),
         "pr_curve": pr_curve(build_sweep(pooled.scores, pooled.tp, pooled.n_gt)),
-        **_diagnostics(prepared, flags, pooled, by_key, cfg),
+        **_diagnostics(prepared, flags, pooled, by_key, cfg, matching, thr),
     }
     if len(categories) > 1:
         metrics["per_class"] = _per_class(pooled, categories, per_class_ap, _class_names(images))
@@ -366,18 +366,18 @@ def evaluate(
 
 def _diagnostics(
     prepared: dict[str, PreparedImage], flags: dict[str, np.ndarray], pooled: _Pooled,
-    by_key: dict[str, EvalImage], cfg: EvaluateConfig,
+    by_key: dict[str, EvalImage], cfg: EvaluateConfig, matching: str, thr: float,
 ) -> dict[str, Any]:
     """Per-image FP/km², FPs by kind at the fixed recalls, and the spread of true-positive scores."""
 
     def on_distractor(key: str, boxes: np.ndarray) -> list[str | None]:
         dis = by_key[key].distractors
-        return [None] * len(boxes) if dis is None or len(dis) == 0 else _fp_on_distractors(boxes, dis)
+        return [None] * len(boxes) if dis is None or len(dis) == 0 else distractor_hits(boxes, dis)
 
     sweep = build_sweep(pooled.scores, pooled.tp, pooled.n_gt)
     return {
         "per_image": per_image(prepared, flags, {k: im.area_km2 for k, im in by_key.items()}, cfg.fixed_recalls),
-        "fp_kinds_at_recall": fp_kinds(prepared, flags, sweep, cfg.iou, cfg.fixed_recalls, on_distractor),
+        "fp_kinds_at_recall": fp_kinds(prepared, flags, sweep, thr, cfg.fixed_recalls, on_distractor, matching),
         "tp_score_quantiles": tp_score_quantiles(pooled.scores, pooled.tp),
     }
 

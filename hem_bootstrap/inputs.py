@@ -158,6 +158,9 @@ def check_inputs(cfg: ExperimentConfig, roles: tuple[str, ...] = ROLES) -> Input
     for what in roles:
         sets: list[ImageSet] = getattr(cfg.data, what)
         rasters[what] = []
+        for i, s in enumerate(sets):
+            if what == "val" and s.labels is None:
+                raise DataError(f"data.val[{i}]: no labels; validation imagery needs labels to choose a threshold")
         for path, s in expand(sets, what):
             _check_held_out(path, what, where)
             rasters[what].append(_check_raster(path, s, what, cfg))

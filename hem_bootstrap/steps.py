@@ -295,7 +295,7 @@ def step_mine(ctx: Context, r: int) -> dict[str, Any]:
     bank.save(rd / "bank.gpkg")
     atomic_copy(rd / "bank.gpkg", ctx.run.bank_path)
     return {
-        "pool_fp": int((pool.fps["score"] >= cfg.evaluate.score_threshold).sum()),
+        "pool_fp": int((pool.fps["score"] >= cfg.evaluate.score_threshold).sum()) if _needs_pool_scan(ctx, r) else None,
         "pool_fp_all": int(len(pool.fps)),
         "selected": int(len(selected)),
         "new_negatives": int(added["added"]),

@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 ARMS: dict[str, list[dict[str, Any]]] = {
@@ -54,6 +55,23 @@ ARMS: dict[str, list[dict[str, Any]]] = {
 }
 """Mining strategies of each arm; ``k: 0`` is filled in with ``--k`` (per raster) or the dense count."""
 METRICS = ("log_avg", "r0.8", "r0.9")
+SCENE_KEYS = ("train_size", "val_size", "pool_size", "pool_rasters", "test_size", "test_scenes", "gsd")
+RUN_KEYS = (*SCENE_KEYS, "rounds", "k", "steps", "finetune_steps", "train_seed", "set")
+"""Arguments a finished scene folder / run was made with: reusing one made otherwise is refused."""
+
+
+def check_made_with(folder: Path, a: argparse.Namespace, keys: tuple[str, ...]) -> None:
+    """Record the arguments ``folder`` is made with, or refuse to reuse it when they differ."""
+    made = {k: getattr(a, k) for k in keys}
+    record = folder / "bench_args.json"
+    if record.exists():
+        old = json.loads(record.read_text())
+        diff = [f"--{k.replace('_', '-')} {old.get(k)!r} (now {v!r})" for k, v in made.items() if old.get(k) != v]
+        if diff:
+            raise SystemExit(f"{folder} was made with {', '.join(diff)}; use another --work or --tag")
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(made))
 
 
 # ------------------------------------------------------------------------------------ scenes
@@ -66,12 +84,16 @@ def make_scenes(root: Path, density: float, seed: int, a: argparse.Namespace) ->
     out = root / "scenes" / f"d{density:g}_s{seed}"
     done = out / "done.json"
     if done.exists():
+        check_made_with(out, a, SCENE_KEYS)
         return out
-    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)
+    check_made_with(out, a, SCENE_KEYS)
 
     def spec(size: int, k: int, **kw: Any) -> SceneSpec:
         return SceneSpec(size=size, gsd=a.gsd, seed=seed * 100 + k, lookalike_share=density, **kw)
 
+    if a.pool_rasters > 10 or a.test_scenes > 10:
+        raise SystemExit("--pool-rasters and --test-scenes: at most 10 each (their scene seeds must not collide)")
     write_scene(out, spec(a.train_size, 1), name="train", compress="jpeg")
     write_scene(out, spec(a.val_size, 2), name="val", compress="jpeg")
     for i in range(a.pool_rasters):
@@ -122,16 +144,20 @@ def run_arm(scenes: Path, runs: Path, seed: int, arm: str, a: argparse.Namespace
     from hem_bootstrap.loop import run_experiment
 
     base = (a.round0_runs or runs) / f"s{seed}_round0"
-    if not (base / "round_000" / "metrics.json").exists():
+    finished = (base / "round_000" / "metrics.json").exists()
+    if a.round0_runs is not None and not finished:
+        raise SystemExit(f"--round0-from: {base} has no finished round 0; run that tag first")
+    if not finished:
         tree = config_tree(scenes, base.parent, base.name, "topk", a)
         tree["rounds"]["n_rounds"] = 0
         shutil.rmtree(base, ignore_errors=True)
         run_experiment(config_from_tree(tree, scenes), print_table=False)
     run = runs / f"s{seed}_{arm}"
     if (run / "table.txt").exists():
+        check_made_with(run, a, RUN_KEYS)
         return run
     shutil.rmtree(run, ignore_errors=True)
-    run.mkdir(parents=True)
+    check_made_with(run, a, RUN_KEYS)
     shutil.copytree(base / "round_000", run / "round_000")
     manifest = json.loads((base / "manifest.json").read_text())
     manifest["name"] = run.name
@@ -171,36 +197,44 @@ def collect(run: Path, scenes: Path) -> list[dict[str, Any]]:
             "op_fp_km2": m.get("fp_per_km2"),
             "bank": e.get("bank_size", 0),
             "new": e.get("new_negatives", 0),
-            "mined_on_lookalikes": lookalike_share_of_mined(run / f"round_{r:03d}" / "mined.gpkg", scenes)
-            if r > 0 else None,
+            **(mined_on_lookalikes(run / f"round_{r:03d}" / "mined.gpkg", scenes) if r > 0 else {}),
         })
     return rows
 
 
-def lookalike_share_of_mined(path: Path, scenes: Path) -> float | None:
-    """Share of a round's added windows (chips) that hold a labelled look-alike."""
+def mined_on_lookalikes(path: Path, scenes: Path) -> dict[str, float | None]:
+    """Of a round's added bank rows: the share whose box lies on a labelled look-alike, and whose chip window holds one.
+
+    The box test is evaluation's (IoU > 0.1 or centre inside); random rows are boxes drawn at
+    random, so their box share is the chance a random draw lands on a look-alike, and their
+    window share the chance a random chip shows one at all.
+    """
     import geopandas as gpd
     import rasterio
     import shapely
 
-    if not path.exists():
-        return None
-    mined = gpd.read_file(path)
-    if len(mined) == 0:
-        return None
-    hits = 0
+    from hem_bootstrap.evaluate import distractor_hits
+
+    if not path.exists() or len(mined := gpd.read_file(path)) == 0:
+        return {"box_on_lookalike": None, "window_with_lookalike": None}
+    on_box = in_window = 0
     for image, rows in mined.groupby("image"):
-        stem = Path(str(image)).stem
-        dis = gpd.read_file(scenes / f"{stem}_distractors.gpkg")
+        dis = gpd.read_file(scenes / f"{Path(str(image)).stem}_distractors.gpkg")
         with rasterio.open(image) as ds:
             t = ds.transform
-        tree = shapely.STRtree(dis.geometry.values) if len(dis) else None
-        for w in rows.itertuples():
-            x0, y0 = t * (w.win_col, w.win_row)
-            x1, y1 = t * (w.win_col + w.win_w, w.win_row + w.win_h)
-            win = shapely.box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
-            hits += int(tree is not None and len(tree.query(win, predicate="contains")) > 0)
-    return hits / len(mined)
+        boxes = rows[["px_xmin", "px_ymin", "px_xmax", "px_ymax"]].to_numpy(dtype=float)
+        x0, y0 = t * (boxes[:, 0], boxes[:, 1])
+        x1, y1 = t * (boxes[:, 2], boxes[:, 3])
+        map_boxes = np.stack([np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1), np.maximum(y0, y1)], 1)
+        on_box += sum(h is not None for h in distractor_hits(map_boxes, dis))
+        if len(dis):
+            tree = shapely.STRtree(dis.geometry.values)
+            for w in rows.itertuples():
+                wx0, wy0 = t * (w.win_col, w.win_row)
+                wx1, wy1 = t * (w.win_col + w.win_w, w.win_row + w.win_h)
+                win = shapely.box(min(wx0, wx1), min(wy0, wy1), max(wx0, wx1), max(wy0, wy1))
+                in_window += int(len(tree.query(win, predicate="intersects")) > 0)
+    return {"box_on_lookalike": on_box / len(mined), "window_with_lookalike": in_window / len(mined)}
 
 
 # ------------------------------------------------------------------------------------ tables
@@ -217,14 +251,30 @@ def comparisons(results: dict[str, dict[int, list[dict[str, Any]]]], r: int) -> 
                 continue
             row: dict[str, Any] = {"arm": arm, "control": ctl}
             for metric in METRICS:
-                def per_seed(name: str, metric: str = metric) -> dict[int, list[float | None]]:
-                    return {s: _at(rows, r)["scenes"][metric] for s, rows in results[name].items() if _at(rows, r)}
-                d = paired_bootstrap(per_seed(arm), per_seed(ctl))
+                d = paired_bootstrap(_per_seed(results[arm], r, metric), _per_seed(results[ctl], r, metric))
                 row[metric] = None if d is None else d.__dict__
+            # the same as a ratio: FP counts are heavy-tailed (one hard scene can hold most of them), so the
+            # mean of per-scene log ratios is read beside the raw difference (same sign per pair)
+            d = paired_bootstrap(_per_seed(results[arm], r, "log_avg", log=True),
+                                 _per_seed(results[ctl], r, "log_avg", log=True))
+            row["log_avg_ratio"] = None if d is None else {**d.__dict__, **{k: math.exp(getattr(d, k))
+                                                                            for k in ("mean", "lo", "hi")}}
             ap = paired_bootstrap({s: [_at(x, r)["ap50"]] for s, x in results[arm].items() if _at(x, r)},
                                   {s: [_at(x, r)["ap50"]] for s, x in results[ctl].items() if _at(x, r)})
             row["ap50"] = None if ap is None else ap.__dict__
             out.append(row)
+    return out
+
+
+def _per_seed(by_seed: dict[int, list[dict[str, Any]]], r: int, metric: str,
+              log: bool = False) -> dict[int, list[float | None]]:
+    """Per seed, the per-scene values of ``metric`` at round ``r`` (natural log with ``log``; a zero stays out)."""
+    out = {}
+    for s, rows in by_seed.items():
+        x = _at(rows, r)
+        if x is not None:
+            vals = x["scenes"][metric]
+            out[s] = [math.log(v) if v else None for v in vals] if log else list(vals)
     return out
 
 
@@ -237,11 +287,12 @@ def _mean(vals: list[Any]) -> str:
     return "n/a" if not v else f"{sum(v) / len(v):.3g}" + ("" if len(v) == len(vals) else "*")
 
 
-def _ci(d: dict[str, Any] | None, fmt: str = ".3g") -> str:
+def _ci(d: dict[str, Any] | None, fmt: str = ".3g", one: float = 0.0) -> str:
+    """``mean [lo, hi]``, marked when the interval lies below (or above) ``one``; with the seed count that favours the arm."""
     if d is None:
         return "n/a"
-    mark = " **<0**" if d["hi"] < 0 else (" (>0)" if d["lo"] > 0 else "")
-    return f"{d['mean']:{fmt}} [{d['lo']:{fmt}}, {d['hi']:{fmt}}]{mark}"
+    mark = " **below**" if d["hi"] < one else (" (above)" if d["lo"] > one else "")
+    return f"{d['mean']:{fmt}} [{d['lo']:{fmt}}, {d['hi']:{fmt}}]{mark} {d['seeds_lower']}/{d['n_seeds']}"
 
 
 def markdown(by_density: dict[str, dict[str, dict[int, list[dict[str, Any]]]]], rounds: int) -> tuple[str, dict]:
@@ -249,7 +300,7 @@ def markdown(by_density: dict[str, dict[str, dict[int, list[dict[str, Any]]]]], 
     for dens, results in by_density.items():
         lines += [f"### look-alikes in {float(dens):.0%} of windows", "",
                   "| arm | round | AP@0.5 | log-avg FP/km² (R 0.5-0.9) | FP/km² @R0.8 | FP/km² @R0.9 | FP kinds @R0.8 "
-                  "(look-alike/background/dup/loc) | TP score median | val thr | added | mined windows on look-alikes |",
+                  "(look-alike/background/dup/loc) | TP score median | val thr | added | added boxes on / chips with a look-alike |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for arm, by_seed in results.items():
             for r in range(rounds + 1):
@@ -263,14 +314,17 @@ def markdown(by_density: dict[str, dict[str, dict[int, list[dict[str, Any]]]]], 
                              f"{_mean([x['r0.8'] for x in xs])} | {_mean([x['r0.9'] for x in xs])} | {k} | "
                              f"{_mean([(x['tp_scores'] or {}).get('0.5') for x in xs])} | "
                              f"{_mean([x['val_threshold'] for x in xs])} | {_mean([x['new'] for x in xs])} | "
-                             f"{_mean([x['mined_on_lookalikes'] for x in xs])} |")
+                             f"{_mean([x.get('box_on_lookalike') for x in xs])} / "
+                             f"{_mean([x.get('window_with_lookalike') for x in xs])} |")
         comp = comparisons(results, rounds)
         stats[dens] = comp
-        lines += ["", f"Round {rounds}, paired difference arm - control, mean [95 % bootstrap interval over seeds "
-                  "and scenes]; **<0**: the arm has fewer FPs for sure:", "",
-                  "| arm | control | log-avg FP/km² | FP/km² @R0.8 | FP/km² @R0.9 | AP@0.5 |", "|---|---|---|---|---|---|"]
-        lines += [f"| {c['arm']} | {c['control']} | {_ci(c['log_avg'])} | {_ci(c['r0.8'])} | {_ci(c['r0.9'])} | "
-                  f"{_ci(c['ap50'], '.3f')} |" for c in comp]
+        lines += ["", f"Round {rounds}, paired difference arm - control: mean [95 % bootstrap interval over seeds "
+                  "and scenes], then the seeds whose mean favours the arm; **below**: the interval lies below zero "
+                  "(for the ratio: below 1):", "",
+                  "| arm | control | log-avg FP/km² | ratio of log-avg FP/km² | FP/km² @R0.8 | FP/km² @R0.9 | AP@0.5 |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {c['arm']} | {c['control']} | {_ci(c['log_avg'])} | {_ci(c['log_avg_ratio'], '.2f', 1.0)} | "
+                  f"{_ci(c['r0.8'])} | {_ci(c['r0.9'])} | {_ci(c['ap50'], '.3f')} |" for c in comp]
         lines.append("")
     lines.append("Means over seeds (* = some seeds never reached that recall); FP/km² over the test scenes "
                  "together; intervals over per-scene values.")

@@ -35,12 +35,23 @@ def test_bench_mining_toy_sweep(tmp_path: Path) -> None:
     r1 = {arm: next(x for x in rows["1"] if x["round"] == 1) for arm, rows in arms.items()}
     assert r1["none"]["new"] == 0 and r1["dense"]["new"] == 2 * 16  # dense: every tile window of the pool
     assert 0 < r1["random"]["new"] <= 8 and 0 < r1["topk"]["new"] <= 8
+    assert r1["random"]["box_on_lookalike"] is not None and r1["topk"]["window_with_lookalike"] is not None
     for x in r1.values():
         assert len(x["scenes"]["log_avg"]) == 2 and x["val_threshold"] is not None
     comp = {(c["arm"], c["control"]) for c in out["comparisons"]["0.2"]}
     assert ("topk", "random") in comp and ("topk", "none") in comp
     assert "paired difference" in (tmp_path / "default.md").read_text()
-    # finished runs are kept: a second call trains nothing and tabulates the same
-    again = _bench(tmp_path, "--arms", "none", "random", "topk", "dense", "--collect-only")
+    # finished runs are kept: a second call trains nothing; a run without its table is redone, alone
+    runs = tmp_path / "runs" / "default" / "d0.2"
+    stamps = {p.name: (p / "manifest.json").stat().st_mtime_ns for p in runs.iterdir()}
+    (runs / "s1_topk" / "table.txt").unlink()
+    again = _bench(tmp_path, "--arms", "none", "random", "topk", "dense")
     assert again.returncode == 0, again.stderr[-2000:]
-    assert json.loads((tmp_path / "default.json").read_text())["results"] == out["results"]
+    changed = {p.name for p in runs.iterdir() if (p / "manifest.json").stat().st_mtime_ns != stamps.get(p.name)}
+    assert changed == {"s1_topk"}
+    collected = _bench(tmp_path, "--arms", "none", "random", "topk", "dense", "--collect-only")
+    assert collected.returncode == 0, collected.stderr[-2000:]
+    assert set(json.loads((tmp_path / "default.json").read_text())["results"]["0.2"]) == set(arms)
+    # the same folders with other settings are refused, not silently reused
+    other = _bench(tmp_path, "--arms", "none", "--k", "3")
+    assert other.returncode != 0 and "--k 4" in other.stderr and "--work or --tag" in other.stderr

@@ -33,3 +33,12 @@ def test_missing_values_are_left_out_and_nothing_paired_is_none() -> None:
     assert d is not None and (d.n_seeds, d.n_pairs) == (1, 2) and d.mean == pytest.approx(-3.0)
     assert paired_bootstrap({1: [None]}, {1: [2.0]}) is None
     assert paired_bootstrap(a, b, n_boot=500).text() == d.text()  # reproducible
+
+
+def test_spread_between_seeds_widens_the_interval() -> None:
+    """Scenes within a seed agree, seeds disagree: resampling seeds (not only scenes) must show it."""
+    b = {s: [100.0, 100.0, 100.0] for s in range(5)}
+    a = {s: [100.0 + shift] * 3 for s, shift in enumerate([-30.0, 10.0, -25.0, 15.0, -20.0])}
+    d = paired_bootstrap(a, b, n_boot=4000)
+    assert d is not None and d.lo < 0 < d.hi  # a flat bootstrap over the 15 pairs would not be this wide
+    assert d.hi - d.lo > 20 and (d.seeds_lower, d.a_lower) == (3, 9)

@@ -195,8 +195,8 @@ class RandomBaseline:
     The loop then mines random background boxes (:func:`random_windows`) instead of the
     false positives themselves: as many as the selection would have added as *new* rows to
     a bank of past selections (an FP found again only updates its row), so a random run and
-    a mining run add the same number of negatives. With ``k`` it adds exactly ``k`` random
-    windows per round instead (a dense sample of the pool: the upper-bound control that
+    a mining run add the same number of negatives. With ``k`` it adds ``k`` random windows
+    per round instead (fewer only where boxes cannot be placed clear of ground truth) (a dense sample of the pool: the upper-bound control that
     trains on much of the pool with the same steps).
     """
 

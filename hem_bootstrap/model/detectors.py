@@ -123,7 +123,7 @@ class SmallBackbone(nn.Module):
 
 def _widened(widths: tuple[int, ...], factor: float) -> tuple[int, ...]:
     """Channel counts times ``factor``, rounded to multiples of 8 (fast on CPU BLAS and tensor cores)."""
-    return tuple(max(8, int(round(w * factor / 8)) * 8) for w in widths)
+    return tuple(max(8, int(w * factor / 8 + 0.5) * 8) for w in widths)
 
 
 #: Strides of the small backbone's pyramid levels.

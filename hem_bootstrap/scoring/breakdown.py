@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from hem_bootstrap.geo.boxes import box_iou
-from hem_bootstrap.scoring.match import PreparedImage
+from hem_bootstrap.scoring.match import PreparedImage, center_dist, scaled
 from hem_bootstrap.scoring.sweep import (
     Sweep,
     build_sweep,
@@ -30,6 +30,8 @@ FP_KINDS = ("look-alike", "background", "duplicate", "localisation")
 ``duplicate``: a second box on an object (IoU >= the match IoU); ``localisation``: a box that
 overlaps an object (IoU > 0.1) too little to match it."""
 TP_SCORE_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+NEAR_IOU = 0.1
+"""Above this IoU with an object a false positive is a localisation error (as ``evaluate.NEAR_OBJECT_IOU``)."""
 
 OnDistractor = Callable[[str, np.ndarray], list[Any]]
 """``(image key, FP boxes) -> per box: the distractor class it lies on, or None``."""
@@ -54,35 +56,56 @@ def per_image(
 
 
 def fp_kinds(
-    prepared: dict[str, PreparedImage], flags: dict[str, np.ndarray], sweep: Sweep, iou: float,
-    recalls: Sequence[float], on_distractor: OnDistractor | None,
+    prepared: dict[str, PreparedImage], flags: dict[str, np.ndarray], sweep: Sweep, thr: float,
+    recalls: Sequence[float], on_distractor: OnDistractor | None, matching: str = "iou",
 ) -> dict[str, Any]:
-    """False positives by kind (:data:`FP_KINDS`) at the threshold where the pooled ``sweep`` reaches each recall."""
+    """False positives by kind (:data:`FP_KINDS`) at the threshold where the pooled ``sweep`` reaches each recall.
+
+    ``thr`` is the match IoU, or with ``matching="center"`` the centre distance in metres: a
+    duplicate is then within ``thr`` of an object's centre, a localisation error within ``2 * thr``.
+    Kinds ignore the class: a box on an object of another class is not a background error.
+    """
     out: dict[str, Any] = {}
     for r in recalls:
-        thr = threshold_at_recall(sweep, r)
-        if thr is None:
+        score = threshold_at_recall(sweep, r)
+        if score is None:
             out[str(float(r))] = None
             continue
         counts = dict.fromkeys(FP_KINDS, 0)
         for k, im in prepared.items():
-            fp = (im.det_scores >= thr) & ~flags[k]
-            for kind in _kinds(k, im.det_boxes[fp], im.gt_boxes, iou, on_distractor):
+            fp = (im.det_scores >= score) & ~flags[k]
+            closeness = _closeness(im.det_boxes[fp], im, matching)
+            for kind in _kinds(k, im.det_boxes[fp], closeness, thr, matching, on_distractor):
                 counts[kind] += 1
-        out[str(float(r))] = {"threshold": thr, **counts}
+        out[str(float(r))] = {"threshold": score, **counts}
     return out
 
 
-def _kinds(key: str, boxes: np.ndarray, gt: np.ndarray, iou: float, on_distractor: OnDistractor | None) -> list[str]:
+def _closeness(boxes: np.ndarray, im: PreparedImage, matching: str) -> np.ndarray:
+    """Per box: best IoU with any object, or (centre matching) the nearest object centre in metres."""
+    if len(im.gt_boxes) == 0:
+        return np.full(len(boxes), np.inf if matching == "center" else 0.0)
+    if matching == "center":
+        scale = im.metres_per_unit
+        return np.asarray(center_dist(scaled(boxes, scale), scaled(im.gt_boxes, scale)).min(axis=1))
+    return np.asarray(box_iou(boxes, im.gt_boxes).max(axis=1))
+
+
+def _kinds(
+    key: str, boxes: np.ndarray, closeness: np.ndarray, thr: float, matching: str, on_distractor: OnDistractor | None
+) -> list[str]:
     if len(boxes) == 0:
         return []
-    best = box_iou(boxes, gt).max(axis=1) if len(gt) else np.zeros(len(boxes))
     lookalike = on_distractor(key, boxes) if on_distractor is not None else [None] * len(boxes)
+    if matching == "center":
+        dup, loc = closeness <= thr, closeness <= 2 * thr
+    else:
+        dup, loc = closeness >= thr, closeness > NEAR_IOU
     kinds = []
-    for b, d in zip(best, lookalike, strict=True):
-        if b >= iou:
+    for is_dup, is_loc, d in zip(dup, loc, lookalike, strict=True):
+        if is_dup:
             kinds.append("duplicate")
-        elif b > 0.1:
+        elif is_loc:
             kinds.append("localisation")
         else:
             kinds.append("background" if d is None else "look-alike")

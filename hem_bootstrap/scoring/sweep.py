@@ -104,15 +104,18 @@ def log_average_fp_per_km2(sweep: Sweep, area_km2: float, recalls: tuple[float, 
 
     One number for the low-FP end of the curve that still separates two detectors when both
     have no false positive at one recall. A point with no false positive counts as half a false
-    positive over the area (``0.5 / area_km2``), so the mean stays finite; a recall the detector
-    never reaches counts at the FP/km² of all its detections. None without ground truth or area.
+    positive over the area (``0.5 / area_km2``), so the mean stays finite. None without ground
+    truth or area, and None when a recall point is never reached: a detector that stops early
+    cannot be ranked on a curve it does not have (scoring the missing points at its last FP/km²
+    would favour it over one that reaches the recall at a cost).
     """
     if sweep.n_gt == 0 or area_km2 <= 0:
         return None
     floor = 0.5 / area_km2
-    end = float(sweep.fp[-1] / area_km2)
     vals = [fp_per_km2_at_recall(sweep, r, area_km2) for r in recalls]
-    logs = [math.log(max(end if v is None else v, floor)) for v in vals]
+    if any(v is None for v in vals):
+        return None
+    logs = [math.log(max(float(v), floor)) for v in vals if v is not None]
     return float(math.exp(sum(logs) / len(logs)))
 
 
