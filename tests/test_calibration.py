@@ -66,3 +66,16 @@ def test_validation_imagery_must_not_be_a_test_scene(synth_scenes: Path, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "data.test" in err[0] and "test.tif" in err[0] and "Traceback" not in err[0]
     assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_validation_imagery_needs_labels(synth_scenes: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    data = scene_data(synth_scenes)
+    data["val"] = [{"images": [str(synth_scenes / "pool.tif")]}]
+    cfg_path = loop_config(tmp_path, "nolabels", data)
+    with pytest.raises(SystemExit) as ex:
+        main(["-q", "run", str(cfg_path)])
+    assert ex.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.val[0]" in err[0] and "labels" in err[0]
+    assert not (tmp_path / "runs" / "nolabels").exists()
