@@ -53,6 +53,7 @@ from hem_bootstrap.scoring.match import (
     scaled,
 )
 from hem_bootstrap.scoring.sweep import (
+    Sweep,
     allpoint_ap,
     build_sweep,
     fp_per_km2_at_recall,
@@ -336,6 +337,7 @@ def evaluate(
         for k, im in prepared.items()
     }
     pooled = _Pooled.of(prepared, flags)
+    sweep = build_sweep(pooled.scores, pooled.tp, pooled.n_gt)
     area = float(sum(max(img.area_km2, 0.0) for img in images))
     categories = sorted(set(pooled.gt_labels.tolist()) | set(pooled.labels.tolist()))
     ap50, ap, per_class_ap, ap_method = _average_precision(prepared, pooled, categories, cfg.iou, matching)
@@ -348,14 +350,14 @@ def evaluate(
         "ap": ap,
         "score_threshold": cfg.score_threshold,
         **_operating_point(pooled, cfg.score_threshold),
-        **_fp_rates(pooled, area, cfg),
+        **_fp_rates(pooled, sweep, area, cfg),
         "area_km2": area,
         "n_images": len(images),
         "n_gt": pooled.n_gt,
         "n_det": int(len(pooled.scores)),
         "n_ignored": int(sum(im.n_ignored for im in prepared.values())),
-        "pr_curve": pr_curve(build_sweep(pooled.scores, pooled.tp, pooled.n_gt)),
-        **_diagnostics(prepared, flags, pooled, by_key, cfg, matching, thr),
+        "pr_curve": pr_curve(sweep),
+        **_diagnostics(prepared, flags, pooled, sweep, by_key, cfg, matching, thr),
     }
     if len(categories) > 1:
         metrics["per_class"] = _per_class(pooled, categories, per_class_ap, _class_names(images))
@@ -365,7 +367,7 @@ def evaluate(
 
 
 def _diagnostics(
-    prepared: dict[str, PreparedImage], flags: dict[str, np.ndarray], pooled: _Pooled,
+    prepared: dict[str, PreparedImage], flags: dict[str, np.ndarray], pooled: _Pooled, sweep: Sweep,
     by_key: dict[str, EvalImage], cfg: EvaluateConfig, matching: str, thr: float,
 ) -> dict[str, Any]:
     """Per-image FP/km², FPs by kind at the fixed recalls, and the spread of true-positive scores."""
@@ -374,7 +376,6 @@ def _diagnostics(
         dis = by_key[key].distractors
         return [None] * len(boxes) if dis is None or len(dis) == 0 else distractor_hits(boxes, dis)
 
-    sweep = build_sweep(pooled.scores, pooled.tp, pooled.n_gt)
     return {
         "per_image": per_image(prepared, flags, {k: im.area_km2 for k, im in by_key.items()}, cfg.fixed_recalls),
         "fp_kinds_at_recall": fp_kinds(prepared, flags, sweep, thr, cfg.fixed_recalls, on_distractor, matching),
@@ -433,9 +434,8 @@ def _operating_point(pooled: _Pooled, threshold: float) -> dict[str, Any]:
             "f1": _ratio(2 * tp, 2 * tp + fp + fn)}
 
 
-def _fp_rates(pooled: _Pooled, area: float, cfg: EvaluateConfig) -> dict[str, Any]:
-    """FP per km² at the operating threshold and at fixed recalls (all FPs, and those away from objects)."""
-    sweep = build_sweep(pooled.scores, pooled.tp, pooled.n_gt)
+def _fp_rates(pooled: _Pooled, sweep: Sweep, area: float, cfg: EvaluateConfig) -> dict[str, Any]:
+    """FP per km² at the operating threshold and at fixed recalls (all FPs from the pooled ``sweep``, and those away from objects)."""
     away = ~pooled.near
     sweep_away = build_sweep(pooled.scores[away], pooled.tp[away], pooled.n_gt)
     op = pooled.scores >= cfg.score_threshold

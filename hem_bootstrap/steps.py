@@ -183,7 +183,7 @@ def step_detect(ctx: Context, r: int) -> dict[str, Any]:
     """Scan the pool with the previous round's model (and the training images, for hard positives)."""
     rd = ctx.run.round_dir(r)
     model = ctx.run.round_dir(r - 1) / "model.pt"
-    if not _needs_pool_scan(ctx, r):
+    if not _needs_pool_scan(ctx.cfg, NegativeBank.load(ctx.run.round_dir(r - 1) / "bank.gpkg")):
         if ctx.is_main:
             crs = next((t.header().crs for t in ctx.data.readable("pool")), None)
             write_detections(iter([empty_detections(crs)]), rd / "detections.gpkg")
@@ -195,12 +195,11 @@ def step_detect(ctx: Context, r: int) -> dict[str, Any]:
     return info
 
 
-def _needs_pool_scan(ctx: Context, r: int) -> bool:
-    """False for a no-mining control with nothing to re-score: scanning the pool would feed nothing."""
-    cfg = ctx.cfg
+def _needs_pool_scan(cfg: ExperimentConfig, bank: NegativeBank) -> bool:
+    """False for a no-mining control with nothing in ``bank`` (the previous snapshot) to re-score."""
     if cfg.train.hard_positive_factor > 1 or any(s.name != "none" for s in cfg.mining.strategies):
         return True
-    return bool(cfg.bank.refresh and len(NegativeBank.load(ctx.run.round_dir(r - 1) / "bank.gpkg").active()))
+    return bool(cfg.bank.refresh and len(bank.active()))
 
 
 # ------------------------------------------------------------------------------ mine
@@ -276,6 +275,7 @@ def step_mine(ctx: Context, r: int) -> dict[str, Any]:
     """Match the scan to ground truth, select false positives, refresh and update the bank."""
     cfg, rd = ctx.cfg, ctx.run.round_dir(r)
     bank = NegativeBank.load(ctx.run.round_dir(r - 1) / "bank.gpkg")  # always from the previous snapshot
+    scanned = _needs_pool_scan(cfg, bank)
     dets = read_detections(rd / "detections.gpkg")
     pool = match_pool(ctx, dets, bank.crs)
     selected, shadow = select_negatives(ctx, r, pool)
@@ -295,7 +295,7 @@ def step_mine(ctx: Context, r: int) -> dict[str, Any]:
     bank.save(rd / "bank.gpkg")
     atomic_copy(rd / "bank.gpkg", ctx.run.bank_path)
     return {
-        "pool_fp": int((pool.fps["score"] >= cfg.evaluate.score_threshold).sum()) if _needs_pool_scan(ctx, r) else None,
+        "pool_fp": int((pool.fps["score"] >= cfg.evaluate.score_threshold).sum()) if scanned else None,
         "pool_fp_all": int(len(pool.fps)),
         "selected": int(len(selected)),
         "new_negatives": int(added["added"]),
