@@ -44,7 +44,7 @@ from hem_bootstrap.errors import DataError
 from hem_bootstrap.files import atomic_write_text
 from hem_bootstrap.geo.boxes import box_iou
 from hem_bootstrap.mining.matching import check_metres_per_unit, ignored_mask
-from hem_bootstrap.scoring.breakdown import fp_kinds, per_image, tp_score_quantiles
+from hem_bootstrap.scoring.breakdown import fp_kinds, near_object_log_average, per_image, tp_score_quantiles
 from hem_bootstrap.scoring.match import (
     PreparedImage,
     center_dist,
@@ -316,7 +316,8 @@ def evaluate(
         object (``fp_away_per_km2``, ``fp_away_per_km2_at_recall``: look-alikes and background,
         without localisation errors and duplicates; ``fp_near_objects`` counts those),
         ``recall_at_fp_per_km2``, ``log_avg_fp_per_km2`` (geometric mean of FP/km² over recall
-        0.5-0.9), ``per_image`` (each image's FP/km² at the fixed recalls and log-average),
+        0.5-0.9) and ``log_avg_fp_near_per_km2`` (the same counting only FPs that touch an object:
+        the floor that removing every FP away from objects would reach), ``per_image`` (each image's FP/km² at the fixed recalls and log-average),
         ``fp_kinds_at_recall`` (look-alike / background / duplicate / localisation counts at
         each fixed recall), ``tp_score_quantiles``, ``pr_curve``,
         counts and area, and distractor statistics when any image has distractors.
@@ -376,8 +377,9 @@ def _diagnostics(
         dis = by_key[key].distractors
         return [None] * len(boxes) if dis is None or len(dis) == 0 else distractor_hits(boxes, dis)
 
+    near = {k: _near_objects(im.det_boxes, im.gt_boxes) & ~flags[k] for k, im in prepared.items()}
     return {
-        "per_image": per_image(prepared, flags, {k: im.area_km2 for k, im in by_key.items()}, cfg.fixed_recalls),
+        "per_image": per_image(prepared, flags, near, {k: im.area_km2 for k, im in by_key.items()}, cfg.fixed_recalls),
         "fp_kinds_at_recall": fp_kinds(prepared, flags, sweep, thr, cfg.fixed_recalls, on_distractor, matching),
         "tp_score_quantiles": tp_score_quantiles(pooled.scores, pooled.tp),
     }
@@ -444,6 +446,7 @@ def _fp_rates(pooled: _Pooled, sweep: Sweep, area: float, cfg: EvaluateConfig) -
         "fp_per_km2_at_recall": {str(float(r)): fp_per_km2_at_recall(sweep, r, area) for r in cfg.fixed_recalls},
         "threshold_at_recall": {str(float(r)): threshold_at_recall(sweep, r) for r in cfg.fixed_recalls},
         "log_avg_fp_per_km2": log_average_fp_per_km2(sweep, area),
+        "log_avg_fp_near_per_km2": near_object_log_average(pooled.scores, pooled.tp, pooled.near, pooled.n_gt, area),
         "fp_near_objects": int((pooled.near & op).sum()),
         "fp_away_per_km2": _ratio(int((~pooled.tp & away & op).sum()), area),
         "fp_away_per_km2_at_recall": {

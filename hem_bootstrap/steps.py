@@ -370,10 +370,17 @@ def _calibration(val: dict[str, Any], cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 def _evaluate_role(ctx: Context, model_path: Path, role: str, dets_out: Path, eval_cfg: EvaluateConfig) -> dict[str, Any]:
-    cfg = ctx.cfg
     summary = scan(ctx, model_path, role, dets_out)
     if not ctx.is_main:
         return {}
+    metrics = score_detections(ctx, role, dets_out, eval_cfg)
+    metrics["scan"] = summary
+    return metrics
+
+
+def score_detections(ctx: Context, role: str, dets: Path, eval_cfg: EvaluateConfig) -> dict[str, Any]:
+    """Metrics of a detections file already written for one role's rasters (no model is run)."""
+    cfg = ctx.cfg
     images, areas = [], {}
     for t in ctx.data.readable(role):
         info = t.header()
@@ -383,10 +390,9 @@ def _evaluate_role(ctx: Context, model_path: Path, role: str, dets_out: Path, ev
         images.append(EvalImage(image=str(t.path), gt=t.truth(cfg), area_km2=area.evaluated_km2,
                                 transform=info.transform, distractors=t.distractors(), ignore=t.zones(),
                                 metres_per_unit=info.metres_per_unit()))
-    metrics = evaluate(read_detections(dets_out), images, eval_cfg, matching=cfg.mining.matching,
+    metrics = evaluate(read_detections(dets), images, eval_cfg, matching=cfg.mining.matching,
                        center_dist=cfg.mining.center_dist_m)
     metrics["area_by_image"] = areas
-    metrics["scan"] = summary
     return metrics
 
 

@@ -179,6 +179,8 @@ def collect(run: Path, scenes: Path) -> list[dict[str, Any]]:
     for e in manifest["rounds"]:
         r = e["round"]
         m = json.loads((run / f"round_{r:03d}" / "metrics.json").read_text())
+        if "log_avg_fp_near_per_km2" not in m:
+            m = {**m, **near_floor(run, r)}
         scenes_m = [m["per_image"].get(k, {}) for k in sorted(m["per_image"])]
         rows.append({
             "round": r,
@@ -186,7 +188,9 @@ def collect(run: Path, scenes: Path) -> list[dict[str, Any]]:
             "log_avg": m.get("log_avg_fp_per_km2"),
             "r0.8": m["fp_per_km2_at_recall"].get("0.8"),
             "r0.9": m["fp_per_km2_at_recall"].get("0.9"),
+            "floor": m.get("log_avg_fp_near_per_km2"),
             "scenes": {"log_avg": [s.get("log_avg_fp_per_km2") for s in scenes_m],
+                       "floor": [s.get("log_avg_fp_near_per_km2") for s in scenes_m],
                        "r0.8": [s.get("fp_per_km2_at_recall", {}).get("0.8") for s in scenes_m],
                        "r0.9": [s.get("fp_per_km2_at_recall", {}).get("0.9") for s in scenes_m]},
             "area_km2": m.get("area_km2"),
@@ -200,6 +204,27 @@ def collect(run: Path, scenes: Path) -> list[dict[str, Any]]:
             **(mined_on_lookalikes(run / f"round_{r:03d}" / "mined.gpkg", scenes) if r > 0 else {}),
         })
     return rows
+
+
+def near_floor(run: Path, r: int) -> dict[str, Any]:
+    """The near-object floor of a round evaluated before metrics had it: re-scored from its saved test detections.
+
+    Cached in ``round_NNN/near_floor.json``; the model is not run again.
+    """
+    from hem_bootstrap.config import load_config
+    from hem_bootstrap.inputs import check_inputs
+    from hem_bootstrap.loop import make_context
+    from hem_bootstrap.rundir import RunDir
+    from hem_bootstrap.steps import score_detections
+
+    cache = run / f"round_{r:03d}" / "near_floor.json"
+    if not cache.exists():
+        cfg = load_config(run / "config.resolved.yaml")
+        ctx = make_context(cfg, RunDir(run), check_inputs(cfg, ("test",)))
+        m = score_detections(ctx, "test", run / f"round_{r:03d}" / "test_detections.gpkg", cfg.evaluate)
+        cache.write_text(json.dumps({"log_avg_fp_near_per_km2": m["log_avg_fp_near_per_km2"],
+                                     "per_image": m["per_image"]}))
+    return json.loads(cache.read_text())
 
 
 def mined_on_lookalikes(path: Path, scenes: Path) -> dict[str, float | None]:
@@ -266,6 +291,22 @@ def comparisons(results: dict[str, dict[int, list[dict[str, Any]]]], r: int) -> 
     return out
 
 
+def headroom(results: dict[str, dict[int, list[dict[str, Any]]]], r: int) -> dict[str, Any]:
+    """Per arm at round ``r``: near-object floor / log-average, the ratio removing every FP away from objects would give.
+
+    Mean per-scene log ratio, exponentiated, with the bootstrap interval over seeds and scenes:
+    no negative, mined or random, can lower an arm's log-average below its floor unless it also
+    changes how the true positives and the boxes on them score.
+    """
+    from hem_bootstrap.scoring.paired import paired_bootstrap
+
+    out = {}
+    for arm, by_seed in results.items():
+        d = paired_bootstrap(_per_seed(by_seed, r, "floor", log=True), _per_seed(by_seed, r, "log_avg", log=True))
+        out[arm] = None if d is None else {**d.__dict__, **{k: math.exp(getattr(d, k)) for k in ("mean", "lo", "hi")}}
+    return out
+
+
 def _per_seed(by_seed: dict[int, list[dict[str, Any]]], r: int, metric: str,
               log: bool = False) -> dict[int, list[float | None]]:
     """Per seed, the per-scene values of ``metric`` at round ``r`` (natural log with ``log``; a zero stays out)."""
@@ -296,12 +337,13 @@ def _ci(d: dict[str, Any] | None, fmt: str = ".3g", one: float = 0.0) -> str:
 
 
 def markdown(by_density: dict[str, dict[str, dict[int, list[dict[str, Any]]]]], rounds: int) -> tuple[str, dict]:
-    lines, stats = [], {}
+    lines, stats, rooms = [], {}, {}
     for dens, results in by_density.items():
         lines += [f"### look-alikes in {float(dens):.0%} of windows", "",
-                  "| arm | round | AP@0.5 | log-avg FP/km² (R 0.5-0.9) | FP/km² @R0.8 | FP/km² @R0.9 | FP kinds @R0.8 "
-                  "(look-alike/background/dup/loc) | TP score median | val thr | added | added boxes on / chips with a look-alike |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| arm | round | AP@0.5 | log-avg FP/km² (R 0.5-0.9) | near-object floor | FP/km² @R0.8 | FP/km² @R0.9 "
+                  "| FP kinds @R0.8 (look-alike/background/dup/loc) | TP score median | val thr | added "
+                  "| added boxes on / chips with a look-alike |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for arm, by_seed in results.items():
             for r in range(rounds + 1):
                 xs = [x for x in (_at(rows, r) for rows in by_seed.values()) if x is not None]
@@ -311,13 +353,18 @@ def markdown(by_density: dict[str, dict[str, dict[int, list[dict[str, Any]]]]], 
                 k = "/".join(_mean([kk[n] for kk in kinds]) for n in ("look-alike", "background", "duplicate",
                                                                         "localisation")) if kinds else "n/a"
                 lines.append(f"| {arm} | {r} | {_mean([x['ap50'] for x in xs])} | {_mean([x['log_avg'] for x in xs])} | "
+                             f"{_mean([x.get('floor') for x in xs])} | "
                              f"{_mean([x['r0.8'] for x in xs])} | {_mean([x['r0.9'] for x in xs])} | {k} | "
                              f"{_mean([(x['tp_scores'] or {}).get('0.5') for x in xs])} | "
                              f"{_mean([x['val_threshold'] for x in xs])} | {_mean([x['new'] for x in xs])} | "
                              f"{_mean([x.get('box_on_lookalike') for x in xs])} / "
                              f"{_mean([x.get('window_with_lookalike') for x in xs])} |")
         comp = comparisons(results, rounds)
-        stats[dens] = comp
+        room = headroom(results, rounds)
+        stats[dens], rooms[dens] = comp, room
+        lines += ["", f"Round {rounds}, near-object floor / log-avg FP/km² (what removing every FP away from objects "
+                  "would give; geometric mean over scenes [95 % interval]): "
+                  + "; ".join(f"{arm} {_ci(d, '.2f', 1.0).rsplit(' ', 1)[0]}" for arm, d in room.items())]
         lines += ["", f"Round {rounds}, paired difference arm - control: mean [95 % bootstrap interval over seeds "
                   "and scenes], then the seeds whose mean favours the arm; **below**: the interval lies below zero "
                   "(for the ratio: below 1):", "",
@@ -328,7 +375,7 @@ def markdown(by_density: dict[str, dict[str, dict[int, list[dict[str, Any]]]]], 
         lines.append("")
     lines.append("Means over seeds (* = some seeds never reached that recall); FP/km² over the test scenes "
                  "together; intervals over per-scene values.")
-    return "\n".join(lines), stats
+    return "\n".join(lines), {"comparisons": stats, "headroom": rooms}
 
 
 # ------------------------------------------------------------------------------------ main
@@ -395,7 +442,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
     out.write_text(json.dumps({"args": args, "seconds": round(time.perf_counter() - t0, 1),
-                               "results": by_density, "comparisons": stats}, indent=1, default=str))
+                               "results": by_density, **stats}, indent=1, default=str))
     out.with_suffix(".md").write_text(table + "\n")
     print(f"wrote {out} and {out.with_suffix('.md')}")
 

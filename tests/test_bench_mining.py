@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import geopandas as gpd
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ["--densities", "0.2", "--seeds", "1", "--rounds", "1", "--train-size", "768", "--val-size", "512",
@@ -38,6 +39,8 @@ def test_bench_mining_toy_sweep(tmp_path: Path) -> None:
     assert r1["random"]["box_on_lookalike"] is not None and r1["topk"]["window_with_lookalike"] is not None
     for x in r1.values():
         assert len(x["scenes"]["log_avg"]) == 2 and x["val_threshold"] is not None
+        assert all(f is None or f <= v + 1e-9 for f, v in zip(x["scenes"]["floor"], x["scenes"]["log_avg"], strict=True))
+    assert set(out["headroom"]["0.2"]) == set(arms)
     comp = {(c["arm"], c["control"]) for c in out["comparisons"]["0.2"]}
     assert ("topk", "random") in comp and ("topk", "none") in comp
     assert "paired difference" in (tmp_path / "default.md").read_text()
@@ -52,6 +55,13 @@ def test_bench_mining_toy_sweep(tmp_path: Path) -> None:
     collected = _bench(tmp_path, "--arms", "none", "random", "topk", "dense", "--collect-only")
     assert collected.returncode == 0, collected.stderr[-2000:]
     assert set(json.loads((tmp_path / "default.json").read_text())["results"]["0.2"]) == set(arms)
+    # a round scored before metrics had the near-object floor is re-scored from its saved detections
+    metrics = runs / "s1_none" / "round_001" / "metrics.json"
+    m = json.loads(metrics.read_text())
+    metrics.write_text(json.dumps({k: v for k, v in m.items() if k != "log_avg_fp_near_per_km2"}))
+    assert _bench(tmp_path, "--arms", "none", "random", "topk", "dense", "--collect-only").returncode == 0
+    assert json.loads((metrics.parent / "near_floor.json").read_text())["log_avg_fp_near_per_km2"] == pytest.approx(
+        m["log_avg_fp_near_per_km2"])
     # the same folders with other settings are refused, not silently reused
     other = _bench(tmp_path, "--arms", "none", "--k", "3")
     assert other.returncode != 0 and "--k 4" in other.stderr and "--work or --tag" in other.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import geopandas as gpd
@@ -154,6 +155,13 @@ def test_fp_split_into_near_objects_and_away() -> None:
     assert m["fp_per_km2_at_recall"]["0.75"] == pytest.approx(300.0)
     assert m["fp_away_per_km2_at_recall"]["0.75"] == pytest.approx(100.0)
     assert m["fp_away_per_km2_at_recall"]["1.0"] == pytest.approx(200.0)
+    # the near-object floor drops both bare boxes: recall 0.5 at 0.7 (the duplicate: 1 FP), 0.55-0.75
+    # at 0.6 (+ the shifted box: 2 FPs), 0.8-0.9 at 0.3 (still 2)
+    floor = math.exp((math.log(100.0) + 8 * math.log(200.0)) / 9)
+    assert m["log_avg_fp_near_per_km2"] == pytest.approx(floor)
+    assert m["per_image"]["a.tif"]["log_avg_fp_near_per_km2"] == pytest.approx(floor)
+    assert m["log_avg_fp_per_km2"] == pytest.approx(math.exp((math.log(200.0) + 5 * math.log(300.0)
+                                                               + 3 * math.log(400.0)) / 9))
 
 
 def test_tied_scores_enter_the_sweep_together() -> None:
