@@ -114,7 +114,16 @@ class ModelConfig(_Section):
 
     arch: str = Field("small_fcos", description="Detector name, see `hem_bootstrap.model.detectors.ARCHS`.")
     weights: str | None = Field(None, description="Local weights file (.pth / .pt) to start from.")
-    backbone_weights: str | None = Field(None, description="Local backbone weights file.")
+    backbone_weights: str | None = Field(
+        None, description="Local backbone weights file: torchvision's ImageNet resnet50 / mobilenet_v3_large "
+        "classification file, or a detector file whose trunk fits.")
+    trainable_layers: int | None = Field(
+        None, ge=0,
+        description="Trunk stages trained, counted from the top as torchvision's trainable_backbone_layers (ResNet 0-5, "
+        "MobileNetV3 0-6, small trunk 0-4); the rest are frozen. None: all without pretrained weights, 3 with them.",
+    )
+    frozen_bn: bool | None = Field(
+        None, description="Trunk BatchNorm as FrozenBatchNorm2d (fixed statistics). None: frozen with pretrained weights.")
     anchor_sizes: list[int] = Field(
         default_factory=lambda: [16, 32, 64], description="Anchor / object sizes in pixels, per FPN level."
     )

@@ -29,7 +29,7 @@ TORCH_HUB_CACHE = "~/.cache/torch/hub/checkpoints/"
 _SHOWN_KEYS = 5
 
 
-def _read_torch_file(path: Path, what: str) -> Any:
+def read_torch_file(path: Path, what: str) -> Any:
     """``torch.load`` a local file with clear errors; never downloads."""
     if not path.is_file():
         raise ModelError(
@@ -42,7 +42,7 @@ def _read_torch_file(path: Path, what: str) -> Any:
         raise ModelError(f"{what} {path}: not a readable torch file ({type(err).__name__}: {err})") from None
 
 
-def _state_dict_of(obj: Any, path: Path, what: str) -> dict[str, Tensor]:
+def state_dict_of(obj: Any, path: Path, what: str) -> dict[str, Tensor]:
     """The state_dict inside a raw state_dict, a torchvision weights file or one of our checkpoints."""
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
         obj = obj["model"]
@@ -57,7 +57,7 @@ def _state_dict_of(obj: Any, path: Path, what: str) -> dict[str, Tensor]:
     return {str(k).removeprefix("module."): v for k, v in obj.items()}
 
 
-def _is_bookkeeping(key: str) -> bool:
+def is_bookkeeping(key: str) -> bool:
     return key.endswith("num_batches_tracked")
 
 
@@ -65,8 +65,8 @@ def check_state_dict(
     expected: Mapping[str, Tensor], got: Mapping[str, Tensor]
 ) -> tuple[list[str], list[str], list[str]]:
     """Missing keys, unexpected keys and ``key: expected shape vs got`` lines (BN counters ignored)."""
-    missing = [k for k in expected if k not in got and not _is_bookkeeping(k)]
-    unexpected = [k for k in got if k not in expected and not _is_bookkeeping(k)]
+    missing = [k for k in expected if k not in got and not is_bookkeeping(k)]
+    unexpected = [k for k in got if k not in expected and not is_bookkeeping(k)]
     shapes = [
         f"{k} expected {tuple(expected[k].shape)} got {tuple(got[k].shape)}"
         for k in expected
@@ -75,7 +75,7 @@ def check_state_dict(
     return missing, unexpected, shapes
 
 
-def _mismatch_message(
+def mismatch_message(
     path: Path, what: str, missing: list[str], unexpected: list[str], shapes: list[str]
 ) -> str:
     def part(label: str, items: list[str]) -> str:
@@ -93,54 +93,16 @@ def _mismatch_message(
 def _load_strict(module: nn.Module, state: Mapping[str, Tensor], path: Path, what: str) -> None:
     missing, unexpected, shapes = check_state_dict(module.state_dict(), state)
     if missing or unexpected or shapes:
-        raise ModelError(_mismatch_message(path, what, missing, unexpected, shapes))
+        raise ModelError(mismatch_message(path, what, missing, unexpected, shapes))
     module.load_state_dict(state, strict=False)
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
-    """Load a full-detector state_dict strictly from a local file.
-
-    Raises:
-        ModelError: missing/corrupt file, or keys / shapes that do not fit (named in the message).
-    """
-    state = _state_dict_of(_read_torch_file(path, "model.weights"), path, "model.weights")
-    _load_strict(model, state, path, "model.weights")
-
-
-def _trunk_of(model: nn.Module) -> nn.Module:
-    """The classification trunk inside a detector's backbone (ResNet / MobileNet body, SSD features)."""
-    backbone = getattr(model, "backbone", None)
-    if backbone is None:
-        raise ModelError(f"{type(model).__name__} has no backbone to load weights into")
-    return getattr(backbone, "body", backbone)
-
-
-def load_backbone_weights(model: nn.Module, path: Path) -> None:
-    """Load backbone weights (e.g. torchvision's ImageNet ResNet-50 file) into the detector's trunk.
-
-    Every trunk parameter must be in the file with the right shape; keys of parts the detector
-    dropped (classifier head, unused last stage) are ignored. Prefixes ``backbone.body.`` and
-    ``backbone.`` are stripped, so a detector checkpoint also works.
-
-    Raises:
-        ModelError: missing/corrupt file, or trunk keys / shapes missing from it.
-    """
-    what = "model.backbone_weights"
-    state = _state_dict_of(_read_torch_file(path, what), path, what)
-    for prefix in ("backbone.body.", "backbone."):
-        if any(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            break
-    trunk = _trunk_of(model)
-    expected = trunk.state_dict()
-    missing, _, shapes = check_state_dict(expected, state)
-    if missing or shapes:
-        raise ModelError(_mismatch_message(path, what, missing, [], shapes))
-    trunk.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
-
-
 def model_hash(model: nn.Module) -> str:
-    """Short SHA-256 of the state_dict (names, dtypes, shapes, bytes): which weights made a result."""
+    """Short SHA-256 of the state_dict (names, dtypes, shapes, bytes): which weights made a result.
+
+    BatchNorm's step counters are left out: freezing BatchNorm (which drops them) does not
+    change which weights a model has.
+    """
     return state_hash(model.state_dict())
 
 
@@ -150,16 +112,18 @@ def checkpoint_hash(path: Path) -> str:
     Raises:
         ModelError: the file is missing or not a torch file.
     """
-    obj = _read_torch_file(Path(path), "checkpoint")
+    obj = read_torch_file(Path(path), "checkpoint")
     if isinstance(obj, Mapping) and isinstance(obj.get("model_hash"), str):
         return str(obj["model_hash"])
-    return state_hash(_state_dict_of(obj, Path(path), "checkpoint"))
+    return state_hash(state_dict_of(obj, Path(path), "checkpoint"))
 
 
 def state_hash(state: Mapping[str, Tensor]) -> str:
     """:func:`model_hash` of a state_dict."""
     h = hashlib.sha256()
     for key, value in state.items():
+        if is_bookkeeping(key):
+            continue
         t = value.detach().cpu().contiguous()
         h.update(key.encode())
         h.update(str(t.dtype).encode())
@@ -224,8 +188,8 @@ def load_checkpoint(
     """
     path = Path(path)
     what = "checkpoint"
-    obj = _read_torch_file(path, what)
-    state = _state_dict_of(obj, path, what)
+    obj = read_torch_file(path, what)
+    state = state_dict_of(obj, path, what)
     _load_strict(_unwrap(model), state, path, what)
     meta = obj if isinstance(obj, Mapping) and "model" in obj else {}
     for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
@@ -253,8 +217,8 @@ def export_model(ckpt_path: Path, out_path: Path, card: dict[str, Any]) -> None:
         ModelError: the checkpoint is missing or corrupt.
     """
     ckpt_path, out_path = Path(ckpt_path), Path(out_path)
-    obj = _read_torch_file(ckpt_path, "checkpoint")
-    state = _state_dict_of(obj, ckpt_path, "checkpoint")
+    obj = read_torch_file(ckpt_path, "checkpoint")
+    state = state_dict_of(obj, ckpt_path, "checkpoint")
     buf = io.BytesIO()
     torch.save(dict(state), buf)
     data = buf.getvalue()

@@ -14,30 +14,40 @@ compare recipes on a CPU.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
+from torchvision.models import mobilenet_v3_large
 from torchvision.models.detection import (
     FCOS,
     FasterRCNN,
     fasterrcnn_resnet50_fpn_v2,
     fcos_resnet50_fpn,
     retinanet_resnet50_fpn_v2,
-    ssdlite320_mobilenet_v3_large,
+    ssdlite,
 )
+from torchvision.models.detection._utils import retrieve_out_channels
 from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
 from torchvision.models.detection.backbone_utils import mobilenet_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.fcos import FCOSHead
+from torchvision.models.detection.ssd import SSD
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 
 from hem_bootstrap.config import ModelConfig
 from hem_bootstrap.errors import ModelError
-from hem_bootstrap.model.checkpoints import load_backbone_weights, load_weights
+from hem_bootstrap.model.pretrained import (
+    TORCHVISION_TRAINABLE_DEFAULT,
+    freeze_trunk,
+    load_detector_weights,
+    load_trunk_weights,
+    trunk_stages,
+)
 
 #: ImageNet statistics, torchvision's default input normalisation.
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -277,17 +287,23 @@ def _build_fcos_r50(model_cfg: ModelConfig, num_classes: int, tile_size: int) ->
 def _build_ssdlite(model_cfg: ModelConfig, num_classes: int, tile_size: int) -> nn.Module:
     """SSDlite on MobileNetV3-Large; default-box scales taken from the anchor sizes (in tile units).
 
-    torchvision's scales (20-95 % of the image) are far too large for 10-40 px objects.
+    torchvision's scales (20-95 % of the image) are far too large for 10-40 px objects. The
+    trunk keeps MobileNetV3's full tail: torchvision's builder halves the last blocks when it
+    builds without ImageNet weights, but its COCO and ImageNet files have the full tail, so a
+    reduced model could load neither.
     """
     kwargs = _one_stage_kwargs(model_cfg, tile_size)
     kwargs.pop("min_size")
     kwargs.pop("max_size")
-    model = ssdlite320_mobilenet_v3_large(
-        weights=None, weights_backbone=None, num_classes=num_classes, **kwargs
-    )
+    norm = functools.partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)  # torchvision's SSDlite BatchNorm
+    trunk = mobilenet_v3_large(weights=None, norm_layer=norm, reduced_tail=False)
+    ssdlite._normal_init(trunk)
+    backbone = ssdlite._mobilenet_extractor(trunk, 6, norm)
     sizes = _level_sizes(model_cfg.anchor_sizes, 7)
-    scales = [min(1.0, s / float(tile_size)) for s in sizes]
-    model.anchor_generator = DefaultBoxGenerator([[2, 3] for _ in range(6)], scales=scales)
+    anchors = DefaultBoxGenerator([[2, 3] for _ in range(6)], scales=[min(1.0, s / float(tile_size)) for s in sizes])
+    head = ssdlite.SSDLiteHead(retrieve_out_channels(backbone, (320, 320)), anchors.num_anchors_per_location(),
+                               num_classes, norm)
+    model = SSD(backbone, anchors, (tile_size, tile_size), num_classes, head=head, topk_candidates=300, **kwargs)
     model.transform = _tile_transform(tile_size, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5], size_divisible=1)
     return model
 
@@ -308,7 +324,9 @@ def build_detector(model_cfg: ModelConfig, num_classes: int, tile_size: int) -> 
     """Build ``model_cfg.arch`` for ``num_classes`` (background included) at ``tile_size`` px.
 
     Small-object settings come from the config (anchor sizes, score floor, NMS IoU, detections
-    per tile); then optional local backbone weights and full weights are loaded.
+    per tile); then optional local backbone weights and full weights are loaded (see
+    :mod:`hem_bootstrap.model.pretrained`), and with either the first trunk stages and the
+    trunk's BatchNorm are frozen unless ``trainable_layers`` / ``frozen_bn`` say otherwise.
 
     Raises:
         ModelError: unknown arch, bad class count, or weights that are missing or do not fit.
@@ -324,15 +342,14 @@ def build_detector(model_cfg: ModelConfig, num_classes: int, tile_size: int) -> 
         raise ModelError(f"tile_size = {tile_size}: expected >= 32 px for a detector")
     model = builder(model_cfg, num_classes, tile_size)
     if model_cfg.backbone_weights:
-        load_backbone_weights(model, Path(model_cfg.backbone_weights))
+        load_trunk_weights(model, Path(model_cfg.backbone_weights))
     if model_cfg.weights:
-        load_weights(model, Path(model_cfg.weights))
+        load_detector_weights(model, Path(model_cfg.weights), model_cfg.arch)
+    pretrained = bool(model_cfg.backbone_weights or model_cfg.weights)
+    trainable = model_cfg.trainable_layers
+    if trainable is None and pretrained:
+        trainable = min(TORCHVISION_TRAINABLE_DEFAULT, len(trunk_stages(model)))
+    freeze_trunk(model, trainable, pretrained if model_cfg.frozen_bn is None else model_cfg.frozen_bn)
     return model
-
-
-# ------------------------------------------------------------------------------ weights
-
-
-# ------------------------------------------------------------------------------ provenance
 
 
