@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from hem_bootstrap.config import ExperimentConfig, describe_defaults, dump_config, load_config
-from hem_bootstrap.errors import HemError
+from hem_bootstrap.errors import ConfigError, HemError
 
 app = typer.Typer(
     name="hem",
@@ -158,23 +158,36 @@ def train(
 
 @app.command()
 def detect(
-    config: ConfigArg,
-    model: Annotated[Path, typer.Option(help="Model checkpoint (model.pt).")],
+    source: Annotated[Path, typer.Argument(
+        help="A model file (a run's model.pt, or weights from `hem export-model` with their card), or an experiment "
+        "config (YAML) used with --model.", show_default=False)],
     out: Annotated[Path, typer.Option(help="Output GeoPackage (.gpkg), GeoJSON (.geojson) or COCO (.json).")],
-    images: Annotated[
-        list[str] | None, typer.Option("--images", help="Rasters or glob patterns (default: the pool).")
+    images: Annotated[list[str] | None, typer.Argument(
+        help="Rasters or glob patterns (with a config: default its pool).", show_default=False)] = None,
+    model: Annotated[Path | None, typer.Option(help="With a config: the model checkpoint (model.pt).")] = None,
+    images_opt: Annotated[
+        list[str] | None, typer.Option("--images", help="Rasters or glob patterns, as the arguments.")
     ] = None,
+    score_floor: Annotated[float | None, typer.Option(help="Drop detections below this score (model.score_floor).")] = None,
     set_: SetOpt = None,
 ) -> None:
     """Run the detector over large rasters, merged across tile seams, streamed to a file.
 
-    Example: hem detect configs/demo.yaml --model runs/demo/round_001/model.pt --images 'tiles/*.tif' --out d.gpkg
+    Examples: hem detect model.pt 'tiles/*.tif' --out d.gpkg (settings from the model's card);
+    hem detect configs/demo.yaml --model runs/demo/round_001/model.pt --images 'tiles/*.tif' --out d.gpkg
     """
-    from hem_bootstrap.commands import detect_cli
+    from hem_bootstrap.commands import detect_cli, detect_model_cli
 
-    cfg = _load(config, set_)
-    summary = detect_cli(cfg, model, images, out)
-    _echo(summary)
+    rasters = [*(images or []), *(images_opt or [])] or None
+    overrides = [*(set_ or []), *([f"model.score_floor={score_floor}"] if score_floor is not None else [])]
+    if source.suffix.lower() in (".yaml", ".yml"):
+        if model is None:
+            raise ConfigError(f"hem detect {source}: a config needs --model CHECKPOINT")
+        _echo(detect_cli(_load(source, overrides), model, rasters, out))
+    else:
+        if model is not None:
+            raise ConfigError(f"hem detect {source}: --model goes with a config; {source} is the model already")
+        _echo(detect_model_cli(source, rasters or [], out, overrides))
 
 
 @app.command()

@@ -14,7 +14,7 @@ from pathlib import Path
 import geopandas as gpd
 import yaml
 
-from hem_bootstrap.config import ExperimentConfig, ImageSet
+from hem_bootstrap.config import ExperimentConfig, ImageSet, load_config
 from hem_bootstrap.distributed import broadcast_from_rank0, init_distributed
 from hem_bootstrap.errors import DataError, HemError, RunError
 from hem_bootstrap.evaluate import write_metrics
@@ -23,6 +23,7 @@ from hem_bootstrap.inputs import check_inputs
 from hem_bootstrap.loop import make_context
 from hem_bootstrap.mining.bank import NegativeBank
 from hem_bootstrap.mining.review import POSITIVES_FILE, append_accepted, apply_review, latest_snapshot
+from hem_bootstrap.model.card import check_gsd, config_for_model, model_card
 from hem_bootstrap.model.checkpoints import export_model
 from hem_bootstrap.rundir import RunDir
 from hem_bootstrap.steps import STEPS_ROUND, STEPS_ROUND0, evaluate_model, scan, step_train
@@ -106,24 +107,49 @@ def train_round_cli(cfg: ExperimentConfig, round_idx: int, resume: bool) -> Path
 
 
 def detect_cli(cfg: ExperimentConfig, model: Path, images: list[str] | None, out: Path) -> str:
-    """``hem detect``: scan rasters (default: the pool) and write merged detections.
+    """``hem detect CONFIG --model M``: scan rasters (default: the pool) and write merged detections.
 
     Raises:
-        DataError: ``--images`` matches nothing or names a missing file.
+        DataError: ``images`` match nothing or name a missing file.
         RunError: the model checkpoint does not exist.
     """
     if images:
-        paths = ImageSet(images=images).resolved_images()
-        if not paths:
-            raise DataError(f"--images {' '.join(images)}: no file matches")
-        missing = [p for p in paths if not p.exists()]
-        if missing:
-            raise DataError(f"--images: {missing[0]} does not exist")
         cfg = cfg.model_copy(deep=True)
-        cfg.data.pool = [ImageSet(images=images)]
+        cfg.data.pool = [ImageSet(images=_check_images(images))]
+    return _detect(cfg, _check_model(model), Path(out), None)
+
+
+def detect_model_cli(model: Path, images: list[str], out: Path, overrides: list[str] | None) -> str:
+    """``hem detect MODEL IMAGES...``: the same with no config, settings from the model's card.
+
+    Raises:
+        DataError: no images named, or they match nothing / name a missing file.
+        ModelError: the model has no card (see :func:`hem_bootstrap.model.card.read_card`).
+        RunError: the model file does not exist.
+    """
+    model = _check_model(model)
+    if not images:
+        raise DataError(f"hem detect {model}: name the rasters to scan (paths or glob patterns)")
+    cfg, card = config_for_model(model, _check_images(images), overrides)
+    return _detect(cfg, model, Path(out), card.get("gsd_m"))
+
+
+def _check_images(images: list[str]) -> list[str]:
+    paths = ImageSet(images=images).resolved_images()
+    if not paths:
+        raise DataError(f"images {' '.join(images)}: no file matches")
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise DataError(f"images: {missing[0]} does not exist")
+    return [str(p) for p in paths]
+
+
+def _detect(cfg: ExperimentConfig, model: Path, out: Path, gsd_m: float | None) -> str:
     init_distributed(cfg.runtime)
     ctx = make_context(cfg, _run_of(cfg), check_inputs(cfg, ("pool",)))
-    info = scan(ctx, _check_model(model), "pool", Path(out))
+    for r in ctx.data.readable("pool"):
+        check_gsd(str(r.path), r.header().pixel_size_m()[0], gsd_m)
+    info = scan(ctx, model, "pool", out)
     return (
         f"{info['detections']} detections from {info['tiles']} tiles ({info['tiles_skipped']} skipped) "
         f"at {info['tiles_per_s']} tiles/s -> {out}"
@@ -156,20 +182,16 @@ def export_model_cli(run_dir: Path, out: Path, round_idx: int | None) -> str:
     r = max(trained) if round_idx is None else round_idx
     if r not in trained:
         raise RunError(f"{run_dir}: round {r} has no trained model; trained rounds: {trained}")
-    cfg_tree = yaml.safe_load((run.path / "config.resolved.yaml").read_text())
+    cfg_path = run.path / "config.resolved.yaml"
+    cfg_tree = yaml.safe_load(cfg_path.read_text())
     metrics_path = run.round_dir(r) / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
     card = {
-        "architecture": cfg_tree["model"]["arch"],
-        "width": cfg_tree["model"].get("width", 1.0),
-        "classes": cfg_tree["data"]["classes"],
-        "tile_size": cfg_tree["tiling"]["tile_size"],
-        "bands": cfg_tree["data"]["bands"],
+        **model_card(load_config(cfg_path), _training_gsd(cfg_tree)),
         "round": r,
         "training_data": [s["images"] for s in cfg_tree["data"]["train"]],
         "negatives_from": [s["images"] for s in cfg_tree["data"]["pool"]],
         "metrics": {k: metrics.get(k) for k in ("ap50", "ap", "precision", "recall", "fp_per_km2")} if metrics else None,
-        "gsd_m": _training_gsd(cfg_tree),
     }
     export_model(run.round_dir(r) / "model.pt", Path(out), card)
     return f"weights: {out}\nmodel card: {Path(out).with_suffix('.json')}"
@@ -177,7 +199,7 @@ def export_model_cli(run_dir: Path, out: Path, round_idx: int | None) -> str:
 
 def _training_gsd(cfg_tree: dict) -> float | None:
     try:
-        return abs(open_raster(cfg_tree["data"]["train"][0]["images"][0]).res[0])
+        return round(float(open_raster(cfg_tree["data"]["train"][0]["images"][0]).pixel_size_m()[0]), 6)
     except (HemError, IndexError, KeyError):
         return None
 

@@ -45,6 +45,7 @@ from hem_bootstrap.mining.strategies import (
     strategy_label,
     typical_box_px,
 )
+from hem_bootstrap.model.card import model_card
 from hem_bootstrap.model.checkpoints import checkpoint_hash, load_checkpoint
 from hem_bootstrap.model.detectors import build_detector
 from hem_bootstrap.model.hard_mining import apply_loss_options
@@ -140,6 +141,7 @@ def step_train(ctx: Context, r: int, resume: bool = False) -> dict[str, Any]:
     result = train(
         model, dataset, cfg.train, cfg.runtime, steps, batch_sampler=sampler, collate_fn=collate_chips,
         ckpt_path=rd / "model.pt", resume=resume, round_idx=r, config_dump=cfg.model_dump(mode="json"),
+        card=model_card(cfg, training_gsd(ctx)),
         progress=ctx.progress and ctx.is_main, distributed=ctx.world > 1,
     )
     return {
@@ -152,6 +154,12 @@ def step_train(ctx: Context, r: int, resume: bool = False) -> dict[str, Any]:
         "hard_positive_chips": hard_chips,
         "accepted_positives": int(sum(len(b) for b, _ in accepted.values())),
     }
+
+
+def training_gsd(ctx: Context) -> float | None:
+    """Metres per pixel of the first readable training raster (what the model card records)."""
+    rasters = ctx.data.readable("train")
+    return round(float(rasters[0].header().pixel_size_m()[0]), 6) if rasters else None
 
 
 # ------------------------------------------------------------------------------ detect

@@ -176,11 +176,12 @@ def collect(run: Path, scenes: Path) -> list[dict[str, Any]]:
     """Per round: pooled and per-scene metrics, FP kinds, TP scores, bank counts, mined-window diagnostics."""
     manifest = json.loads((run / "manifest.json").read_text())
     rows = []
+    last = max(e["round"] for e in manifest["rounds"])
     for e in manifest["rounds"]:
         r = e["round"]
         m = json.loads((run / f"round_{r:03d}" / "metrics.json").read_text())
-        if "log_avg_fp_near_per_km2" not in m:
-            m = {**m, **near_floor(run, r)}
+        if "log_avg_fp_near_per_km2" not in m and (r == last or (run / f"round_{r:03d}" / "near_floor.json").exists()):
+            m = {**m, **near_floor(run, r)}  # older rounds: re-scored for the final round the tables compare
         scenes_m = [m["per_image"].get(k, {}) for k in sorted(m["per_image"])]
         rows.append({
             "round": r,

@@ -481,7 +481,7 @@ def test_detect_with_missing_model_and_unmatched_images(fine_run: tuple[Path, Pa
     one_line_error(hem("detect", str(cfg), "--model", str(tmp_path / "m.pt"), "--out", str(tmp_path / "d.gpkg")),
                    "m.pt: model checkpoint not found")
     one_line_error(hem("detect", str(cfg), "--model", str(model), "--images", str(tmp_path / "x*.tif"),
-                       "--out", str(tmp_path / "d.gpkg")), "--images", "no file matches")
+                       "--out", str(tmp_path / "d.gpkg")), "x*.tif", "no file matches")
     one_line_error(hem("detect", str(cfg), "--model", str(model), "--out", str(tmp_path / "d.shp")),
                    "unsupported output format '.shp'")
 

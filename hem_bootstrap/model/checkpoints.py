@@ -147,10 +147,12 @@ def save_checkpoint(
     round_idx: int = 0,
     config: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    card: dict[str, Any] | None = None,
 ) -> None:
     """Atomically save model (+ optimizer, scheduler, AMP scaler) state with step, round and config.
 
-    A crash mid-write leaves the previous checkpoint intact, never a truncated file.
+    A crash mid-write leaves the previous checkpoint intact, never a truncated file. ``card``:
+    what running the model on new rasters needs (:mod:`hem_bootstrap.model.card`).
     """
     plain = _unwrap(model)
     payload: dict[str, Any] = {
@@ -162,6 +164,7 @@ def save_checkpoint(
         "round": int(round_idx),
         "config": config,
         "extra": extra or {},
+        "card": card,
         "model_class": type(plain).__name__,
         "model_hash": model_hash(plain),
         "torch": torch.__version__,

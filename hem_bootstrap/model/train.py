@@ -361,6 +361,7 @@ def train(
     resume: bool = False,
     round_idx: int = 0,
     config_dump: dict[str, Any] | None = None,
+    card: dict[str, Any] | None = None,
     progress: bool = True,
     distributed: bool = False,
 ) -> TrainResult:
@@ -369,8 +370,8 @@ def train(
     ``dataset[i]`` gives ``(image float (C, H, W) in [0, 1], target)``. Without a
     ``batch_sampler`` every step draws ``train_cfg.batch_size`` chips with replacement from
     ``(runtime_cfg.seed, step)``. A given ``batch_sampler`` is resumed by skipping its first
-    batches. Checkpoints (model, optimizer, scheduler, AMP scaler, step, round, config) go to
-    ``ckpt_path`` every ``train_cfg.checkpoint_every`` steps and at the end; with
+    batches. Checkpoints (model, optimizer, scheduler, AMP scaler, step, round, config, the
+    model ``card``) go to ``ckpt_path`` every ``train_cfg.checkpoint_every`` steps and at the end; with
     ``resume=True`` an existing checkpoint is continued to ``steps``.
 
     Under ``torchrun`` with ``distributed=True`` the model is wrapped in DDP: ``batch_size`` is
@@ -419,7 +420,7 @@ def train(
                             refresh=False)
         bar.update(1)
         if save_now and run.rank == 0 and ckpt_path is not None:
-            run.save(Path(ckpt_path), step, round_idx, config_dump, losses)
+            run.save(Path(ckpt_path), step, round_idx, config_dump, losses, card)
     bar.close()
     seconds = time.perf_counter() - t0
     pending.flush(losses, distributed=run.world > 1)
@@ -440,11 +441,12 @@ class _Run:
     scaler: Any
     autocast_dtype: torch.dtype | None
 
-    def save(self, path: Path, step: int, round_idx: int, config: dict[str, Any] | None, losses: list[float]) -> None:
-        """A checkpoint with everything a resume needs."""
+    def save(self, path: Path, step: int, round_idx: int, config: dict[str, Any] | None, losses: list[float],
+             card: dict[str, Any] | None = None) -> None:
+        """A checkpoint with everything a resume needs, and the model card."""
         save_checkpoint(path, self.model, self.optimizer, self.scheduler,
                         self.scaler if self.scaler.is_enabled() else None, step=step, round_idx=round_idx,
-                        config=config, extra={"losses": losses})
+                        config=config, extra={"losses": losses}, card=card)
 
 
 def _start(model: nn.Module, train_cfg: TrainConfig, runtime_cfg: RuntimeConfig, steps: int, distributed: bool) -> _Run:

@@ -1,0 +1,119 @@
+"""``hem detect MODEL IMAGES...``: inference from a model file alone, its settings read from the model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import geopandas as gpd
+import pytest
+import rasterio
+import torch
+import yaml
+from affine import Affine
+from scenes import loop_config, scene_data
+
+from hem_bootstrap.cli import main
+from hem_bootstrap.model.card import read_card
+
+
+def _hem(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    try:
+        main([*args])
+        code = 0
+    except SystemExit as ex:
+        code = int(ex.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def run0(synth_scenes: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A round-0 run trained through ``hem run`` with a non-default overlap and score floor (must travel in the card)."""
+    folder = tmp_path_factory.mktemp("card_run")
+    cfg = loop_config(folder, "card", scene_data(synth_scenes), steps=12)
+    tree = yaml.safe_load(cfg.read_text())
+    tree["rounds"]["n_rounds"] = 0
+    tree["tiling"]["overlap"] = 48
+    tree["model"]["score_floor"] = 0.02
+    cfg.write_text(yaml.safe_dump(tree))
+    main(["-q", "run", str(cfg)])
+    return cfg, folder / "runs" / "card"
+
+
+def _frame(path: Path) -> gpd.GeoDataFrame:
+    return gpd.read_file(path).sort_values(["score", "px_xmin", "px_ymin"]).reset_index(drop=True)
+
+
+def test_a_model_file_alone_detects_as_its_experiment_does(run0: tuple[Path, Path], synth_scenes: Path,
+                                                           tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg, run = run0
+    model = run / "round_000" / "model.pt"
+    card = read_card(model)
+    assert card["overlap"] == 48 and card["model"]["score_floor"] == 0.02 and card["gsd_m"] == pytest.approx(0.15)
+    assert card["classes"] == ["vehicle"] and card["bands"] == [1, 2, 3] and card["scaling"]["scale"] == "auto"
+    image = str(synth_scenes / "test.tif")
+    # the same runtime as the experiment's (batch 4, eager float32), so the two scans compute the same sums
+    same = ["--set", "model.fast_path=none", "--set", "runtime.batch_size=4"]
+    code, out, err = _hem(capsys, "-q", "detect", str(model), image, "--out", str(tmp_path / "alone.gpkg"), *same)
+    assert code == 0, err
+    code, _, err = _hem(capsys, "-q", "detect", str(cfg), "--model", str(model), "--images", image,
+                        "--out", str(tmp_path / "config.gpkg"), *same)
+    assert code == 0, err
+    alone, with_cfg = _frame(tmp_path / "alone.gpkg"), _frame(tmp_path / "config.gpkg")
+    assert len(alone) > 0 and alone.crs == with_cfg.crs
+    cols = ["score", "px_xmin", "px_ymin", "px_xmax", "px_ymax"]
+    assert alone[cols].equals(with_cfg[cols])
+    # an exported model: weights alone plus the card beside them
+    exported = tmp_path / "export" / "vehicles.pth"
+    assert _hem(capsys, "-q", "export-model", str(run), "--out", str(exported))[0] == 0
+    assert "card" not in torch.load(exported, weights_only=False)  # a plain state_dict
+    assert json.loads(exported.with_suffix(".json").read_text())["overlap"] == 48
+    assert _hem(capsys, "-q", "detect", str(exported), image, "--out", str(tmp_path / "exported.gpkg"), *same)[0] == 0
+    assert _frame(tmp_path / "exported.gpkg")[cols].equals(alone[cols])
+    # plain options and --set override the card
+    code, _, err = _hem(capsys, "-q", "detect", str(model), image, "--score-floor", "0.3", "--out",
+                        str(tmp_path / "floor.gpkg"), *same)
+    assert code == 0, err
+    floor = gpd.read_file(tmp_path / "floor.gpkg")
+    assert len(floor) < len(alone) and (floor["score"] >= 0.3).all()
+
+
+def test_a_raster_at_another_gsd_is_named_with_both_values(run0: tuple[Path, Path], synth_scenes: Path,
+                                                           tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, run = run0
+    coarse = tmp_path / "coarse.tif"
+    with rasterio.open(synth_scenes / "test.tif") as src:
+        profile = src.profile | {"transform": src.transform @ Affine.scale(2.0)}  # the same pixels at 0.30 m
+        with rasterio.open(coarse, "w", **profile) as dst:
+            dst.write(src.read())
+    code, _, err = _hem(capsys, "detect", str(run / "round_000" / "model.pt"), str(coarse),
+                        "--out", str(tmp_path / "d.gpkg"))
+    assert code == 0, err
+    warning = [ln for ln in err.splitlines() if "ground resolution" in ln]
+    assert len(warning) == 1 and "coarse.tif" in warning[0] and "0.3 m" in warning[0] and "0.15 m" in warning[0]
+
+
+def test_model_files_without_a_card_or_images_are_one_line_errors(run0: tuple[Path, Path], synth_scenes: Path,
+                                                                  tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    cfg, run = run0
+    model = run / "round_000" / "model.pt"
+    raw = tmp_path / "raw.pth"
+    torch.save(torch.load(model, weights_only=False)["model"], raw)
+    cases = [
+        (("detect", str(raw), str(synth_scenes / "test.tif"), "--out", str(tmp_path / "a.gpkg")),
+         ["raw.pth", "no model card", "hem export-model"]),
+        (("detect", str(model), "--out", str(tmp_path / "b.gpkg")), ["name the rasters to scan"]),
+        (("detect", str(model), str(tmp_path / "x*.tif"), "--out", str(tmp_path / "c.gpkg")), ["no file matches"]),
+        (("detect", str(tmp_path / "nope.pt"), str(synth_scenes / "test.tif"), "--out", str(tmp_path / "d.gpkg")),
+         ["nope.pt", "not found"]),
+        (("detect", str(cfg), str(synth_scenes / "test.tif"), "--out", str(tmp_path / "e.gpkg")), ["needs --model"]),
+    ]
+    for args, needles in cases:
+        code, _, err = _hem(capsys, "-q", *args)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+        assert all(n in lines[0] for n in needles), lines[0]
+    assert not (tmp_path / "a.gpkg").exists()
