@@ -17,6 +17,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -90,14 +91,31 @@ def empty_detections(crs: object = None) -> gpd.GeoDataFrame:
     return frame[[*DETECTION_COLUMNS, *PX_COLUMNS, "geometry"]]
 
 
+@dataclass(frozen=True)
+class Naming:
+    """What a detections file says about its classes and images: names in id order, raster sizes (COCO)."""
+
+    classes: tuple[str, ...] = ()
+    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Raster path -> (width, height) in pixels."""
+
+    def name(self, labels: np.ndarray) -> np.ndarray:
+        """The class name of each label id (1..K); ids beyond the names keep their number as text."""
+        names = np.array([str(i) for i in range(int(labels.max(initial=0)) + 1)], dtype=object)
+        names[1:len(self.classes) + 1] = list(self.classes)[: len(names) - 1]
+        return names[labels.astype(np.int64)]
+
+
 def write_detections(
-    frames: Iterator[gpd.GeoDataFrame], out: Path, layer: str = "detections"
+    frames: Iterator[gpd.GeoDataFrame], out: Path, layer: str = "detections", naming: Naming | None = None,
 ) -> tuple[int, list[str]]:
     """Stream detection frames into one file, written under a temporary name and renamed at the end.
 
     GeoPackage (``.gpkg``): one layer per CRS (``detections`` for the first CRS met,
     ``detections_<epsg>`` for others), appended frame by frame so memory stays flat.
     GeoJSON (``.geojson``) and COCO (``.json``) are converted from a temporary GeoPackage.
+    With ``naming``, every row carries its ``class`` name next to the ``label`` id (an
+    attribute in QGIS) and COCO files get named categories and each image's width and height.
     Returns the number of rows and the layer names.
 
     Raises:
@@ -110,8 +128,10 @@ def write_detections(
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = temp_path(out, ".gpkg")
     scratch.unlink(missing_ok=True)
+    if naming is not None:
+        frames = (_named(f, naming) for f in frames)
     try:
-        total, layers = _stream_gpkg(frames, scratch, layer)
+        total, layers = _stream_gpkg(frames, scratch, layer, named=naming is not None)
         if suffix == ".gpkg":
             os.replace(scratch, out)
         else:
@@ -120,13 +140,19 @@ def write_detections(
                 if suffix == ".geojson":
                     _geojson_frame(back, out).to_file(tmp, driver="GeoJSON")
                 else:
-                    _write_coco(back, tmp)
+                    _write_coco(back, tmp, naming or Naming())
     finally:
         scratch.unlink(missing_ok=True)
     return total, layers
 
 
-def _stream_gpkg(frames: Iterator[gpd.GeoDataFrame], path: Path, layer: str) -> tuple[int, list[str]]:
+def _named(frame: gpd.GeoDataFrame, naming: Naming) -> gpd.GeoDataFrame:
+    frame = frame.copy()
+    frame.insert(int(frame.columns.get_loc("label")) + 1, "class", naming.name(frame["label"].to_numpy()))
+    return frame
+
+
+def _stream_gpkg(frames: Iterator[gpd.GeoDataFrame], path: Path, layer: str, named: bool = False) -> tuple[int, list[str]]:
     """Append frames to a GeoPackage, one layer per CRS, ~50k rows per write; returns rows and layer names."""
     layers: dict[str, str] = {}
     total = 0
@@ -144,8 +170,8 @@ def _stream_gpkg(frames: Iterator[gpd.GeoDataFrame], path: Path, layer: str) -> 
             flush()
         if key not in layers:
             layers[key] = layer if not layers else f"{layer}_{key.replace(':', '_').lower()}"
-            pyogrio.write_dataframe(empty_detections(frame.crs), path, layer=layers[key], driver="GPKG",
-                                    append=path.exists())
+            schema = _named(empty_detections(frame.crs), Naming()) if named else empty_detections(frame.crs)
+            pyogrio.write_dataframe(schema, path, layer=layers[key], driver="GPKG", append=path.exists())
         if len(frame):
             buffer.append(frame)
             if sum(len(f) for f in buffer) >= WRITE_BATCH_ROWS:  # one append per ~50k rows, not per row band
@@ -153,7 +179,8 @@ def _stream_gpkg(frames: Iterator[gpd.GeoDataFrame], path: Path, layer: str) -> 
         total += len(frame)
     flush()
     if not layers:
-        pyogrio.write_dataframe(empty_detections(None), path, layer=layer, driver="GPKG")
+        schema = _named(empty_detections(None), Naming()) if named else empty_detections(None)
+        pyogrio.write_dataframe(schema, path, layer=layer, driver="GPKG")
         layers["pixel"] = layer
     return total, list(layers.values())
 
@@ -180,10 +207,11 @@ def _geojson_frame(frames: list[gpd.GeoDataFrame], out: Path) -> gpd.GeoDataFram
     return concat_in_crs(frames, "EPSG:4326")
 
 
-def _write_coco(frames: list[gpd.GeoDataFrame], out: Path) -> None:
+def _write_coco(frames: list[gpd.GeoDataFrame], out: Path, naming: Naming) -> None:
+    """COCO results with their images (and sizes, when known) and named categories (every class, detected or not)."""
     images: dict[str, int] = {}
     anns: list[dict[str, Any]] = []
-    category_ids: set[int] = set()
+    category_ids: set[int] = set(range(1, len(naming.classes) + 1))
     for frame in frames:
         for row in frame.itertuples(index=False):
             img_id = images.setdefault(row.image, len(images) + 1)
@@ -195,12 +223,19 @@ def _write_coco(frames: list[gpd.GeoDataFrame], out: Path) -> None:
                 "bbox": [float(row.px_xmin), float(row.px_ymin), w, h], "area": w * h,
                 "score": float(row.score), "iscrowd": 0,
             })
+    for image in naming.sizes:  # images scanned without a detection are still part of the result
+        images.setdefault(image, len(images) + 1)
+    ids = np.array(sorted(category_ids), dtype=np.int64)
     doc = {
-        "images": [{"id": i, "file_name": name} for name, i in images.items()],
+        "images": [{"id": i, "file_name": name, **_size(naming.sizes.get(name))} for name, i in images.items()],
         "annotations": anns,
-        "categories": [{"id": c, "name": str(c)} for c in sorted(category_ids)],
+        "categories": [{"id": int(c), "name": str(n)} for c, n in zip(ids, naming.name(ids), strict=True)],
     }
     out.write_text(json.dumps(doc))
+
+
+def _size(wh: tuple[int, int] | None) -> dict[str, int]:
+    return {} if wh is None else {"width": int(wh[0]), "height": int(wh[1])}
 
 
 def read_detections(path: Path) -> gpd.GeoDataFrame:

@@ -20,7 +20,7 @@ import torch
 
 from hem_bootstrap.config import EvaluateConfig, ExperimentConfig
 from hem_bootstrap.data.training import ChipDataset, RatioBatchSampler, TrainImage, collate_chips
-from hem_bootstrap.detections import empty_detections, read_detections, write_detections
+from hem_bootstrap.detections import Naming, empty_detections, read_detections, write_detections
 from hem_bootstrap.distributed import broadcast_from_rank0
 from hem_bootstrap.evaluate import EvalImage, evaluate, write_metrics
 from hem_bootstrap.files import atomic_copy, atomic_path
@@ -174,7 +174,9 @@ def scan(ctx: Context, model_path: Path, role: str, out: Path) -> dict[str, Any]
         ctx.cfg.runtime, ctx.device, stats=stats, progress=ctx.progress, shard=(ctx.rank, ctx.world),
         headers={r.path: r.info if r.info is not None else r.error for r in rasters},
     )
-    n = write_detections(frames, out)[0] if ctx.is_main else sum(len(f) for f in frames)  # others drive collectives
+    naming = Naming(tuple(ctx.cfg.data.classes), {str(r.path): (r.info.width, r.info.height)
+                                                   for r in rasters if r.info is not None})
+    n = write_detections(frames, out, naming=naming)[0] if ctx.is_main else sum(len(f) for f in frames)  # others drive collectives
     summary = {
         "detections": n,
         "tiles": stats.tiles_total,
@@ -194,7 +196,8 @@ def step_detect(ctx: Context, r: int) -> dict[str, Any]:
     if not _needs_pool_scan(ctx.cfg, NegativeBank.load(ctx.run.round_dir(r - 1) / "bank.gpkg")):
         if ctx.is_main:
             crs = next((t.header().crs for t in ctx.data.readable("pool")), None)
-            write_detections(iter([empty_detections(crs)]), rd / "detections.gpkg")
+            write_detections(iter([empty_detections(crs)]), rd / "detections.gpkg",
+                             naming=Naming(tuple(ctx.cfg.data.classes)))
         return {"detections": 0, "tiles": 0, "skipped": "mining.strategies: none, and no bank to refresh"}
     info = scan(ctx, model, "pool", rd / "detections.gpkg")
     if ctx.cfg.train.hard_positive_factor > 1:

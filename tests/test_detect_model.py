@@ -65,6 +65,7 @@ def test_a_model_file_alone_detects_as_its_experiment_does(run0: tuple[Path, Pat
     assert len(alone) > 0 and alone.crs == with_cfg.crs
     cols = ["score", "px_xmin", "px_ymin", "px_xmax", "px_ymax"]
     assert alone[cols].equals(with_cfg[cols])
+    assert list(alone.columns[:3]) == ["image", "label", "class"] and set(alone["class"]) == {"vehicle"}
     # an exported model: weights alone plus the card beside them
     exported = tmp_path / "export" / "vehicles.pth"
     assert _hem(capsys, "-q", "export-model", str(run), "--out", str(exported))[0] == 0
@@ -72,6 +73,12 @@ def test_a_model_file_alone_detects_as_its_experiment_does(run0: tuple[Path, Pat
     assert json.loads(exported.with_suffix(".json").read_text())["overlap"] == 48
     assert _hem(capsys, "-q", "detect", str(exported), image, "--out", str(tmp_path / "exported.gpkg"), *same)[0] == 0
     assert _frame(tmp_path / "exported.gpkg")[cols].equals(alone[cols])
+    # COCO results: named categories, and each image with its size
+    assert _hem(capsys, "-q", "detect", str(model), image, "--out", str(tmp_path / "coco.json"), *same)[0] == 0
+    coco = json.loads((tmp_path / "coco.json").read_text())
+    assert coco["categories"] == [{"id": 1, "name": "vehicle"}]
+    assert coco["images"] == [{"id": 1, "file_name": image, "width": 768, "height": 768}]
+    assert len(coco["annotations"]) == len(alone)
     # plain options and --set override the card
     code, _, err = _hem(capsys, "-q", "detect", str(model), image, "--score-floor", "0.3", "--out",
                         str(tmp_path / "floor.gpkg"), *same)
