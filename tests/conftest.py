@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,20 @@ from affine import Affine
 # measured fast-path choices (hem_bootstrap.model.precision) go to a cache of this session, shared
 # with the `hem` subprocesses the tests start, never to the user's ~/.cache
 os.environ.setdefault("HEM_CACHE_DIR", tempfile.mkdtemp(prefix="hem-test-cache-"))
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on a shared 2-core machine, 2 spinning OpenMP threads run 10-30x slower.
+
+    Modules that train or build many models use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 UTM_ORIGIN = (500_000.0, 5_000_000.0)
 GSD = 0.5

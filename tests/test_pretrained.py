@@ -8,7 +8,7 @@ classes), without downloading anything.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
@@ -34,12 +34,7 @@ from hem_bootstrap.model.train import train_one_step
 COCO_CLASSES = 91
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _save(state: dict[str, torch.Tensor], path: Path) -> Path:
