@@ -169,6 +169,7 @@ def detect(
         list[str] | None, typer.Option("--images", help="Rasters or glob patterns, as the arguments.")
     ] = None,
     score_floor: Annotated[float | None, typer.Option(help="Drop detections below this score (model.score_floor).")] = None,
+    aoi: Annotated[Path | None, typer.Option(help="Polygon file: scan only the ground it covers.")] = None,
     set_: SetOpt = None,
 ) -> None:
     """Run the detector over large rasters, merged across tile seams, streamed to a file.
@@ -183,11 +184,11 @@ def detect(
     if source.suffix.lower() in (".yaml", ".yml"):
         if model is None:
             raise ConfigError(f"hem detect {source}: a config needs --model CHECKPOINT")
-        _echo(detect_cli(_load(source, overrides), model, rasters, out))
+        _echo(detect_cli(_load(source, overrides), model, rasters, out, aoi))
     else:
         if model is not None:
             raise ConfigError(f"hem detect {source}: --model goes with a config; {source} is the model already")
-        _echo(detect_model_cli(source, rasters or [], out, overrides))
+        _echo(detect_model_cli(source, rasters or [], out, overrides, aoi))
 
 
 @app.command()

@@ -106,7 +106,7 @@ def train_round_cli(cfg: ExperimentConfig, round_idx: int, resume: bool) -> Path
     return run.round_dir(round_idx) / "model.pt"
 
 
-def detect_cli(cfg: ExperimentConfig, model: Path, images: list[str] | None, out: Path) -> str:
+def detect_cli(cfg: ExperimentConfig, model: Path, images: list[str] | None, out: Path, aoi: Path | None = None) -> str:
     """``hem detect CONFIG --model M``: scan rasters (default: the pool) and write merged detections.
 
     Raises:
@@ -116,10 +116,11 @@ def detect_cli(cfg: ExperimentConfig, model: Path, images: list[str] | None, out
     if images:
         cfg = cfg.model_copy(deep=True)
         cfg.data.pool = [ImageSet(images=_check_images(images))]
-    return _detect(cfg, _check_model(model), Path(out), None)
+    return _detect(cfg, _check_model(model), Path(out), None, aoi)
 
 
-def detect_model_cli(model: Path, images: list[str], out: Path, overrides: list[str] | None) -> str:
+def detect_model_cli(model: Path, images: list[str], out: Path, overrides: list[str] | None,
+                     aoi: Path | None = None) -> str:
     """``hem detect MODEL IMAGES...``: the same with no config, settings from the model's card.
 
     Raises:
@@ -131,7 +132,7 @@ def detect_model_cli(model: Path, images: list[str], out: Path, overrides: list[
     if not images:
         raise DataError(f"hem detect {model}: name the rasters to scan (paths or glob patterns)")
     cfg, card = config_for_model(model, _check_images(images), overrides)
-    return _detect(cfg, model, Path(out), card.get("gsd_m"))
+    return _detect(cfg, model, Path(out), card.get("gsd_m"), aoi)
 
 
 def _check_images(images: list[str]) -> list[str]:
@@ -144,12 +145,14 @@ def _check_images(images: list[str]) -> list[str]:
     return [str(p) for p in paths]
 
 
-def _detect(cfg: ExperimentConfig, model: Path, out: Path, gsd_m: float | None) -> str:
+def _detect(cfg: ExperimentConfig, model: Path, out: Path, gsd_m: float | None, aoi: Path | None) -> str:
+    if aoi is not None and not Path(aoi).is_file():
+        raise DataError(f"--aoi {aoi}: file not found")
     init_distributed(cfg.runtime)
     ctx = make_context(cfg, _run_of(cfg), check_inputs(cfg, ("pool",)))
     for r in ctx.data.readable("pool"):
         check_gsd(str(r.path), r.header().pixel_size_m()[0], gsd_m)
-    info = scan(ctx, model, "pool", out)
+    info = scan(ctx, model, "pool", out, aoi)
     return (
         f"{info['detections']} detections from {info['tiles']} tiles ({info['tiles_skipped']} skipped) "
         f"at {info['tiles_per_s']} tiles/s -> {out}"

@@ -24,6 +24,7 @@ from hem_bootstrap.detections import Naming, empty_detections, read_detections, 
 from hem_bootstrap.distributed import broadcast_from_rank0
 from hem_bootstrap.evaluate import EvalImage, evaluate, write_metrics
 from hem_bootstrap.files import atomic_copy, atomic_path
+from hem_bootstrap.geo.aoi import aoi_in_pixels
 from hem_bootstrap.geo.frames import concat_in_crs, crs_text
 from hem_bootstrap.geo.labels import LabelIndex, PixelLabels
 from hem_bootstrap.inputs import Inputs, RasterInput, check_inputs
@@ -165,14 +166,18 @@ def training_gsd(ctx: Context) -> float | None:
 # ------------------------------------------------------------------------------ detect
 
 
-def scan(ctx: Context, model_path: Path, role: str, out: Path) -> dict[str, Any]:
-    """Detect over one role's rasters with a model, streaming merged detections into ``out`` (rank 0 writes)."""
+def scan(ctx: Context, model_path: Path, role: str, out: Path, aoi: Path | None = None) -> dict[str, Any]:
+    """Detect over one role's rasters with a model, streaming merged detections into ``out`` (rank 0 writes).
+
+    ``aoi``: a polygon file; only the ground it covers is scanned (:mod:`hem_bootstrap.geo.aoi`).
+    """
     rasters = ctx.data.of(role)
     stats = DetectStats()
     frames = detect(
         load_model(ctx.cfg, model_path), [r.path for r in rasters], ctx.cfg.data, ctx.cfg.tiling, ctx.cfg.model,
         ctx.cfg.runtime, ctx.device, stats=stats, progress=ctx.progress, shard=(ctx.rank, ctx.world),
         headers={r.path: r.info if r.info is not None else r.error for r in rasters},
+        aoi=None if aoi is None else {r.path: aoi_in_pixels(aoi, r.header()) for r in rasters if r.readable},
     )
     naming = Naming(tuple(ctx.cfg.data.classes), {str(r.path): (r.info.width, r.info.height)
                                                    for r in rasters if r.info is not None})

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import geopandas as gpd
 import pytest
 import rasterio
+import shapely
 import torch
 import yaml
 from affine import Affine
@@ -124,3 +126,34 @@ def test_model_files_without_a_card_or_images_are_one_line_errors(run0: tuple[Pa
         assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
         assert all(n in lines[0] for n in needles), lines[0]
     assert not (tmp_path / "a.gpkg").exists()
+
+
+def test_an_area_of_interest_limits_the_scan(run0: tuple[Path, Path], synth_scenes: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    _, run = run0
+    model, image = str(run / "round_000" / "model.pt"), str(synth_scenes / "test.tif")
+    with rasterio.open(image) as src:
+        left, bottom, right, top = src.bounds
+        crs = src.crs
+    half = left + (right - left) / 2
+    aoi = tmp_path / "aoi.gpkg"
+    gpd.GeoDataFrame(geometry=[shapely.box(left, bottom, half, top)], crs=crs).to_file(aoi)
+    same = ["--set", "model.fast_path=none", "--set", "runtime.batch_size=4"]
+    code, full_out, err = _hem(capsys, "detect", model, image, "--out", str(tmp_path / "full.gpkg"), *same)
+    assert code == 0, err
+    code, aoi_out, err = _hem(capsys, "detect", model, image, "--aoi", str(aoi), "--out", str(tmp_path / "aoi.gpkg"),
+                              *same)
+    assert code == 0, err
+    tiles = [int(re.search(r"from (\d+) tiles", o).group(1)) for o in (full_out, aoi_out)]  # type: ignore[union-attr]
+    assert tiles[1] < tiles[0]
+    full, part = _frame(tmp_path / "full.gpkg"), _frame(tmp_path / "aoi.gpkg")
+    assert 0 < len(part) < len(full)
+    assert part.geometry.intersects(shapely.box(left, bottom, half, top)).all()
+    # away from the area's edge (more than a tile), the scan is the full one
+    deep = half - 256 * 0.15
+    cols = ["score", "px_xmin", "px_ymin", "px_xmax", "px_ymax"]
+    inner = [f[f.geometry.bounds["maxx"] < deep].reset_index(drop=True)[cols] for f in (full, part)]
+    assert len(inner[0]) > 0 and inner[0].equals(inner[1])
+    code, _, err = _hem(capsys, "-q", "detect", model, image, "--aoi", str(tmp_path / "none.gpkg"),
+                        "--out", str(tmp_path / "x.gpkg"))
+    assert code == 2 and "--aoi" in err and "none.gpkg" in err and len(err.strip().splitlines()) == 1

@@ -276,8 +276,8 @@ def with_pixel_labels(
                             geometry="geometry", crs=extra.crs)
 
 
-def load_zones(path: str | Path, info: RasterInfo) -> gpd.GeoDataFrame:
-    """Ignore zones (polygons where labels are incomplete), reprojected to the raster CRS."""
+def load_zones(path: str | Path, info: RasterInfo, what: str = "ignore zones") -> gpd.GeoDataFrame:
+    """Polygons (ignore zones where labels are incomplete, or an area of interest), reprojected to the raster CRS."""
     p = Path(path)
     frame = _read_vector(p)
     if frame.empty:
@@ -285,7 +285,7 @@ def load_zones(path: str | Path, info: RasterInfo) -> gpd.GeoDataFrame:
     frame = frame[~(frame.geometry.isna() | frame.geometry.is_empty).to_numpy()]
     types = set(frame.geom_type.unique())
     if not types <= _POLYGONS:
-        raise DataError(f"{p}: ignore zones must be polygons, got {sorted(types - _POLYGONS)}")
+        raise DataError(f"{p}: {what} must be polygons, got {sorted(types - _POLYGONS)}")
     return _to_raster_crs(frame, info, p).reset_index(drop=True)
 
 

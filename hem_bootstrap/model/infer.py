@@ -20,6 +20,7 @@ from typing import Any
 import geopandas as gpd
 import numpy as np
 import torch
+from shapely.geometry.base import BaseGeometry
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -28,6 +29,7 @@ from hem_bootstrap.data.tiles import TileDataset, TileRef, collate_tiles, plan_t
 from hem_bootstrap.detections import detections_frame
 from hem_bootstrap.distributed import all_sum, gather_on_rank0
 from hem_bootstrap.errors import DataError
+from hem_bootstrap.geo.aoi import boxes_touching, windows_touching
 from hem_bootstrap.geo.raster import RasterInfo, open_raster
 from hem_bootstrap.geo.windows import Window
 from hem_bootstrap.model.merge import BandMerger, RawDetections, cut_by_inner_edge, merge_whole
@@ -126,12 +128,22 @@ class ScanPlan:
 
 
 def plan_scan(paths: list[Path], data_cfg: DataConfig, tiling: TilingConfig, stats: DetectStats,
-              rank: int = 0, world: int = 1, headers: Mapping[Path, RasterInfo | str] | None = None) -> ScanPlan:
-    """Open each raster once (bad ones skipped or failing, by config) and cut this rank's share of the tiles."""
+              rank: int = 0, world: int = 1, headers: Mapping[Path, RasterInfo | str] | None = None,
+              aoi: Mapping[Path, BaseGeometry] | None = None) -> ScanPlan:
+    """Open each raster once (bad ones skipped or failing, by config) and cut this rank's share of the tiles.
+
+    ``aoi``: per raster, the area of interest in its pixels; only tiles that touch it are planned.
+    """
     good, infos, bad = usable_rasters(paths, data_cfg.on_bad_raster, headers)
     stats.bad_rasters.extend(bad)
     refs = plan_tiles(good, tiling, infos)
+    if aoi is not None:
+        refs = [ref for ref in refs if _touches(aoi.get(good[ref.image_idx]), ref.window)]
     return ScanPlan(good, infos, shard_refs(refs, rank, world), len(refs))
+
+
+def _touches(area: BaseGeometry | None, w: Window) -> bool:
+    return area is not None and bool(windows_touching(area, np.array([[w.col_off, w.row_off, w.width, w.height]]))[0])
 
 
 class _Progress:
@@ -281,6 +293,7 @@ def detect(
     drop_cut: bool = True,
     shard: tuple[int, int] = (0, 1),
     headers: Mapping[Path, RasterInfo | str] | None = None,
+    aoi: Mapping[Path, BaseGeometry] | None = None,
 ) -> Iterator[gpd.GeoDataFrame]:
     """Detect objects over rasters; yields merged detection frames (several per image), in each raster's CRS.
 
@@ -290,12 +303,14 @@ def detect(
     collectives. ``stats`` then holds totals over all ranks, and ``stats.seconds`` is rank 0's
     wall time, so ``stats.tiles_per_s`` is the job's rate. An image's last frame comes even
     when empty, so every raster's CRS gets its layer. ``headers``: rasters' headers (or open
-    errors) the caller already has, see :func:`usable_rasters`.
+    errors) the caller already has, see :func:`usable_rasters`. ``aoi``: per raster, an area of
+    interest in its pixels (:mod:`hem_bootstrap.geo.aoi`): only tiles touching it are read and
+    only boxes touching it are kept.
     """
     stats = stats if stats is not None else DetectStats()
     t0 = time.perf_counter()
     rank, world = shard
-    plan = plan_scan(paths, data_cfg, tiling, stats, rank, world, headers)
+    plan = plan_scan(paths, data_cfg, tiling, stats, rank, world, headers, aoi)
     prepared = prepare_model(model, device, model_cfg, runtime, tiling.tile_size)
     stats.fast_path = prepared.fast_path
     scan = scan_raw(prepared, plan, data_cfg, runtime, stats, progress and rank == 0, bands=world == 1)
@@ -303,6 +318,9 @@ def detect(
         scan, len(plan.paths), model_cfg.nms_iou, drop_cut, stats)
     for idx, kept, last in merged:
         tm = time.perf_counter()
+        if aoi is not None:  # a box on the far side of a tile that touches the area is still outside it
+            inside = boxes_touching(aoi[plan.paths[idx]], kept[0])
+            kept = tuple(a[inside] for a in kept)
         frame = detections_frame(str(plan.paths[idx]), plan.infos[idx], *kept)
         stats.merge_seconds += time.perf_counter() - tm
         if len(frame) or last:
