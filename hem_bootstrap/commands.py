@@ -236,7 +236,7 @@ def bank_export_cli(run_dir: Path, out: Path, fmt: str) -> str:
             rasters[im] = open_raster(im).transform
         except HemError:
             pass
-    bank.export(Path(out), fmt, rasters)
+    bank.export(Path(out), fmt, rasters, classes=_run_classes(RunDir(Path(run_dir))))
     return f"{fmt}: {out}"
 
 

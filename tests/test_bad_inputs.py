@@ -490,6 +490,9 @@ def test_bank_export_format(fine_run: tuple[Path, Path], tmp_path: Path, hem: He
     _, run = fine_run
     one_line_error(hem("bank", "export", str(run), "--format", "xml", "--out", str(tmp_path / "b.xml")),
                    "--format 'xml'")
+    code, _, err = hem("bank", "export", str(run), "--format", "geojson", "--out", str(tmp_path / "b.geojson"))
+    assert code == 0, err
+    assert set(gpd.read_file(tmp_path / "b.geojson")["predicted_class"]) == {"vehicle"}  # the run's class names
 
 
 def test_plain_image_runs_in_pixel_space(scenes: Path, tmp_path: Path, hem: Hem) -> None:

@@ -276,11 +276,12 @@ def test_export_geojson_and_coco(tmp_path: Path, make_raster: Callable[..., Path
     assert bank.export(gj, "geojson") == 2
     back = gpd.read_file(gj)
     assert len(back) == 2 and sorted(back["neg_id"].tolist()) == [1, 3]
+    assert set(back["predicted_class"]) == {"1"}  # no class names given: the id as text
     assert back.crs == CRS
     assert bank.export(tmp_path / "all.geojson", "geojson", include_retired=True) == 3
 
     cj = tmp_path / "neg.json"
-    bank.export(cj, "coco", {str(tif): T})
+    bank.export(cj, "coco", {str(tif): T}, classes=["vehicle"])
     coco = COCO(str(cj))
     assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == ["hard_negative"]
     imgs = {im["file_name"]: im for im in coco.dataset["images"]}
@@ -289,6 +290,7 @@ def test_export_geojson_and_coco(tmp_path: Path, make_raster: Callable[..., Path
     ann = coco.loadAnns(coco.getAnnIds(imgIds=[imgs[str(tif)]["id"]]))
     assert [a["bbox"] for a in ann] == [[0.0, 0.0, 10.0, 10.0]]
     assert ann[0]["area"] == 100.0 and ann[0]["neg_id"] == 1
+    assert (ann[0]["predicted_label"], ann[0]["predicted_class"]) == (1, "vehicle")
     with pytest.raises(DataError, match="'shp'"):
         bank.export(tmp_path / "x", "shp")
 

@@ -20,7 +20,7 @@ previous bank intact.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -398,9 +398,10 @@ class NegativeBank:
         fmt: str,
         rasters: Mapping[str, Any] | None = None,
         include_retired: bool = False,
+        classes: Sequence[str] = (),
     ) -> int:
         """Write the active entries (all with ``include_retired``) as GeoJSON or COCO JSON; see :func:`export_rows`."""
-        return export_rows(self.frame if include_retired else self.active(), Path(path), fmt, rasters)
+        return export_rows(self.frame if include_retired else self.active(), Path(path), fmt, rasters, classes)
 
     def review(self) -> gpd.GeoDataFrame:
         """The review rows (suspected missing labels), sorted by ``review_id``."""

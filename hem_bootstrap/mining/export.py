@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import pandas as pd
 import pyogrio
 import shapely
 
-from hem_bootstrap.detections import PX_COLUMNS
+from hem_bootstrap.detections import PX_COLUMNS, Naming
 from hem_bootstrap.errors import DataError, HemError
 from hem_bootstrap.files import atomic_path
 from hem_bootstrap.geo.raster import open_raster
@@ -23,18 +23,21 @@ from hem_bootstrap.geo.windows import map_to_pixel_boxes
 FORMATS = ("geojson", "coco")
 
 
-def export_rows(rows: gpd.GeoDataFrame, path: Path, fmt: str, rasters: Mapping[str, Any] | None = None) -> int:
+def export_rows(rows: gpd.GeoDataFrame, path: Path, fmt: str, rasters: Mapping[str, Any] | None = None,
+                classes: Sequence[str] = ()) -> int:
     """Write bank rows as GeoJSON or COCO JSON (atomically); returns how many.
 
     COCO uses pixel boxes (the ``px_*`` columns; where one is missing and ``rasters`` maps the
     image to its affine transform, it is derived from the geometry) and a single category
-    ``hard_negative``; image sizes are read from the rasters when they exist.
+    ``hard_negative``; image sizes are read from the rasters when they exist. Each row keeps the
+    class the detector took it for: ``label`` and, with ``classes``, its name in ``predicted_class``.
 
     Raises:
         DataError: ``fmt`` is neither ``geojson`` nor ``coco``.
     """
     if fmt not in FORMATS:
         raise DataError(f"bank export: format = {fmt!r}, expected 'geojson' or 'coco'")
+    rows = rows.assign(predicted_class=Naming(tuple(classes)).name(rows["label"].to_numpy()))
     with atomic_path(Path(path)) as tmp:
         if fmt == "geojson":
             _write_geojson(rows, tmp)
@@ -82,6 +85,7 @@ def _coco(rows: gpd.GeoDataFrame, rasters: Mapping[str, Any] | None) -> dict[str
                     "score": None if pd.isna(row.last_score) else float(row.last_score),
                     "neg_id": int(row.neg_id),
                     "predicted_label": int(row.label),
+                    "predicted_class": str(row.predicted_class),
                 }
             )
     return {
