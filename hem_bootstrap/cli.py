@@ -110,6 +110,7 @@ def synth(
         float | None, typer.Option(help="Share of 256 px windows holding look-alikes, 0..1 (default: by layout).")
     ] = None,
     epsg: Annotated[int, typer.Option(help="Projected CRS of the scene.")] = 32633,
+    vehicle_classes: Annotated[bool, typer.Option(help="Label cars and vans as two classes (car, van).")] = False,
     compress: Annotated[str, typer.Option(help="GeoTIFF compression: deflate (lossless) or jpeg.")] = "deflate",
 ) -> None:
     """Write a synthetic ortho-scene: a GeoTIFF, vehicle labels and look-alike distractors.
@@ -129,6 +130,7 @@ def synth(
         distractor_similarity=similarity,
         lookalike_share=lookalike_share,
         epsg=epsg,
+        vehicle_classes=vehicle_classes,
     )
     paths = write_scene(out_dir, spec, name=name, compress=compress)
     for key, p in paths.items():

@@ -361,7 +361,7 @@ def evaluate(
         **_diagnostics(prepared, flags, pooled, sweep, by_key, cfg, matching, thr),
     }
     if len(categories) > 1:
-        metrics["per_class"] = _per_class(pooled, categories, per_class_ap, _class_names(images))
+        metrics["per_class"] = _per_class(pooled, categories, per_class_ap, _class_names(images), area, cfg)
     if any(img.distractors is not None for img in images):
         metrics.update(_distractor_stats(prepared, flags, by_key, cfg.score_threshold))
     return metrics
@@ -460,18 +460,25 @@ def _fp_rates(pooled: _Pooled, sweep: Sweep, area: float, cfg: EvaluateConfig) -
 
 def _per_class(
     pooled: _Pooled, categories: list[int], per_class_ap: dict[int, tuple[float | None, float | None]],
-    names: dict[int, str],
+    names: dict[int, str], area: float, cfg: EvaluateConfig,
 ) -> dict[str, Any]:
-    return {
-        names.get(c, str(c)): {
+    """Per class: counts, AP, and FP/km² (at the operating threshold and at the fixed recalls of that class)."""
+    out = {}
+    for c in categories:
+        mine = pooled.labels == c
+        n_gt = int((pooled.gt_labels == c).sum())
+        sweep = build_sweep(pooled.scores[mine], pooled.tp[mine], n_gt)
+        fp = int((mine & ~pooled.tp & (pooled.scores >= cfg.score_threshold)).sum())
+        out[names.get(c, str(c))] = {
             "label": int(c),
-            "n_gt": int((pooled.gt_labels == c).sum()),
-            "n_det": int((pooled.labels == c).sum()),
+            "n_gt": n_gt,
+            "n_det": int(mine.sum()),
             "ap50": per_class_ap[c][0],
             "ap": per_class_ap[c][1],
+            "fp_per_km2": _ratio(fp, area),
+            "fp_per_km2_at_recall": {str(float(r)): fp_per_km2_at_recall(sweep, r, area) for r in cfg.fixed_recalls},
         }
-        for c in categories
-    }
+    return out
 
 
 # -------------------------------------------------------------------------------- output

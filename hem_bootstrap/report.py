@@ -52,6 +52,8 @@ COLUMNS: list[tuple[str, str, str | None, str]] = [
     ("fp_away_per_km2_r80", "look-alike FP/km² @R0.8", "look-alike@R0.8", ".1f"),
     ("fp_on_distractors_share", "FP share on distractors", None, ".2f"),
 ]
+PER_CLASS = {"ap50": ("AP@0.5", ".3f"), "fp_per_km2": ("FP/km²", ".1f")}
+"""Per-class columns (``metrics.json``'s ``per_class``, several classes only): header prefix and format."""
 
 
 # ----------------------------------------------------------------------------- reading
@@ -136,6 +138,7 @@ def _row(entry: dict[str, Any], m: dict[str, Any] | None) -> dict[str, Any]:
         "fp_per_km2_r90": _at_key(m.get("fp_per_km2_at_recall"), 0.9),
         "fp_away_per_km2_r80": _at_key(m.get("fp_away_per_km2_at_recall"), 0.8),
         "fp_on_distractors_share": m.get("fp_on_distractors_share"),
+        **{f"{key}:{name}": c.get(key) for name, c in (m.get("per_class") or {}).items() for key in PER_CLASS},
     }
 
 
@@ -176,18 +179,29 @@ def _fixed_width(headers: list[str], body: list[list[str]], left: int = 0) -> st
     return "\n".join(out)
 
 
+def _class_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+    """With several classes, AP@0.5 and FP/km² of each class (``COLUMNS``' layout), in the order met."""
+    out = []
+    for key in dict.fromkeys(k for r in rows for k in r if ":" in k):
+        metric, name = key.split(":", 1)
+        head, spec = PER_CLASS[metric]
+        out.append((key, f"{head} {name}", f"{head} {name}", spec))
+    return out
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Plain fixed-width text table printed at the end of a run (round, bank, AP@0.5, FP/km²...)."""
-    cols = [(k, short, spec) for k, _, short, spec in COLUMNS if short is not None]
+    """Plain fixed-width text table printed at the end of a run (round, bank, AP@0.5, FP/km²..., per class)."""
+    cols = [(k, short, spec) for k, _, short, spec in COLUMNS + _class_columns(rows) if short is not None]
     body = [[_fmt(r.get(k), spec) for k, _, spec in cols] for r in rows]
     return _fixed_width([short for _, short, _ in cols], body)
 
 
 def _markdown_table(rows: list[dict[str, Any]]) -> str:
-    headers = [long for _, long, _, _ in COLUMNS]
+    columns = COLUMNS + _class_columns(rows)
+    headers = [long for _, long, _, _ in columns]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" for _ in headers) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(k), spec) for k, _, _, spec in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_fmt(r.get(k), spec) for k, _, _, spec in columns) + " |")
     return "\n".join(lines)
 
 

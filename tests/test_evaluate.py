@@ -306,6 +306,11 @@ def test_per_class_ap_with_two_classes() -> None:
     assert m["per_class"]["truck"]["ap50"] == pytest.approx(0.0)
     assert m["per_class"]["truck"]["n_gt"] == 2
     assert (m["tp"], m["fp"]) == (2, 2)
+    # the two trucks taken for cars are the cars' false positives: 2 over 0.01 km²
+    assert m["per_class"]["car"]["fp_per_km2"] == pytest.approx(200.0)
+    assert m["per_class"]["truck"]["fp_per_km2"] == pytest.approx(0.0)
+    assert m["per_class"]["car"]["fp_per_km2_at_recall"]["0.8"] == pytest.approx(200.0)  # ties enter together
+    assert m["per_class"]["truck"]["fp_per_km2_at_recall"]["0.8"] is None  # never reached
 
 
 def test_pr_curve_is_downsampled() -> None:

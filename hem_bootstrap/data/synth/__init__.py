@@ -18,7 +18,7 @@ Files written by :func:`write_scene` (``name`` defaults to ``"scene"``):
 
 * ``{name}.tif``: RGB uint8 GeoTIFF, 256 px tiles, deflate + predictor 2, no nodata.
 * ``{name}_labels.gpkg``: layer ``labels``, one rotated-rectangle polygon per vehicle,
-  columns ``id`` (int) and ``class`` (``"vehicle"``).
+  columns ``id`` (int) and ``class`` (``"vehicle"``, or ``"car"`` / ``"van"`` with ``vehicle_classes``).
 * ``{name}_distractors.gpkg``: layer ``distractors``, columns ``id`` and ``class`` (the kind:
   one of :data:`DISTRACTOR_KINDS`).
 """
@@ -109,7 +109,8 @@ def make_scene(spec: SceneSpec) -> tuple[np.ndarray, gpd.GeoDataFrame, gpd.GeoDa
 
     rgb = _render(spec, layout, sun, vehicles, distractors, trees, rng_render)
     transform = Affine(spec.gsd, 0.0, spec.origin[0], 0.0, -spec.gsd, spec.origin[1])
-    labels = _frame([v.box for v in vehicles], ["vehicle"] * len(vehicles), spec, crs)
+    names = [v.variant if spec.vehicle_classes else "vehicle" for v in vehicles]
+    labels = _frame([v.box for v in vehicles], names, spec, crs)
     dis = _frame([d.box for d in distractors], [d.kind for d in distractors], spec, crs)
     return rgb, labels, dis, transform
 

@@ -86,6 +86,9 @@ class SceneSpec:
             ``n_distractors``.
         epsg: Projected CRS of the raster and the vector layers.
         origin: Map x of the left edge and map y of the top edge.
+        vehicle_classes: Label vehicles as two classes, ``car`` and ``van`` (about 12 % vans, told
+            apart from above by their long windscreen and missing rear window), not all ``vehicle``.
+            The pixels are the same either way.
     """
 
     size: int = 4096
@@ -97,6 +100,7 @@ class SceneSpec:
     lookalike_share: float | None = None
     epsg: int = 32633
     origin: tuple[float, float] = (500000.0, 5400000.0)
+    vehicle_classes: bool = False
 
 
 # ------------------------------------------------------------------------------------ geometry
