@@ -23,7 +23,7 @@ from hem_bootstrap.inputs import check_inputs
 from hem_bootstrap.loop import make_context
 from hem_bootstrap.mining.bank import NegativeBank
 from hem_bootstrap.mining.review import POSITIVES_FILE, append_accepted, apply_review, latest_snapshot
-from hem_bootstrap.model.card import check_gsd, config_for_model, model_card
+from hem_bootstrap.model.card import check_gsd, config_for_model, gsd_of, model_card, read_card
 from hem_bootstrap.model.checkpoints import export_model
 from hem_bootstrap.rundir import RunDir
 from hem_bootstrap.steps import STEPS_ROUND, STEPS_ROUND0, evaluate_model, scan, step_train
@@ -150,8 +150,8 @@ def _detect(cfg: ExperimentConfig, model: Path, out: Path, gsd_m: float | None, 
         raise DataError(f"--aoi {aoi}: file not found")
     init_distributed(cfg.runtime)
     ctx = make_context(cfg, _run_of(cfg), check_inputs(cfg, ("pool",)))
-    for r in ctx.data.readable("pool"):
-        check_gsd(str(r.path), r.header().pixel_size_m()[0], gsd_m)
+    for r in ctx.data.readable("pool") if ctx.is_main else []:
+        check_gsd(str(r.path), gsd_of(r.header()), gsd_m)
     info = scan(ctx, model, "pool", out, aoi)
     return (
         f"{info['detections']} detections from {info['tiles']} tiles ({info['tiles_skipped']} skipped) "
@@ -189,8 +189,13 @@ def export_model_cli(run_dir: Path, out: Path, round_idx: int | None) -> str:
     cfg_tree = yaml.safe_load(cfg_path.read_text())
     metrics_path = run.round_dir(r) / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
+    if Path(out).suffix.lower() == ".json":
+        raise RunError(f"--out {out}: the model card is written beside the weights as NAME.json; give the weights "
+                       "a .pth or .pt name")
+    own = read_card(run.round_dir(r) / "model.pt")  # the card the checkpoint was trained with (older ones: rebuilt)
     card = {
-        **model_card(load_config(cfg_path), _training_gsd(cfg_tree)),
+        **own,
+        **model_card(load_config(cfg_path), own.get("gsd_m") or _training_gsd(cfg_tree)),
         "round": r,
         "training_data": [s["images"] for s in cfg_tree["data"]["train"]],
         "negatives_from": [s["images"] for s in cfg_tree["data"]["pool"]],
@@ -202,7 +207,8 @@ def export_model_cli(run_dir: Path, out: Path, round_idx: int | None) -> str:
 
 def _training_gsd(cfg_tree: dict) -> float | None:
     try:
-        return round(float(open_raster(cfg_tree["data"]["train"][0]["images"][0]).pixel_size_m()[0]), 6)
+        paths = ImageSet(images=cfg_tree["data"]["train"][0]["images"]).resolved_images()
+        return gsd_of(open_raster(paths[0]))
     except (HemError, IndexError, KeyError):
         return None
 

@@ -120,10 +120,12 @@ class ModelConfig(_Section):
     trainable_layers: int | None = Field(
         None, ge=0,
         description="Trunk stages trained, counted from the top as torchvision's trainable_backbone_layers (ResNet 0-5, "
-        "MobileNetV3 0-6, small trunk 0-4); the rest are frozen. None: all without pretrained weights, 3 with them.",
+        "MobileNetV3 0-6, small trunk 0-4); the rest are frozen. None: all without pretrained weights; with them "
+        "torchvision's default for the arch (3; SSDlite and the small archs: all).",
     )
     frozen_bn: bool | None = Field(
-        None, description="Trunk BatchNorm as FrozenBatchNorm2d (fixed statistics). None: frozen with pretrained weights.")
+        None, description="Trunk BatchNorm as FrozenBatchNorm2d (fixed statistics). None: as torchvision's builder with "
+        "pretrained weights (frozen for fcos_resnet50_fpn and fasterrcnn_mobilenet_v3_large_fpn), else not.")
     anchor_sizes: list[int] = Field(
         default_factory=lambda: [16, 32, 64], description="Anchor / object sizes in pixels, per FPN level."
     )

@@ -100,8 +100,9 @@ class Naming:
     """Raster path -> (width, height) in pixels."""
 
     def name(self, labels: np.ndarray) -> np.ndarray:
-        """The class name of each label id (1..K); ids beyond the names keep their number as text."""
+        """The class name of each label id (1..K; 0 is ``background``); ids beyond the names keep their number as text."""
         names = np.array([str(i) for i in range(int(labels.max(initial=0)) + 1)], dtype=object)
+        names[0] = "background"
         names[1:len(self.classes) + 1] = list(self.classes)[: len(names) - 1]
         return names[labels.astype(np.int64)]
 

@@ -46,11 +46,12 @@ from hem_bootstrap.mining.strategies import (
     strategy_label,
     typical_box_px,
 )
-from hem_bootstrap.model.card import model_card
+from hem_bootstrap.model.card import gsd_of, model_card
 from hem_bootstrap.model.checkpoints import checkpoint_hash, load_checkpoint
 from hem_bootstrap.model.detectors import build_detector
 from hem_bootstrap.model.hard_mining import apply_loss_options
 from hem_bootstrap.model.infer import DetectStats, detect
+from hem_bootstrap.model.pretrained import resolve_freezing
 from hem_bootstrap.model.train import train
 from hem_bootstrap.rundir import RunDir
 
@@ -85,8 +86,17 @@ class Context:
 
 
 def load_model(cfg: ExperimentConfig, ckpt: Path | None) -> torch.nn.Module:
-    """The configured detector, with a checkpoint's weights when one is given."""
-    model = build_detector(cfg.model, cfg.num_classes, cfg.tiling.tile_size)
+    """The configured detector, with a checkpoint's weights when one is given.
+
+    With a checkpoint the pretrained files are not read again (the checkpoint holds every
+    weight); the model keeps the stages and BatchNorm they froze.
+    """
+    model_cfg = cfg.model
+    if ckpt is not None:
+        trainable, frozen = resolve_freezing(model_cfg)
+        model_cfg = model_cfg.model_copy(update={"weights": None, "backbone_weights": None,
+                                                 "trainable_layers": trainable, "frozen_bn": frozen})
+    model = build_detector(model_cfg, cfg.num_classes, cfg.tiling.tile_size)
     if ckpt is not None:
         load_checkpoint(ckpt, model)
     return model
@@ -158,9 +168,9 @@ def step_train(ctx: Context, r: int, resume: bool = False) -> dict[str, Any]:
 
 
 def training_gsd(ctx: Context) -> float | None:
-    """Metres per pixel of the first readable training raster (what the model card records)."""
+    """Metres per pixel of the first readable training raster (what the model card records); None for plain images."""
     rasters = ctx.data.readable("train")
-    return round(float(rasters[0].header().pixel_size_m()[0]), 6) if rasters else None
+    return gsd_of(rasters[0].header()) if rasters else None
 
 
 # ------------------------------------------------------------------------------ detect

@@ -212,7 +212,7 @@ def test_pretrained_trunk_freezes_its_first_stages_and_batchnorm(tmp_path: Path)
     scratch = build_detector(ModelConfig(arch="fcos_resnet50_fpn"), 2, 256)
     assert all(p.requires_grad for p in scratch.parameters())
     assert any(isinstance(m, nn.BatchNorm2d) for m in scratch.backbone.body.modules())
-    with pytest.raises(ModelError, match="model.trainable_layers = 6: this trunk has 5 stages"):
+    with pytest.raises(ModelError, match="model.trainable_layers = 6: the IntermediateLayerGetter trunk .* has 5 stages"):
         build_detector(ModelConfig(arch="fcos_resnet50_fpn", trainable_layers=6), 2, 256)
 
 
@@ -220,7 +220,8 @@ def test_fine_tuning_a_pretrained_start_keeps_the_frozen_trunk(tmp_path: Path) -
     torch.manual_seed(6)
     donor = build_detector(ModelConfig(), 2, 128)
     trunk_file = _save(donor.backbone.body.state_dict(), tmp_path / "trunk.pth")
-    model = build_detector(ModelConfig(backbone_weights=str(trunk_file), trainable_layers=2), 2, 128).train()
+    model = build_detector(ModelConfig(backbone_weights=str(trunk_file), trainable_layers=2, frozen_bn=True), 2,
+                           128).train()
     before = {k: v.clone() for k, v in model.backbone.body.state_dict().items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     g = torch.Generator().manual_seed(0)
@@ -234,3 +235,38 @@ def test_fine_tuning_a_pretrained_start_keeps_the_frozen_trunk(tmp_path: Path) -
     assert frozen and all(torch.equal(after[k], before[k]) for k in frozen)  # weights and BN statistics
     assert all(torch.equal(after[k], donor.backbone.body.state_dict()[k]) for k in frozen)
     assert any(not torch.equal(after[k], before[k]) for k in trained)
+
+
+@pytest.mark.parametrize(("arch", "imagenet", "frozen_stages", "frozen_bn"), [
+    ("fcos_resnet50_fpn", _resnet_file, 2, True),
+    ("retinanet_resnet50_fpn_v2", _resnet_file, 2, False),  # torchvision's v2 builders keep plain BatchNorm
+    ("fasterrcnn_mobilenet_v3_large_fpn", _mobilenet_file, 3, True),
+    ("ssdlite320_mobilenet_v3_large", _mobilenet_file, 0, False),  # SSDlite trains its whole trunk
+])
+def test_pretrained_defaults_follow_torchvision_per_arch(arch: str, imagenet: Callable[[], dict[str, torch.Tensor]],
+                                                          frozen_stages: int, frozen_bn: bool, tmp_path: Path) -> None:
+    path = _save(imagenet(), tmp_path / "imagenet.pth")
+    model = build_detector(ModelConfig(arch=arch, backbone_weights=str(path)), 2, 256)
+    stages = trunk_stages(model)
+    frozen = [not any(p.requires_grad for m in st for p in m.parameters()) for st in stages]
+    assert frozen == [True] * frozen_stages + [False] * (len(stages) - frozen_stages)
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in trunk_of(model).modules()) == frozen_bn
+
+
+def test_later_rounds_rebuild_a_pretrained_model_from_its_checkpoint_alone(tmp_path: Path) -> None:
+    from hem_bootstrap.config import config_from_tree
+    from hem_bootstrap.model.checkpoints import model_hash, save_checkpoint
+    from hem_bootstrap.steps import load_model
+
+    torch.manual_seed(7)
+    trunk_file = _save(build_detector(ModelConfig(), 2, 128).backbone.body.state_dict(), tmp_path / "trunk.pth")
+    cfg = config_from_tree({"model": {"backbone_weights": str(trunk_file), "trainable_layers": 2, "frozen_bn": True},
+                            "tiling": {"tile_size": 128, "overlap": 16}}, tmp_path)
+    first = build_detector(cfg.model, cfg.num_classes, 128)
+    save_checkpoint(tmp_path / "model.pt", first)
+    trunk_file.unlink()  # the pretrained file is not needed once a checkpoint holds every weight
+    again = load_model(cfg, tmp_path / "model.pt")
+    assert model_hash(again) == model_hash(first)
+    assert isinstance(again.backbone.body.stem[1], FrozenBatchNorm2d)
+    assert not any(p.requires_grad for p in again.backbone.body.stage1.parameters())
+    assert all(p.requires_grad for p in again.backbone.body.stage3.parameters())

@@ -28,7 +28,9 @@ def aoi_in_pixels(path: str | Path, info: RasterInfo) -> BaseGeometry:
         return shapely.Polygon()
     inverse = ~info.transform
     pixels = shapely.transform(zones.geometry.to_numpy(), lambda xy: np.column_stack(inverse @ (xy[:, 0], xy[:, 1])))
-    return shapely.union_all(pixels)
+    area = shapely.union_all(pixels)
+    shapely.prepare(area)  # many tile and box tests against one geometry
+    return area
 
 
 def windows_touching(area: BaseGeometry, windows: np.ndarray) -> np.ndarray:

@@ -18,7 +18,9 @@ from typing import Any
 
 from hem_bootstrap.config import ExperimentConfig, apply_overrides, config_from_tree
 from hem_bootstrap.errors import ModelError
+from hem_bootstrap.geo.raster import RasterInfo
 from hem_bootstrap.model.checkpoints import read_torch_file
+from hem_bootstrap.model.pretrained import resolve_freezing
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +29,22 @@ GSD_TOLERANCE = 0.25
 """A raster whose ground resolution differs from the training one by more than this share gets a warning."""
 
 
+def gsd_of(info: RasterInfo) -> float | None:
+    """A raster's metres per pixel (x), or None for a plain image (its pixels have no ground size)."""
+    if not info.georeferenced or info.crs is None:
+        return None
+    return round(float(info.pixel_size_m()[0]), 6)
+
+
 def model_card(cfg: ExperimentConfig, gsd_m: float | None) -> dict[str, Any]:
-    """The card of a model trained with ``cfg`` on imagery of ``gsd_m`` metres per pixel."""
+    """The card of a model trained with ``cfg`` on imagery of ``gsd_m`` metres per pixel.
+
+    The trunk's frozen stages and BatchNorm are recorded as resolved, so the model is rebuilt
+    exactly without the pretrained files it started from.
+    """
+    trainable, frozen = resolve_freezing(cfg.model)
     model = cfg.model.model_dump(mode="json", exclude={"weights", "backbone_weights"})
+    model.update(trainable_layers=trainable, frozen_bn=frozen)
     return {
         "architecture": cfg.model.arch,
         "classes": list(cfg.data.classes),
@@ -55,8 +70,10 @@ def read_card(path: Path) -> dict[str, Any]:
             card = json.loads(beside.read_text())
         except json.JSONDecodeError as err:
             raise ModelError(f"{beside}: model card is not valid JSON ({err.msg} at line {err.lineno})") from None
-        if isinstance(card, Mapping) and "model" in card:
-            return dict(card)
+        if not isinstance(card, Mapping) or "model" not in card:
+            raise ModelError(f"{beside}: a model card from an older hem-bootstrap (no 'model' section); export the "
+                             "model again with `hem export-model RUN --out FILE`")
+        return dict(card)
     obj = read_torch_file(path, "model")
     card = obj.get("card") if isinstance(obj, Mapping) else None
     if isinstance(card, Mapping):
@@ -87,9 +104,9 @@ def config_for_model(path: Path, images: list[str], overrides: list[str] | None 
     return config_from_tree(tree, Path.cwd(), f"model card of {path}"), card
 
 
-def check_gsd(raster: str, raster_gsd: float, model_gsd: float | None) -> None:
+def check_gsd(raster: str, raster_gsd: float | None, model_gsd: float | None) -> None:
     """Warn in one line when a raster's ground resolution is off the model's by more than :data:`GSD_TOLERANCE`."""
-    if model_gsd is None or not model_gsd > 0 or not math.isfinite(raster_gsd):
+    if model_gsd is None or raster_gsd is None or not model_gsd > 0 or not math.isfinite(raster_gsd):
         return
     off = raster_gsd / model_gsd - 1
     if abs(off) > GSD_TOLERANCE:

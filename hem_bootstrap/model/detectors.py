@@ -42,11 +42,10 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from hem_bootstrap.config import ModelConfig
 from hem_bootstrap.errors import ModelError
 from hem_bootstrap.model.pretrained import (
-    TORCHVISION_TRAINABLE_DEFAULT,
     freeze_trunk,
     load_detector_weights,
     load_trunk_weights,
-    trunk_stages,
+    resolve_freezing,
 )
 
 #: ImageNet statistics, torchvision's default input normalisation.
@@ -326,7 +325,8 @@ def build_detector(model_cfg: ModelConfig, num_classes: int, tile_size: int) -> 
     Small-object settings come from the config (anchor sizes, score floor, NMS IoU, detections
     per tile); then optional local backbone weights and full weights are loaded (see
     :mod:`hem_bootstrap.model.pretrained`), and with either the first trunk stages and the
-    trunk's BatchNorm are frozen unless ``trainable_layers`` / ``frozen_bn`` say otherwise.
+    trunk's BatchNorm are frozen as torchvision does for that arch, unless ``trainable_layers`` /
+    ``frozen_bn`` say otherwise.
 
     Raises:
         ModelError: unknown arch, bad class count, or weights that are missing or do not fit.
@@ -345,11 +345,7 @@ def build_detector(model_cfg: ModelConfig, num_classes: int, tile_size: int) -> 
         load_trunk_weights(model, Path(model_cfg.backbone_weights))
     if model_cfg.weights:
         load_detector_weights(model, Path(model_cfg.weights), model_cfg.arch)
-    pretrained = bool(model_cfg.backbone_weights or model_cfg.weights)
-    trainable = model_cfg.trainable_layers
-    if trainable is None and pretrained:
-        trainable = min(TORCHVISION_TRAINABLE_DEFAULT, len(trunk_stages(model)))
-    freeze_trunk(model, trainable, pretrained if model_cfg.frozen_bn is None else model_cfg.frozen_bn)
+    freeze_trunk(model, *resolve_freezing(model_cfg))
     return model
 
 

@@ -138,12 +138,21 @@ def plan_scan(paths: list[Path], data_cfg: DataConfig, tiling: TilingConfig, sta
     stats.bad_rasters.extend(bad)
     refs = plan_tiles(good, tiling, infos)
     if aoi is not None:
-        refs = [ref for ref in refs if _touches(aoi.get(good[ref.image_idx]), ref.window)]
+        refs = _in_areas(refs, good, aoi)
     return ScanPlan(good, infos, shard_refs(refs, rank, world), len(refs))
 
 
-def _touches(area: BaseGeometry | None, w: Window) -> bool:
-    return area is not None and bool(windows_touching(area, np.array([[w.col_off, w.row_off, w.width, w.height]]))[0])
+def _in_areas(refs: list[TileRef], paths: list[Path], aoi: Mapping[Path, BaseGeometry]) -> list[TileRef]:
+    """The tiles that touch their raster's area of interest (one vectorised test per raster)."""
+    keep = np.zeros(len(refs), dtype=bool)
+    image = np.array([r.image_idx for r in refs], dtype=np.int64)
+    windows = np.array([[r.window.col_off, r.window.row_off, r.window.width, r.window.height] for r in refs],
+                       dtype=np.float64).reshape(-1, 4)
+    for idx, path in enumerate(paths):
+        mine = image == idx
+        if path in aoi and mine.any():
+            keep[mine] = windows_touching(aoi[path], windows[mine])
+    return [r for r, k in zip(refs, keep, strict=True) if k]
 
 
 class _Progress:

@@ -7,7 +7,8 @@ one line; anything else that does not fit is still an error naming the keys. A c
 fills the detector's trunk, matched by name (``features.`` / ``backbone.`` prefixes stripped)
 or, where the detector regrouped the trunk's modules (SSDlite splits a MobileNet block), by
 order and shape. With pretrained weights the first trunk stages are frozen and BatchNorm
-becomes :class:`~torchvision.ops.FrozenBatchNorm2d`, as torchvision's builders do.
+becomes :class:`~torchvision.ops.FrozenBatchNorm2d` where torchvision's builders do so
+(:data:`PRETRAINED_DEFAULTS`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from hem_bootstrap.config import ModelConfig
 from hem_bootstrap.errors import ModelError
 from hem_bootstrap.model.checkpoints import (
     check_state_dict,
@@ -44,8 +46,27 @@ CLASS_LAYERS: dict[str, tuple[str, ...]] = {
 }
 """Per arch, the layers whose shape depends on the number of classes (key prefixes)."""
 
-TORCHVISION_TRAINABLE_DEFAULT = 3
-"""Trunk stages left trainable with pretrained weights unless ``model.trainable_layers`` says otherwise."""
+PRETRAINED_DEFAULTS: dict[str, tuple[int | None, bool]] = {
+    "small_fcos": (None, False),
+    "small_frcnn": (None, False),
+    "fasterrcnn_resnet50_fpn_v2": (3, False),
+    "retinanet_resnet50_fpn_v2": (3, False),
+    "fcos_resnet50_fpn": (3, True),
+    "fasterrcnn_mobilenet_v3_large_fpn": (3, True),
+    "ssdlite320_mobilenet_v3_large": (None, False),
+}
+"""Per arch, what torchvision's builder does with pretrained weights: trunk stages left trainable
+(None: all) and whether the trunk's BatchNorm is frozen. The small archs have no torchvision
+builder; starting from one of hem's own models, they train everything as a later round does."""
+
+
+def resolve_freezing(model_cfg: ModelConfig) -> tuple[int | None, bool]:
+    """``(trainable_layers, frozen_bn)`` for a model: the config's values, else the arch's pretrained defaults."""
+    pretrained = bool(model_cfg.backbone_weights or model_cfg.weights)
+    trainable, frozen = PRETRAINED_DEFAULTS.get(model_cfg.arch, (None, False)) if pretrained else (None, False)
+    if model_cfg.trainable_layers is not None:
+        trainable = model_cfg.trainable_layers
+    return trainable, frozen if model_cfg.frozen_bn is None else model_cfg.frozen_bn
 
 
 def load_detector_weights(model: nn.Module, path: Path, arch: str) -> list[str]:
@@ -170,7 +191,8 @@ def freeze_trunk(model: nn.Module, trainable_layers: int | None, frozen_bn: bool
     stages = trunk_stages(model)
     keep = len(stages) if trainable_layers is None else trainable_layers
     if keep > len(stages):
-        raise ModelError(f"model.trainable_layers = {keep}: this trunk has {len(stages)} stages")
+        raise ModelError(f"model.trainable_layers = {keep}: the {type(trunk_of(model)).__name__} trunk of this "
+                         f"model has {len(stages)} stages")
     for stage in stages[: len(stages) - keep]:
         for m in stage:
             m.requires_grad_(False)
