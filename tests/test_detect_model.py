@@ -119,6 +119,7 @@ def test_model_files_without_a_card_or_images_are_one_line_errors(run0: tuple[Pa
         (("detect", str(tmp_path / "nope.pt"), str(synth_scenes / "test.tif"), "--out", str(tmp_path / "d.gpkg")),
          ["nope.pt", "not found"]),
         (("detect", str(cfg), str(synth_scenes / "test.tif"), "--out", str(tmp_path / "e.gpkg")), ["needs --model"]),
+        (("export-model", str(run), "--out", str(tmp_path / "m.json")), ["m.json", "NAME.json", ".pth"]),
     ]
     for args, needles in cases:
         code, _, err = _hem(capsys, "-q", *args)
