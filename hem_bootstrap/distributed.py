@@ -13,7 +13,9 @@ waiting forever (torchrun then stops the whole job).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import gc
 import logging
 import os
 from collections.abc import Callable
@@ -97,9 +99,14 @@ def shutdown_distributed() -> None:
     runtime during interpreter teardown ("terminate called without an active exception",
     SIGABRT), failing a job whose work was done. Destroying the group first avoids that. Only
     called on success: after an error another rank may sit in a collective, and the job is
-    failing anyway.
+    failing anyway. A barrier first: a rank that is done (rank 1 while rank 0 still writes the
+    checkpoint) must not tear down gloo while its peer may still talk to it; and the DDP
+    reducers, which hold the group, are collected before it goes.
     """
     if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(RuntimeError):  # a peer that already left: nothing left to wait for
+            dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
 
 
