@@ -337,7 +337,9 @@ def evaluate(
                         im.metres_per_unit)
         for k, im in prepared.items()
     }
-    pooled = _Pooled.of(prepared, flags)
+    # FPs touching an object, per image: computed once (an IoU of every detection with every object)
+    near = {k: _near_objects(im.det_boxes, im.gt_boxes) & ~flags[k] for k, im in prepared.items()}
+    pooled = _Pooled.of(prepared, flags, near)
     sweep = build_sweep(pooled.scores, pooled.tp, pooled.n_gt)
     area = float(sum(max(img.area_km2, 0.0) for img in images))
     categories = sorted(set(pooled.gt_labels.tolist()) | set(pooled.labels.tolist()))
@@ -358,7 +360,7 @@ def evaluate(
         "n_det": int(len(pooled.scores)),
         "n_ignored": int(sum(im.n_ignored for im in prepared.values())),
         "pr_curve": pr_curve(sweep),
-        **_diagnostics(prepared, flags, pooled, sweep, by_key, cfg, matching, thr),
+        **_diagnostics(prepared, flags, near, pooled, sweep, by_key, cfg, matching, thr),
     }
     if len(categories) > 1:
         metrics["per_class"] = _per_class(pooled, categories, per_class_ap, _class_names(images), area, cfg)
@@ -368,7 +370,8 @@ def evaluate(
 
 
 def _diagnostics(
-    prepared: dict[str, PreparedImage], flags: dict[str, np.ndarray], pooled: _Pooled, sweep: Sweep,
+    prepared: dict[str, PreparedImage], flags: dict[str, np.ndarray], near: dict[str, np.ndarray], pooled: _Pooled,
+    sweep: Sweep,
     by_key: dict[str, EvalImage], cfg: EvaluateConfig, matching: str, thr: float,
 ) -> dict[str, Any]:
     """Per-image FP/km², FPs by kind at the fixed recalls, and the spread of true-positive scores."""
@@ -377,7 +380,6 @@ def _diagnostics(
         dis = by_key[key].distractors
         return [None] * len(boxes) if dis is None or len(dis) == 0 else distractor_hits(boxes, dis)
 
-    near = {k: _near_objects(im.det_boxes, im.gt_boxes) & ~flags[k] for k, im in prepared.items()}
     return {
         "per_image": per_image(prepared, flags, near, {k: im.area_km2 for k, im in by_key.items()}, cfg.fixed_recalls),
         "fp_kinds_at_recall": fp_kinds(prepared, flags, sweep, thr, cfg.fixed_recalls, on_distractor, matching),
@@ -401,15 +403,16 @@ class _Pooled:
         return len(self.gt_labels)
 
     @classmethod
-    def of(cls, prepared: dict[str, PreparedImage], flags: dict[str, np.ndarray]) -> _Pooled:
+    def of(cls, prepared: dict[str, PreparedImage], flags: dict[str, np.ndarray],
+           near: dict[str, np.ndarray]) -> _Pooled:
         def cat(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
             return np.concatenate([*arrays, np.zeros(0, dtype=dtype)])
 
         ims = list(prepared.values())
         tp = cat([flags[k] for k in prepared], bool)
-        near = cat([_near_objects(im.det_boxes, im.gt_boxes) for im in ims], bool) & ~tp
+        near_all = cat([near[k] for k in prepared], bool)
         return cls(cat([im.det_scores for im in ims], np.float64), cat([im.det_labels for im in ims], np.int64),
-                   cat([im.gt_labels for im in ims], np.int64), tp, near)
+                   cat([im.gt_labels for im in ims], np.int64), tp, near_all)
 
 
 def _average_precision(
