@@ -295,6 +295,33 @@ def test_export_geojson_and_coco(tmp_path: Path, make_raster: Callable[..., Path
         bank.export(tmp_path / "x", "shp")
 
 
+def test_rows_keep_their_class_name_through_save_review_and_export(tmp_path: Path) -> None:
+    bank = NegativeBank()
+    cars = mined([("a.tif", 0.8, box(0)), ("a.tif", 0.97, box(2))]).assign(**{"class": "car"})
+    randoms = mined([("a.tif", float("nan"), box(4))]).assign(label=0)  # a random window: label 0, no class column
+    to_bank, to_review = route_for_review(cars, bank, MiningConfig(review_above=0.95))
+    bank.add(pd.concat([to_bank, randoms], ignore_index=True), 1, "h", "s", CFG)
+    bank.add_review(to_review, 1, "score>0.95")
+    bank.save(tmp_path / "bank.gpkg")
+    neg = gpd.read_file(tmp_path / "bank.gpkg", layer="negatives")
+    assert dict(zip(neg["label"], neg["class"], strict=True)) == {1: "car", 0: "background"}
+    assert gpd.read_file(tmp_path / "bank.gpkg", layer="review")["class"].tolist() == ["car"]
+    bank.export(tmp_path / "n.geojson", "geojson", classes=["vehicle"])  # the row's own name wins
+    assert sorted(gpd.read_file(tmp_path / "n.geojson")["predicted_class"]) == ["background", "car"]
+
+
+def test_a_bank_written_before_the_class_column_loads_and_exports_named(tmp_path: Path) -> None:
+    bank = NegativeBank()
+    bank.add(mined([("a.tif", 0.8, box(0))]), 1, "h", "s", CFG)
+    bank.save(tmp_path / "bank.gpkg")
+    old = gpd.read_file(tmp_path / "bank.gpkg", layer="negatives").drop(columns="class")
+    pyogrio.write_dataframe(old, tmp_path / "bank.gpkg", layer="negatives", driver="GPKG")
+    back = NegativeBank.load(tmp_path / "bank.gpkg")
+    assert back.frame["class"].tolist() == [""]
+    back.export(tmp_path / "n.geojson", "geojson", classes=["vehicle"])
+    assert gpd.read_file(tmp_path / "n.geojson")["predicted_class"].tolist() == ["vehicle"]
+
+
 def test_route_for_review_score_and_modes() -> None:
     bank = NegativeBank()
     m = mined([("a.tif", 0.99, box(0)), ("a.tif", 0.6, box(1)), ("a.tif", 0.96, box(2))])

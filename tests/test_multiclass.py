@@ -48,6 +48,10 @@ def test_two_classes_run_the_loop_and_keep_their_names(tmp_path: Path, capsys: p
     assert (dets["class"] == dets["label"].map({1: "car", 2: "van"})).all()
     bank = NegativeBank.load(run / "round_001" / "bank.gpkg").active()
     assert len(bank) > 0 and set(bank["label"]) <= {1, 2}  # each negative keeps the class it was taken for
+    on_disk = gpd.read_file(run / "round_001" / "bank.gpkg", layer="negatives")  # as QGIS shows the layer
+    assert (on_disk["class"] == on_disk["label"].map({1: "car", 2: "van"})).all()
+    review = gpd.read_file(run / "round_001" / "bank.gpkg", layer="review")
+    assert (review["class"] == review["label"].map({1: "car", 2: "van"})).all()
     capsys.readouterr()
     main(["-q", "bank", "export", str(run), "--format", "coco", "--out", str(tmp_path / "bank.json")])
     anns = json.loads((tmp_path / "bank.json").read_text())["annotations"]

@@ -61,6 +61,7 @@ NEG_SCHEMA: dict[str, str] = {
     "neg_id": "int64",
     "image": "str",
     "label": "int64",
+    "class": "str",
     "score": "float64",
     "last_score": "float64",
     "round_added": "int64",
@@ -75,7 +76,8 @@ NEG_SCHEMA: dict[str, str] = {
     "src_crs": "str",
     "reviewed": "bool",
 }
-"""Columns of the ``negatives`` layer (plus ``geometry``), in order. ``reviewed``: a person decided it is
+"""Columns of the ``negatives`` layer (plus ``geometry``), in order. ``label`` / ``class``: the class the
+detector took the box for (id and name; ``background`` for a random window). ``reviewed``: a person decided it is
 a negative (``hem review apply``), so mining never queues it for review again."""
 
 

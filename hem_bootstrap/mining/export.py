@@ -14,11 +14,12 @@ import pandas as pd
 import pyogrio
 import shapely
 
-from hem_bootstrap.detections import PX_COLUMNS, Naming
+from hem_bootstrap.detections import PX_COLUMNS
 from hem_bootstrap.errors import DataError, HemError
 from hem_bootstrap.files import atomic_path
 from hem_bootstrap.geo.raster import open_raster
 from hem_bootstrap.geo.windows import map_to_pixel_boxes
+from hem_bootstrap.mining.rows import class_names
 
 FORMATS = ("geojson", "coco")
 
@@ -30,14 +31,15 @@ def export_rows(rows: gpd.GeoDataFrame, path: Path, fmt: str, rasters: Mapping[s
     COCO uses pixel boxes (the ``px_*`` columns; where one is missing and ``rasters`` maps the
     image to its affine transform, it is derived from the geometry) and a single category
     ``hard_negative``; image sizes are read from the rasters when they exist. Each row keeps the
-    class the detector took it for: ``label`` and, with ``classes``, its name in ``predicted_class``.
+    class the detector took it for: ``label`` and its name in ``predicted_class`` (the row's own
+    ``class``; for rows of a bank written before it had one, named from ``classes``).
 
     Raises:
         DataError: ``fmt`` is neither ``geojson`` nor ``coco``.
     """
     if fmt not in FORMATS:
         raise DataError(f"bank export: format = {fmt!r}, expected 'geojson' or 'coco'")
-    rows = rows.assign(predicted_class=Naming(tuple(classes)).name(rows["label"].to_numpy()))
+    rows = rows.assign(predicted_class=class_names(rows, tuple(classes)))
     with atomic_path(Path(path)) as tmp:
         if fmt == "geojson":
             _write_geojson(rows, tmp)

@@ -29,6 +29,7 @@ REVIEW_SCHEMA: dict[str, str] = {
     "review_id": "int64",
     "image": "str",
     "label": "int64",
+    "class": "str",
     "score": "float64",
     "round_added": "int64",
     "last_round": "int64",

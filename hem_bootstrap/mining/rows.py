@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pyogrio
 
-from hem_bootstrap.detections import DETECTION_COLUMNS, PX_COLUMNS, WIN_COLUMNS
+from hem_bootstrap.detections import DETECTION_COLUMNS, PX_COLUMNS, WIN_COLUMNS, Naming
 from hem_bootstrap.errors import DataError
 from hem_bootstrap.geo.boxes import best_match, nms
 
@@ -140,4 +140,19 @@ def entry_columns(rows: pd.DataFrame, round_idx: int, frame_crs: str) -> dict[st
         last_round=np.full(n, round_idx, dtype=np.int64),
         src_crs=src_crs(rows, frame_crs),
     )
+    cols["class"] = class_names(rows)
     return cols
+
+
+def class_names(rows: pd.DataFrame, classes: tuple[str, ...] | None = None) -> np.ndarray:
+    """Each row's class name: its own ``class`` where it has one, else named from ``label``.
+
+    With ``classes`` (names in id order) every label is named; without, only label 0
+    (``background``, a random window) is, and other unnamed rows stay "" until an export names them.
+    """
+    labels = rows["label"].fillna(0).to_numpy(dtype=np.int64)
+    named = Naming(classes or ()).name(labels)
+    if classes is None:
+        named = np.where(labels == 0, named, "")
+    own = rows["class"].fillna("").astype(str).to_numpy(dtype=object) if "class" in rows.columns else named
+    return np.where(own != "", own, named).astype(object)
