@@ -18,6 +18,7 @@ import typer
 
 from hem_bootstrap.config import ExperimentConfig, describe_defaults, dump_config, load_config
 from hem_bootstrap.errors import ConfigError, HemError
+from hem_bootstrap.logs import attach_log_file, configure_logging, log_to_files_only
 
 app = typer.Typer(
     name="hem",
@@ -48,21 +49,27 @@ def _main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More log output.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
+    log_file: Annotated[
+        Path | None,
+        typer.Option("--log-file", help="Also append the log (progress lines, warnings, errors) to this file; "
+                     "rank 0 only under torchrun.", show_default=False),
+    ] = None,
 ) -> None:
     """Offline hard-negative mining for detectors on ortho-imagery.
 
     Example: hem run configs/demo.yaml
     """
     level = logging.DEBUG if verbose else (logging.WARNING if quiet else logging.INFO)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
-    for noisy in ("pyogrio", "rasterio", "fiona", "matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)
+    configure_logging(level, log_file)
     _STATE["debug"] = debug
     _STATE["quiet"] = quiet
 
 
 def _load(config: Path, overrides: list[str] | None) -> ExperimentConfig:
-    return load_config(config, overrides)
+    cfg = load_config(config, overrides)
+    if cfg.runtime.log_file is not None:
+        attach_log_file(Path(cfg.runtime.log_file), "runtime.log_file")
+    return cfg
 
 
 def _echo(text: str) -> None:
@@ -355,6 +362,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         typer.echo(f"error: {err}", err=True)
+        log_to_files_only(f"error: {err}")
         sys.exit(2)
     except KeyboardInterrupt:
         _interrupted()

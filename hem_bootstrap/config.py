@@ -295,6 +295,15 @@ class RuntimeConfig(_Section):
     threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch default).")
     seed: int = Field(0, description="Seed for everything random.")
     collective_timeout_s: int = Field(600, gt=0, description="Timeout of torch.distributed collectives.")
+    log_every_s: float = Field(
+        30.0, ge=0,
+        description="Seconds between two progress lines of a long step when stderr is not a terminal "
+        "(a batch job's log); a terminal shows bars instead.",
+    )
+    log_file: str | None = Field(
+        None, description="Also append every log line (progress, warnings, errors) to this file, relative to the "
+        "config file; rank 0 only under torchrun. The --log-file option does the same.",
+    )
 
 
 class ExperimentConfig(_Section):
@@ -416,6 +425,7 @@ def _resolve_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
     cfg.model.weights = _resolve_path(cfg.model.weights, base)
     cfg.model.backbone_weights = _resolve_path(cfg.model.backbone_weights, base)
     cfg.rounds.out_dir = str(_resolve_path(cfg.rounds.out_dir, base))
+    cfg.runtime.log_file = _resolve_path(cfg.runtime.log_file, base)
     return cfg
 
 

@@ -184,6 +184,7 @@ def run_round(ctx: Context, r: int, manifest: dict[str, Any]) -> dict[str, Any]:
         fault_point(f"round{r}.{step}.start")
         info = broadcast_from_rank0(_run_step(ctx, r, step), what=f"round {r} {step}")  # one manifest everywhere
         info["seconds_total"] = round(time.perf_counter() - t0, 1)
+        log.info("round %d: %s done in %.0f s", r, step, info["seconds_total"])
         _record(ctx, r, step, info, manifest)
         fault_point(f"round{r}.{step}.end")
         if ctx.is_main:

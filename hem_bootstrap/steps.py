@@ -28,6 +28,7 @@ from hem_bootstrap.geo.aoi import aoi_in_pixels
 from hem_bootstrap.geo.frames import concat_in_crs, crs_text
 from hem_bootstrap.geo.labels import LabelIndex, PixelLabels
 from hem_bootstrap.inputs import Inputs, RasterInput, check_inputs
+from hem_bootstrap.logs import track
 from hem_bootstrap.mining.bank import NegativeBank
 from hem_bootstrap.mining.matching import match_detections
 from hem_bootstrap.mining.positives import (
@@ -246,7 +247,8 @@ def match_pool(ctx: Context, dets: gpd.GeoDataFrame, bank_crs: Any) -> PoolMatch
     cfg = ctx.cfg
     accepted = accepted_pixel_labels(ctx.run.path)
     matched, truths, images = [], [], []
-    for raster in ctx.data.readable("pool"):
+    for raster in track(ctx.data.readable("pool"), "mine (match the pool)", "raster", ctx.progress and ctx.is_main,
+                        cfg.runtime.log_every_s):
         info, gt = raster.header(), raster.truth(cfg, accepted)
         truths.append(gt.assign(image=str(raster.path)))
         images.append((str(raster.path), info.width, info.height, info.transform, info.crs))
@@ -408,7 +410,8 @@ def score_detections(ctx: Context, role: str, dets: Path, eval_cfg: EvaluateConf
     """Metrics of a detections file already written for one role's rasters (no model is run)."""
     cfg = ctx.cfg
     images, areas = [], {}
-    for t in ctx.data.readable(role):
+    for t in track(ctx.data.readable(role), f"score ({role})", "raster", ctx.progress and ctx.is_main,
+                   cfg.runtime.log_every_s):
         info = t.header()
         area = t.searched_area(cfg)
         areas[str(t.path)] = {"raster_km2": area.raster_km2, "valid_km2": area.valid_km2,

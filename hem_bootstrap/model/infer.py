@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from shapely.geometry.base import BaseGeometry
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from hem_bootstrap.config import DataConfig, ModelConfig, RuntimeConfig, TilingConfig
 from hem_bootstrap.data.tiles import TileDataset, TileRef, collate_tiles, plan_tiles, scale_tiles
@@ -32,6 +31,7 @@ from hem_bootstrap.errors import DataError
 from hem_bootstrap.geo.aoi import boxes_touching, windows_touching
 from hem_bootstrap.geo.raster import RasterInfo, open_raster
 from hem_bootstrap.geo.windows import Window
+from hem_bootstrap.logs import Progress
 from hem_bootstrap.model.merge import BandMerger, RawDetections, cut_by_inner_edge, merge_whole
 from hem_bootstrap.model.precision import PreparedModel, prepare_model
 
@@ -155,28 +155,6 @@ def _in_areas(refs: list[TileRef], paths: list[Path], aoi: Mapping[Path, BaseGeo
     return [r for r, k in zip(refs, keep, strict=True) if k]
 
 
-class _Progress:
-    """A tile progress bar with rate and ETA; a sharded scan scales its own tiles to the job's."""
-
-    def __init__(self, total: int, scale: float, enabled: bool) -> None:
-        self.total, self.scale, self.enabled = total, scale, enabled
-        self.bar = tqdm(total=total, unit="tile", disable=not enabled, dynamic_ncols=True, desc="detect", leave=False)
-        self.read, self.shown, self.t0 = 0, 0.0, time.perf_counter()
-
-    def advance(self, n: int) -> None:
-        self.read += n
-        shown = min(float(self.total), self.read * self.scale)
-        self.bar.update(round(shown) - round(self.shown))
-        self.shown = shown
-        if self.enabled:
-            rate = self.shown / max(time.perf_counter() - self.t0, 1e-9)
-            eta = f"{(self.total - self.shown) / rate:.0f}" if rate else "?"
-            self.bar.set_postfix(tiles_s=f"{rate:.1f}", eta_s=eta)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 def _loader(plan: ScanPlan, data_cfg: DataConfig, runtime: RuntimeConfig, device: torch.device) -> DataLoader:
     workers = detect_workers(runtime, device)
     return DataLoader(
@@ -259,7 +237,7 @@ def scan_raw(
     """
     if not plan.refs:
         return
-    bar = _Progress(plan.total_tiles, plan.progress_scale, progress)
+    bar = Progress(plan.total_tiles, "detect", "tile", enabled=progress, every_s=runtime.log_every_s)
     current: int | None = None
     row: int | None = None
     raw = RawDetections()
@@ -271,7 +249,7 @@ def scan_raw(
             stats.wait_seconds += time.perf_counter() - tw
             if batch is None:
                 break
-            bar.advance(_count(batch, stats))
+            bar.update(_count(batch, stats) * plan.progress_scale)  # a shard shows the job's progress
             if batch["images"] is None:
                 continue
             outputs = _run(model, batch, stats)

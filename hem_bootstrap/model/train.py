@@ -22,11 +22,11 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm.auto import tqdm
 
 from hem_bootstrap.config import RuntimeConfig, TrainConfig
 from hem_bootstrap.distributed import all_mean, rank_world
 from hem_bootstrap.errors import TrainingError
+from hem_bootstrap.logs import Progress
 from hem_bootstrap.model.checkpoints import load_checkpoint, save_checkpoint
 from hem_bootstrap.model.device import amp_dtype, amp_enabled, resolve_device
 
@@ -398,8 +398,8 @@ def train(
         sampler = _StepWindow(batch_sampler, start, steps)
     loader = _make_loader(dataset, sampler, collate_fn, runtime_cfg, run.device, step_seed(seed, start))
     net = _wrap_ddp(run.model, run.device, run.world)
-    bar = tqdm(total=steps, initial=start, disable=None if (progress and run.rank == 0) else True, unit="step",
-               leave=False)
+    bar = Progress(steps, "train", "step", enabled=progress and run.rank == 0, initial=start,
+                   every_s=runtime_cfg.log_every_s)
     pending = _Pending()
     sync_every = CUDA_SYNC_EVERY if run.device.type == "cuda" else 1
     chips, step, t0 = 0, start, time.perf_counter()
@@ -414,11 +414,11 @@ def train(
         step += 1
         done = step == steps
         save_now = ckpt_path is not None and (step % train_cfg.checkpoint_every == 0 or done)
+        shown: dict[str, float] = {}
         if len(pending.steps) >= sync_every or save_now or done:
             pending.flush(losses, distributed=run.world > 1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", chips_s=f"{chips / max(time.perf_counter() - t0, 1e-9):.1f}",
-                            refresh=False)
-        bar.update(1)
+            shown = {"loss": round(losses[-1], 4), "chips_s": round(chips / max(time.perf_counter() - t0, 1e-9), 1)}
+        bar.update(1, **shown)
         if save_now and run.rank == 0 and ckpt_path is not None:
             run.save(Path(ckpt_path), step, round_idx, config_dump, losses, card)
     bar.close()
