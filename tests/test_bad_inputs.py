@@ -350,7 +350,7 @@ def test_plain_image_with_georeferenced_labels(scenes: Path, tmp_path: Path, hem
                                                           "labels": str(scenes / "pool_labels.gpkg")}]})
     code, out, err = hem("run", str(cfg))
     assert "plain.png: no georeferencing; working in pixel space" in err  # the once-per-raster warning
-    one_line_error((code, out, err), "pool_labels.gpkg: labels are in EPSG:32633", "plain.png has no georeferencing",
+    one_line_error((code, out, err), "pool_labels.gpkg: label file is in EPSG:32633", "plain.png has no georeferencing",
                    warnings_ok=True)
 
 

@@ -190,12 +190,12 @@ def _load_csv(path: Path, info: RasterInfo, data_cfg: DataConfig, image_name: st
     return _keep_overlapping(_frame(boxes, ids, data_cfg, info), info, path)
 
 
-def _to_raster_crs(frame: gpd.GeoDataFrame, info: RasterInfo, path: Path) -> gpd.GeoDataFrame:
-    """Reproject to the raster CRS; refuse a CRS mismatch that cannot be resolved."""
+def _to_raster_crs(frame: gpd.GeoDataFrame, info: RasterInfo, path: Path, what: str = "label") -> gpd.GeoDataFrame:
+    """Reproject to the raster CRS; refuse a CRS mismatch that cannot be resolved (``what`` names the file's role)."""
     if info.georeferenced:
         if frame.crs is None:
             raise DataError(
-                f"{path}: label file has no CRS but raster {info.path.name} is in {info.crs}; set its CRS"
+                f"{path}: {what} file has no CRS but raster {info.path.name} is in {info.crs}; set its CRS"
             )
         if frame.crs == info.crs:
             return frame
@@ -209,7 +209,7 @@ def _to_raster_crs(frame: gpd.GeoDataFrame, info: RasterInfo, path: Path) -> gpd
         return out
     if frame.crs is not None:
         raise DataError(
-            f"{path}: labels are in {frame.crs} but raster {info.path.name} has no georeferencing; "
+            f"{path}: {what} file is in {frame.crs} but raster {info.path.name} has no georeferencing; "
             "give pixel coordinates (a pixel CSV or a file without CRS)"
         )
     return frame
@@ -286,7 +286,7 @@ def load_zones(path: str | Path, info: RasterInfo, what: str = "ignore zones") -
     types = set(frame.geom_type.unique())
     if not types <= _POLYGONS:
         raise DataError(f"{p}: {what} must be polygons, got {sorted(types - _POLYGONS)}")
-    return _to_raster_crs(frame, info, p).reset_index(drop=True)
+    return _to_raster_crs(frame, info, p, what).reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------- index
