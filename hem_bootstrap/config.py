@@ -30,6 +30,11 @@ class ImageSet(_Section):
         None, description="Look-alike objects (synthetic scenes); only used to analyse false positives."
     )
     ignore_zones: str | None = Field(None, description="Polygons where labels are incomplete.")
+    aoi: str | None = Field(
+        None, description="Area of interest: polygons (any OGR format and CRS). Only tiles that touch them are read, "
+        "detections outside are dropped, objects outside are not counted, FP/km² divides by the valid ground inside, "
+        "and training background chips are drawn inside.",
+    )
 
     def resolved_images(self) -> list[Path]:
         """Expand glob patterns into a sorted, de-duplicated list of paths."""
@@ -416,12 +421,13 @@ def _resolve_path(p: str | None, base: Path) -> str | None:
 
 
 def _resolve_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
-    for sets in (cfg.data.train, cfg.data.pool, cfg.data.test):
+    for sets in (cfg.data.train, cfg.data.pool, cfg.data.val, cfg.data.test):
         for s in sets:
             s.images = [str(_resolve_path(p, base)) for p in s.images]
             s.labels = _resolve_path(s.labels, base)
             s.distractors = _resolve_path(s.distractors, base)
             s.ignore_zones = _resolve_path(s.ignore_zones, base)
+            s.aoi = _resolve_path(s.aoi, base)
     cfg.model.weights = _resolve_path(cfg.model.weights, base)
     cfg.model.backbone_weights = _resolve_path(cfg.model.backbone_weights, base)
     cfg.rounds.out_dir = str(_resolve_path(cfg.rounds.out_dir, base))

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
+from shapely.geometry.base import BaseGeometry
 
 from hem_bootstrap.config import ExperimentConfig, ImageSet
 from hem_bootstrap.errors import DataError, ModelError
+from hem_bootstrap.geo.aoi import zones_in_pixels
 from hem_bootstrap.geo.area import EvaluatedArea, evaluated_area
 from hem_bootstrap.geo.labels import PixelLabels, load_labels, load_zones, pixel_labels_of, with_pixel_labels
 from hem_bootstrap.geo.raster import RasterInfo, open_raster
@@ -58,6 +60,9 @@ class RasterInput:
         gt = self.labels if self.labels is not None else _no_labels(info)
         if accepted:
             gt = with_pixel_labels(gt, info, *pixel_labels_of(accepted, self.path), cfg.data)
+        aoi = self.aoi()
+        if aoi is not None and len(gt):  # objects outside the area are never searched for
+            gt = gt[gt.intersects(aoi.union_all()).to_numpy()].reset_index(drop=True)
         return gt
 
     def zones(self) -> gpd.GeoDataFrame | None:
@@ -66,6 +71,18 @@ class RasterInput:
             path = self.image_set.ignore_zones
             self._overlays["ignore_zones"] = None if path is None else load_zones(path, self.header())
         return self._overlays["ignore_zones"]
+
+    def aoi(self) -> gpd.GeoDataFrame | None:
+        """The image set's area of interest, validated polygons in the raster's CRS (None without one)."""
+        if "aoi" not in self._overlays:
+            path = self.image_set.aoi
+            self._overlays["aoi"] = None if path is None else load_zones(path, self.header(), f"data.{self.role} aoi")
+        return self._overlays["aoi"]
+
+    def aoi_pixels(self) -> BaseGeometry | None:
+        """The area of interest in the raster's pixels, prepared for many tests (None without one)."""
+        zones = self.aoi()
+        return None if zones is None else zones_in_pixels(zones, self.header())
 
     def distractors(self) -> gpd.GeoDataFrame | None:
         """Labelled look-alikes reprojected to the raster's CRS, attributes kept (None without a file)."""
@@ -85,7 +102,7 @@ class RasterInput:
         """
         if self._area is None:
             try:
-                self._area = evaluated_area(self.header(), cfg.data.bands, self.zones())
+                self._area = evaluated_area(self.header(), cfg.data.bands, self.zones(), self.aoi())
             except DataError as err:
                 if cfg.data.on_bad_raster == "fail":
                     raise
@@ -193,11 +210,12 @@ def _check_raster(path: Path, s: ImageSet, what: str, cfg: ExperimentConfig) -> 
     if bad:
         raise DataError(f"{path}: data.bands asks for band {bad[0]} but the raster has {info.count} band(s)")
     labels = load_labels(s.labels, info, cfg.data, image_name=path.name) if s.labels is not None else None
-    for extra in (s.distractors, s.ignore_zones):
+    for extra in (s.distractors, s.ignore_zones, s.aoi):
         if extra is not None and not Path(extra).is_file():
             raise DataError(f"{extra}: file not found (data.{what})")
     raster = RasterInput(path, s, what, info, labels=labels)
     raster.zones()  # validated now (polygons, a usable CRS), not after training
+    raster.aoi()
     raster.distractors()
     return raster
 

@@ -180,7 +180,8 @@ def training_gsd(ctx: Context) -> float | None:
 def scan(ctx: Context, model_path: Path, role: str, out: Path, aoi: Path | None = None) -> dict[str, Any]:
     """Detect over one role's rasters with a model, streaming merged detections into ``out`` (rank 0 writes).
 
-    ``aoi``: a polygon file; only the ground it covers is scanned (:mod:`hem_bootstrap.geo.aoi`).
+    ``aoi``: a polygon file (``--aoi``) that replaces the image sets' own ``aoi``; only the ground it covers
+    is scanned (:mod:`hem_bootstrap.geo.aoi`).
     """
     rasters = ctx.data.of(role)
     stats = DetectStats()
@@ -188,7 +189,7 @@ def scan(ctx: Context, model_path: Path, role: str, out: Path, aoi: Path | None 
         load_model(ctx.cfg, model_path), [r.path for r in rasters], ctx.cfg.data, ctx.cfg.tiling, ctx.cfg.model,
         ctx.cfg.runtime, ctx.device, stats=stats, progress=ctx.progress, shard=(ctx.rank, ctx.world),
         headers={r.path: r.info if r.info is not None else r.error for r in rasters},
-        aoi=None if aoi is None else {r.path: aoi_in_pixels(aoi, r.header()) for r in rasters if r.readable},
+        aoi=_areas_of_interest(rasters, aoi),
     )
     naming = Naming(tuple(ctx.cfg.data.classes), {str(r.path): (r.info.width, r.info.height)
                                                    for r in rasters if r.info is not None})
@@ -203,6 +204,13 @@ def scan(ctx: Context, model_path: Path, role: str, out: Path, aoi: Path | None 
         "fast_path": stats.fast_path,
     }
     return broadcast_from_rank0(summary, what=f"{role} scan summary")
+
+
+def _areas_of_interest(rasters: list[RasterInput], aoi: Path | None) -> dict[Path, Any]:
+    """Each readable raster's area of interest in pixels: ``aoi`` (``--aoi``) when given, else its image set's."""
+    areas = {r.path: aoi_in_pixels(aoi, r.header()) if aoi is not None else r.aoi_pixels()
+             for r in rasters if r.readable}
+    return {path: area for path, area in areas.items() if area is not None}
 
 
 def step_detect(ctx: Context, r: int) -> dict[str, Any]:

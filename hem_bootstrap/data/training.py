@@ -17,6 +17,7 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 import torch
+from shapely.geometry.base import BaseGeometry
 from torch.utils.data import Dataset, Sampler
 
 from hem_bootstrap.config import DataConfig, ImageSet
@@ -25,6 +26,7 @@ from hem_bootstrap.data.tiles import ReaderPool
 from hem_bootstrap.detections import PX_COLUMNS
 from hem_bootstrap.errors import DataError, TrainingError
 from hem_bootstrap.faults import fault_point
+from hem_bootstrap.geo.aoi import aoi_in_pixels, windows_touching
 from hem_bootstrap.geo.labels import (
     LabelIndex,
     PixelLabels,
@@ -41,16 +43,23 @@ log = logging.getLogger(__name__)
 NEG_COLUMNS = ("image", *PX_COLUMNS)
 KIND_POS, KIND_NEG, KIND_BG = "pos", "neg", "bg"
 BG_TRIES = 3
-"""Random background windows tried before accepting one with little valid data."""
+"""Random background windows tried before accepting one with little valid data (or outside the area of interest)."""
 
 
 @dataclass
 class TrainImage:
-    """A raster ready for chip sampling: its header and its labels in pixel space."""
+    """A raster ready for chip sampling: its header, its labels in pixel space, its area of interest in pixels."""
 
     path: Path
     info: RasterInfo
     index: LabelIndex
+    aoi: BaseGeometry | None = None
+
+    def touches_aoi(self, win: Window) -> bool:
+        """Whether ``win`` touches the area of interest (always, without one)."""
+        if self.aoi is None:
+            return True
+        return bool(windows_touching(self.aoi, np.array([[win.col_off, win.row_off, win.width, win.height]]))[0])
 
 
 def prepare_train_images(
@@ -78,7 +87,8 @@ def prepare_train_images(
             if extra and str(path.resolve()) in extra:
                 labels = with_pixel_labels(labels, info, *extra[str(path.resolve())], data_cfg)
             zones = load_zones(s.ignore_zones, info) if s.ignore_zones else None
-            out.append(TrainImage(path, info, LabelIndex(labels, info, data_cfg.min_visible_fraction, zones)))
+            aoi = aoi_in_pixels(s.aoi, info, "data.train aoi") if s.aoi else None
+            out.append(TrainImage(path, info, LabelIndex(labels, info, data_cfg.min_visible_fraction, zones), aoi))
     if not out:
         raise DataError("no training images: the image set list is empty")
     return out
@@ -304,25 +314,22 @@ class ChipDataset(Dataset):
             assert box is not None
             u = rng.random(2)
             return window_around_box(box, t, w, h, (float(u[0]), float(u[1])))
-        return window_inside(
-            int(rng.integers(0, max(1, w - t + 1))), int(rng.integers(0, max(1, h - t + 1))), t, w, h
-        )
+        x0, y0, x1, y1 = _origin_range(im, t)
+        return window_inside(int(rng.integers(x0, x1)), int(rng.integers(y0, y1)), t, w, h)
 
     def _read(self, i: int, rng: np.random.Generator) -> tuple[Window, np.ndarray]:
+        """Item ``i``'s window and pixels; a background chip retries a window outside the area or with little data."""
         im = self.images[self._img[i]]
         reader = self._pool.get(im.path)
         win = self.window(i, rng)
-        image, mask = reader.read(win)
-        tries = 1
-        while (
-            self.kinds[i] == KIND_BG
-            and tries < BG_TRIES
-            and valid_fraction(mask, win) < self.data_cfg.min_valid_fraction
-        ):
-            win = self.window(i, rng)
-            image, mask = reader.read(win)
-            tries += 1
-        return win, image
+        if self.kinds[i] == KIND_BG:
+            for _ in range(BG_TRIES - 1):
+                if im.touches_aoi(win):
+                    image, mask = reader.read(win)
+                    if valid_fraction(mask, win) >= self.data_cfg.min_valid_fraction:
+                        return win, image
+                win = self.window(i, rng)
+        return win, reader.read(win)[0]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rng = self._rng(i)
@@ -339,6 +346,18 @@ class ChipDataset(Dataset):
         if not bool(keep.all()):
             boxes, labels = boxes[keep], labels[keep]
         return img_t.contiguous(), {"boxes": boxes, "labels": labels}
+
+
+def _origin_range(im: TrainImage, t: int) -> tuple[int, int, int, int]:
+    """Half-open ranges ``[x0, x1) x [y0, y1)`` of a background window's top-left corner: anywhere on the
+    raster, or where the window can touch the area of interest's bounding box."""
+    w, h = im.info.width, im.info.height
+    x0, y0, x1, y1 = 0, 0, max(1, w - t + 1), max(1, h - t + 1)
+    if im.aoi is not None and not im.aoi.is_empty:
+        bx0, by0, bx1, by1 = im.aoi.bounds
+        x0, y0 = min(max(0, int(bx0) - t + 1), x1 - 1), min(max(0, int(by0) - t + 1), y1 - 1)
+        x1, y1 = max(x0 + 1, min(x1, int(np.ceil(bx1)))), max(y0 + 1, min(y1, int(np.ceil(by1))))
+    return x0, y0, x1, y1
 
 
 def collate_chips(

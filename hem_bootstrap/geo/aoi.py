@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import geopandas as gpd
 import numpy as np
 import shapely
 from shapely.geometry.base import BaseGeometry
@@ -17,13 +18,17 @@ from hem_bootstrap.geo.labels import load_zones
 from hem_bootstrap.geo.raster import RasterInfo
 
 
-def aoi_in_pixels(path: str | Path, info: RasterInfo) -> BaseGeometry:
+def aoi_in_pixels(path: str | Path, info: RasterInfo, what: str = "area of interest (--aoi)") -> BaseGeometry:
     """The union of the area's polygons in the raster's pixel coordinates (empty when none falls on it).
 
     Raises:
         DataError: the file is missing, unreadable, not polygons, or without a CRS for a georeferenced raster.
     """
-    zones = load_zones(path, info, what="area of interest (--aoi)")
+    return zones_in_pixels(load_zones(path, info, what=what), info)
+
+
+def zones_in_pixels(zones: gpd.GeoDataFrame, info: RasterInfo) -> BaseGeometry:
+    """The union of polygons in the raster's CRS, taken to its pixel grid and prepared for many tests."""
     if zones.empty:
         return shapely.Polygon()
     inverse = ~info.transform

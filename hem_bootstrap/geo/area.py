@@ -1,4 +1,4 @@
-"""The ground an evaluation searched: a raster's valid pixels minus the valid ground under ignore zones."""
+"""The ground an evaluation searched: a raster's valid pixels inside its area of interest, minus ignore zones."""
 
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ class EvaluatedArea:
 
     Attributes:
         raster_km2: The whole raster rectangle.
-        valid_km2: Pixels with data in every selected band (nodata collars and masks excluded).
-        ignored_km2: Valid ground inside ignore zones (not evaluated).
+        valid_km2: Pixels with data in every selected band (nodata collars and masks excluded),
+            inside the area of interest when there is one.
+        ignored_km2: Of those, the ground inside ignore zones (not evaluated).
     """
 
     raster_km2: float
@@ -40,8 +41,8 @@ class EvaluatedArea:
         return max(self.valid_km2 - self.ignored_km2, 0.0)
 
 
-def evaluated_area(info: RasterInfo, bands: list[int], zones: Any = None) -> EvaluatedArea:
-    """Valid-data area of a raster minus the valid ground under ignore zones.
+def evaluated_area(info: RasterInfo, bands: list[int], zones: Any = None, aoi: Any = None) -> EvaluatedArea:
+    """Valid-data area of a raster (inside ``aoi`` when given) minus the valid ground under ignore zones.
 
     The validity mask (GDAL's per-band masks: nodata values, alpha or internal masks; NaN for
     float data) and the zones are counted on one grid: the raster's own pixels when its long
@@ -52,6 +53,7 @@ def evaluated_area(info: RasterInfo, bands: list[int], zones: Any = None) -> Eva
         info: The raster's header (see :func:`open_raster`).
         bands: 1-based bands whose masks must all be valid.
         zones: Ignore geometries in the raster's CRS (pixel coordinates for plain images), or None.
+        aoi: Area-of-interest polygons in the same coordinates, or None (the whole raster).
 
     Raises:
         DataError: GDAL cannot read the raster's masks.
@@ -65,11 +67,9 @@ def evaluated_area(info: RasterInfo, bands: list[int], zones: Any = None) -> Eva
                 valid = _valid_grid(src, bands, shape)
     except RasterioError as err:
         raise DataError(f"{info.path}: could not read its nodata mask: {gdal_message(err)}") from None
-    ignored = np.zeros(shape, dtype=bool)
-    geoms = [g for g in (zones.geometry if zones is not None and len(zones) else []) if g is not None and not g.is_empty]
-    if geoms:
-        grid = info.transform * Affine.scale(info.width / shape[1], info.height / shape[0])
-        ignored = geometry_mask(geoms, out_shape=shape, transform=grid, invert=True, all_touched=False)
+    grid = info.transform * Affine.scale(info.width / shape[1], info.height / shape[0])
+    ignored = _inside(zones, shape, grid, default=False)
+    valid &= _inside(aoi, shape, grid, default=True)
     cells = float(shape[0] * shape[1])
     whole = info.area_km2()
     return EvaluatedArea(
@@ -77,6 +77,16 @@ def evaluated_area(info: RasterInfo, bands: list[int], zones: Any = None) -> Eva
         valid_km2=whole * float(valid.sum()) / cells,
         ignored_km2=whole * float((valid & ignored).sum()) / cells,
     )
+
+
+def _inside(polygons: Any, shape: tuple[int, int], grid: Affine, default: bool) -> np.ndarray:
+    """Cells whose centre falls inside ``polygons`` (a frame or None: every cell ``default``)."""
+    if polygons is None:
+        return np.full(shape, default, dtype=bool)
+    geoms = [g for g in polygons.geometry if g is not None and not g.is_empty]
+    if not geoms:
+        return np.zeros(shape, dtype=bool)
+    return np.asarray(geometry_mask(geoms, out_shape=shape, transform=grid, invert=True, all_touched=False))
 
 
 def _valid_grid(src: Any, bands: list[int], shape: tuple[int, int]) -> np.ndarray:

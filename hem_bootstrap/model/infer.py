@@ -305,8 +305,9 @@ def detect(
         scan, len(plan.paths), model_cfg.nms_iou, drop_cut, stats)
     for idx, kept, last in merged:
         tm = time.perf_counter()
-        if aoi is not None:  # a box on the far side of a tile that touches the area is still outside it
-            inside = boxes_touching(aoi[plan.paths[idx]], kept[0])
+        area = aoi.get(plan.paths[idx]) if aoi is not None else None
+        if area is not None:  # a box on the far side of a tile that touches the area is still outside it
+            inside = boxes_touching(area, kept[0])
             kept = tuple(a[inside] for a in kept)
         frame = detections_frame(str(plan.paths[idx]), plan.infos[idx], *kept)
         stats.merge_seconds += time.perf_counter() - tm
