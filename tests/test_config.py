@@ -94,16 +94,21 @@ def test_relative_paths_resolve_against_config_folder(tmp_path: Path) -> None:
     sub = tmp_path / "exp"
     sub.mkdir()
     tree = {
-        "data": {"train": [{"images": ["imgs/*.tif", "a.tif"], "labels": "labels.gpkg"}]},
+        "data": {"train": [{"images": ["imgs/*.tif", "a.tif"], "labels": "labels.gpkg", "aoi": "aoi.gpkg"}],
+                 "val": [{"images": ["v.tif"], "labels": "v.gpkg", "ignore_zones": "z.gpkg"}]},
         "model": {"weights": "w.pth"},
         "rounds": {"out_dir": "runs"},
+        "runtime": {"log_file": "logs/hem.log"},
     }
     cfg = load_config(_write(sub, tree))
     s = cfg.data.train[0]
     assert s.images == [str(sub / "imgs/*.tif"), str(sub / "a.tif")]
-    assert s.labels == str(sub / "labels.gpkg")
+    assert s.labels == str(sub / "labels.gpkg") and s.aoi == str(sub / "aoi.gpkg")
+    v = cfg.data.val[0]  # validation sets too (they were once left relative to the working directory)
+    assert (v.images, v.labels, v.ignore_zones) == ([str(sub / "v.tif")], str(sub / "v.gpkg"), str(sub / "z.gpkg"))
     assert cfg.model.weights == str(sub / "w.pth")
     assert cfg.rounds.out_dir == str(sub / "runs")
+    assert cfg.runtime.log_file == str(sub / "logs/hem.log")
 
 
 def test_missing_and_invalid_yaml(tmp_path: Path) -> None:

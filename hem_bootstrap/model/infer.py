@@ -143,8 +143,8 @@ def plan_scan(paths: list[Path], data_cfg: DataConfig, tiling: TilingConfig, sta
 
 
 def _in_areas(refs: list[TileRef], paths: list[Path], aoi: Mapping[Path, BaseGeometry]) -> list[TileRef]:
-    """The tiles that touch their raster's area of interest (one vectorised test per raster)."""
-    keep = np.zeros(len(refs), dtype=bool)
+    """The tiles that touch their raster's area of interest (one vectorised test per raster; all of a raster without one)."""
+    keep = np.ones(len(refs), dtype=bool)
     image = np.array([r.image_idx for r in refs], dtype=np.int64)
     windows = np.array([[r.window.col_off, r.window.row_off, r.window.width, r.window.height] for r in refs],
                        dtype=np.float64).reshape(-1, 4)
