@@ -32,7 +32,7 @@ def _collared(src_path: Path, out: Path, collar: int) -> Path:
     mask = np.zeros(big.shape[1:], np.uint8)
     mask[collar : collar + h, collar : collar + w] = 255
     t = prof["transform"]
-    prof.update(width=w + 2 * collar, height=h + 2 * collar, transform=t * Affine.translation(-collar, -collar),
+    prof.update(width=w + 2 * collar, height=h + 2 * collar, transform=t @ Affine.translation(-collar, -collar),
                 tiled=True, blockxsize=256, blockysize=256)
     with rasterio.open(out, "w", **prof) as dst:
         dst.write(big)

@@ -67,7 +67,7 @@ def evaluated_area(info: RasterInfo, bands: list[int], zones: Any = None, aoi: A
                 valid = _valid_grid(src, bands, shape)
     except RasterioError as err:
         raise DataError(f"{info.path}: could not read its nodata mask: {gdal_message(err)}") from None
-    grid = info.transform * Affine.scale(info.width / shape[1], info.height / shape[0])
+    grid = info.transform @ Affine.scale(info.width / shape[1], info.height / shape[0])
     ignored = _inside(zones, shape, grid, default=False)
     valid &= _inside(aoi, shape, grid, default=True)
     cells = float(shape[0] * shape[1])
