@@ -25,6 +25,7 @@ from hem_bootstrap.mining.bank import NegativeBank
 from hem_bootstrap.mining.review import POSITIVES_FILE, append_accepted, apply_review, latest_snapshot
 from hem_bootstrap.model.card import check_gsd, config_for_model, gsd_of, model_card, read_card
 from hem_bootstrap.model.checkpoints import export_model
+from hem_bootstrap.remote import exists, location, shown
 from hem_bootstrap.rundir import RunDir
 from hem_bootstrap.steps import STEPS_ROUND, STEPS_ROUND0, evaluate_model, scan, step_train
 
@@ -139,10 +140,10 @@ def _check_images(images: list[str]) -> list[str]:
     paths = ImageSet(images=images).resolved_images()
     if not paths:
         raise DataError(f"images {' '.join(images)}: no file matches")
-    missing = [p for p in paths if not p.exists()]
+    missing = [p for p in paths if not exists(p)]
     if missing:
         raise DataError(f"images: {missing[0]} does not exist")
-    return [str(p) for p in paths]
+    return [shown(p) for p in paths]
 
 
 def _detect(cfg: ExperimentConfig, model: Path, out: Path, gsd_m: float | None, aoi: Path | None) -> str:
@@ -151,7 +152,7 @@ def _detect(cfg: ExperimentConfig, model: Path, out: Path, gsd_m: float | None, 
     init_distributed(cfg.runtime)
     ctx = make_context(cfg, _run_of(cfg), check_inputs(cfg, ("pool",)))
     for r in ctx.data.readable("pool") if ctx.is_main else []:
-        check_gsd(str(r.path), gsd_of(r.header()), gsd_m)
+        check_gsd(location(r.path), gsd_of(r.header()), gsd_m)
     info = scan(ctx, model, "pool", out, aoi)
     return (
         f"{info['detections']} detections from {info['tiles']} tiles ({info['tiles_skipped']} skipped) "

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hem_bootstrap.errors import ConfigError
+from hem_bootstrap.remote import gdal_path, is_remote
 
 
 class _Section(BaseModel):
@@ -37,10 +38,12 @@ class ImageSet(_Section):
     )
 
     def resolved_images(self) -> list[Path]:
-        """Expand glob patterns into a sorted, de-duplicated list of paths."""
+        """Expand glob patterns into a sorted, de-duplicated list of paths (URLs and GDAL /vsi paths as they are)."""
         out: list[Path] = []
         for pattern in self.images:
-            if any(ch in pattern for ch in "*?["):
+            if is_remote(pattern):  # a URL's "?" is a query, not a glob
+                out.append(Path(gdal_path(pattern)))
+            elif any(ch in pattern for ch in "*?["):
                 out.extend(Path(p) for p in sorted(glob.glob(pattern)))
             else:
                 out.append(Path(pattern))
@@ -300,6 +303,12 @@ class RuntimeConfig(_Section):
     threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch default).")
     seed: int = Field(0, description="Seed for everything random.")
     collective_timeout_s: int = Field(600, gt=0, description="Timeout of torch.distributed collectives.")
+    gdal: dict[str, str] = Field(
+        default_factory=dict,
+        description="GDAL configuration options for every raster read, e.g. {GDAL_HTTP_MULTIPLEX: 'YES', "
+        "VSI_CACHE: 'TRUE', GDAL_CACHEMAX: '512', GDAL_DISABLE_READDIR_ON_OPEN: 'EMPTY_DIR'} for rasters "
+        "read over HTTP or from object storage (credentials too: AWS_*, GS_*, AZURE_*).",
+    )
     log_every_s: float = Field(
         30.0, ge=0,
         description="Seconds between two progress lines of a long step when stderr is not a terminal "
@@ -416,6 +425,8 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str] | None) -> dict[s
 def _resolve_path(p: str | None, base: Path) -> str | None:
     if p is None:
         return None
+    if is_remote(p):
+        return p
     path = Path(p).expanduser()
     return str(path if path.is_absolute() else (base / path))
 

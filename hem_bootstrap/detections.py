@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,7 +182,9 @@ def _stream_gpkg(frames: Iterator[gpd.GeoDataFrame], path: Path, layer: str, nam
     flush()
     if not layers:
         schema = _named(empty_detections(None), Naming()) if named else empty_detections(None)
-        pyogrio.write_dataframe(schema, path, layer=layer, driver="GPKG")
+        with warnings.catch_warnings():  # no raster gave a frame, so there is no CRS to give
+            warnings.filterwarnings("ignore", message="'crs' was not provided")
+            pyogrio.write_dataframe(schema, path, layer=layer, driver="GPKG")
         layers["pixel"] = layer
     return total, list(layers.values())
 

@@ -44,6 +44,7 @@ from hem_bootstrap.errors import DataError
 from hem_bootstrap.files import atomic_write_text
 from hem_bootstrap.geo.boxes import box_iou
 from hem_bootstrap.mining.matching import check_metres_per_unit, ignored_mask
+from hem_bootstrap.remote import location
 from hem_bootstrap.scoring.breakdown import fp_kinds, near_object_log_average, per_image, tp_score_quantiles
 from hem_bootstrap.scoring.match import (
     PreparedImage,
@@ -98,7 +99,7 @@ class EvalImage:
 
 
 def _key(image: Any) -> str:
-    return str(Path(str(image)))
+    return location(str(image))
 
 
 def _frame_boxes(frame: pd.DataFrame, what: str) -> np.ndarray:

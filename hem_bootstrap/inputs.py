@@ -23,6 +23,7 @@ from hem_bootstrap.geo.aoi import zones_in_pixels
 from hem_bootstrap.geo.area import EvaluatedArea, evaluated_area
 from hem_bootstrap.geo.labels import PixelLabels, load_labels, load_zones, pixel_labels_of, with_pixel_labels
 from hem_bootstrap.geo.raster import RasterInfo, open_raster
+from hem_bootstrap.remote import apply_gdal_options, exists
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,7 @@ def check_inputs(cfg: ExperimentConfig, roles: tuple[str, ...] = ROLES) -> Input
             no readable raster, a band that does not exist, bad labels.
         ModelError: a weights file that does not exist.
     """
+    apply_gdal_options(cfg.runtime.gdal)  # before the first raster opens
     if "train" in roles and not cfg.data.train:
         raise DataError("data.train: no training imagery configured; expected at least one image set")
     where: dict[Path, str] = {}
@@ -198,7 +200,7 @@ def _check_held_out(path: Path, what: str, where: dict[Path, str]) -> None:
 
 
 def _check_raster(path: Path, s: ImageSet, what: str, cfg: ExperimentConfig) -> RasterInput:
-    if not path.exists():  # a typo, not a bad raster: data.on_bad_raster does not apply
+    if not exists(path):  # a typo, not a bad raster: data.on_bad_raster does not apply
         raise DataError(f"{path}: raster not found (data.{what})")
     try:
         info = open_raster(path)

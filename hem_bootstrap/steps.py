@@ -54,6 +54,7 @@ from hem_bootstrap.model.hard_mining import apply_loss_options
 from hem_bootstrap.model.infer import DetectStats, detect
 from hem_bootstrap.model.pretrained import resolve_freezing
 from hem_bootstrap.model.train import train
+from hem_bootstrap.remote import location
 from hem_bootstrap.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ def scan(ctx: Context, model_path: Path, role: str, out: Path, aoi: Path | None 
         headers={r.path: r.info if r.info is not None else r.error for r in rasters},
         aoi=_areas_of_interest(rasters, aoi),
     )
-    naming = Naming(tuple(ctx.cfg.data.classes), {str(r.path): (r.info.width, r.info.height)
+    naming = Naming(tuple(ctx.cfg.data.classes), {location(r.path): (r.info.width, r.info.height)
                                                    for r in rasters if r.info is not None})
     n = write_detections(frames, out, naming=naming)[0] if ctx.is_main else sum(len(f) for f in frames)  # others drive collectives
     summary = {
@@ -258,9 +259,9 @@ def match_pool(ctx: Context, dets: gpd.GeoDataFrame, bank_crs: Any) -> PoolMatch
     for raster in track(ctx.data.readable("pool"), "mine (match the pool)", "raster", ctx.progress and ctx.is_main,
                         cfg.runtime.log_every_s):
         info, gt = raster.header(), raster.truth(cfg, accepted)
-        truths.append(gt.assign(image=str(raster.path)))
-        images.append((str(raster.path), info.width, info.height, info.transform, info.crs))
-        d = dets[dets["image"] == str(raster.path)]
+        truths.append(gt.assign(image=location(raster.path)))
+        images.append((location(raster.path), info.width, info.height, info.transform, info.crs))
+        d = dets[dets["image"] == location(raster.path)]
         if len(d):
             d = gpd.GeoDataFrame(d, geometry="geometry", crs=gt.crs)
             matched.append(match_detections(d, gt, cfg.mining, ignore=raster.zones(),
@@ -351,7 +352,7 @@ def hard_positives_step(ctx: Context, r: int, bank: NegativeBank) -> dict[str, A
     cfg, rd = ctx.cfg, ctx.run.round_dir(r)
     dets = read_detections(rd / "train_detections.gpkg")
     frames = [
-        hard_positives(str(t.path), t.truth(cfg), dets[dets["image"] == str(t.path)], t.header().transform,
+        hard_positives(location(t.path), t.truth(cfg), dets[dets["image"] == location(t.path)], t.header().transform,
                        cfg.evaluate.iou, cfg.train.hard_positive_below)
         for t in ctx.data.readable("train")
     ]
@@ -422,9 +423,9 @@ def score_detections(ctx: Context, role: str, dets: Path, eval_cfg: EvaluateConf
                    cfg.runtime.log_every_s):
         info = t.header()
         area = t.searched_area(cfg)
-        areas[str(t.path)] = {"raster_km2": area.raster_km2, "valid_km2": area.valid_km2,
+        areas[location(t.path)] = {"raster_km2": area.raster_km2, "valid_km2": area.valid_km2,
                               "ignored_km2": area.ignored_km2, "evaluated_km2": area.evaluated_km2}
-        images.append(EvalImage(image=str(t.path), gt=t.truth(cfg), area_km2=area.evaluated_km2,
+        images.append(EvalImage(image=location(t.path), gt=t.truth(cfg), area_km2=area.evaluated_km2,
                                 transform=info.transform, distractors=t.distractors(), ignore=t.zones(),
                                 metres_per_unit=info.metres_per_unit()))
     metrics = evaluate(read_detections(dets), images, eval_cfg, matching=cfg.mining.matching,

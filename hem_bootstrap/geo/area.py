@@ -15,6 +15,7 @@ from rasterio.features import geometry_mask
 
 from hem_bootstrap.errors import DataError
 from hem_bootstrap.geo.raster import RasterInfo, gdal_message
+from hem_bootstrap.remote import shown
 
 AREA_MAX_SIDE = 4096
 """Largest side of the (decimated) mask grid on which the evaluated area is counted."""
@@ -63,7 +64,7 @@ def evaluated_area(info: RasterInfo, bands: list[int], zones: Any = None, aoi: A
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(info.path) as src:
+            with rasterio.open(shown(info.path)) as src:
                 valid = _valid_grid(src, bands, shape)
     except RasterioError as err:
         raise DataError(f"{info.path}: could not read its nodata mask: {gdal_message(err)}") from None

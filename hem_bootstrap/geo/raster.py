@@ -29,6 +29,7 @@ from rasterio.windows import Window as RioWindow
 from hem_bootstrap.config import DataConfig
 from hem_bootstrap.errors import DataError
 from hem_bootstrap.geo.windows import Window, pixel_to_map_boxes
+from hem_bootstrap.remote import exists, shown
 
 log = logging.getLogger(__name__)
 
@@ -133,18 +134,18 @@ def open_raster(path: str | Path) -> RasterInfo:
         DataError: the file is missing or GDAL cannot read it.
     """
     p = Path(path)
-    if not p.exists():
+    if not exists(p):
         raise DataError(f"{p}: raster not found")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(p) as src:
+            with rasterio.open(shown(p)) as src:
                 info = _describe(p, src)
     except RasterioError as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataError(f"{p}: not a readable raster: {msg}") from None
+        raise DataError(f"{shown(p)}: not a readable raster: {shown(msg)}") from None
     if info.count == 0:
-        raise DataError(f"{p}: not a readable raster: it has no bands")
+        raise DataError(f"{shown(p)}: not a readable raster: it has no bands")
     if not info.georeferenced:
         _once(p, "pixel", logging.WARNING, "%s: no georeferencing; working in pixel space", p)
     if not info.tiled and info.driver == "GTiff":
@@ -288,15 +289,15 @@ class RasterReader:
         """The open rasterio dataset of this process, opened (and checked) on first use."""
         if self._src is not None and self._pid == os.getpid():
             return self._src
-        if not self.path.exists():
+        if not exists(self.path):
             raise DataError(f"{self.path}: raster not found")
         limit_gdal_cache(self.data_cfg.gdal_cache_mb)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                src = rasterio.open(self.path)
+                src = rasterio.open(shown(self.path))
         except RasterioError as err:
-            raise DataError(f"{self.path}: not a readable raster: {str(err).splitlines()[0]}") from None
+            raise DataError(f"{shown(self.path)}: not a readable raster: {shown(str(err).splitlines()[0])}") from None
         bad = [b for b in self.bands if b > src.count]
         if bad:
             src.close()

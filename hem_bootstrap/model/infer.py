@@ -34,6 +34,7 @@ from hem_bootstrap.geo.windows import Window
 from hem_bootstrap.logs import Progress
 from hem_bootstrap.model.merge import BandMerger, RawDetections, cut_by_inner_edge, merge_whole
 from hem_bootstrap.model.precision import PreparedModel, prepare_model
+from hem_bootstrap.remote import location
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +310,7 @@ def detect(
         if area is not None:  # a box on the far side of a tile that touches the area is still outside it
             inside = boxes_touching(area, kept[0])
             kept = tuple(a[inside] for a in kept)
-        frame = detections_frame(str(plan.paths[idx]), plan.infos[idx], *kept)
+        frame = detections_frame(location(plan.paths[idx]), plan.infos[idx], *kept)
         stats.merge_seconds += time.perf_counter() - tm
         if len(frame) or last:
             stats.detections += len(frame)
