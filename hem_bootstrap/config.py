@@ -31,6 +31,11 @@ class ImageSet(_Section):
         None, description="Look-alike objects (synthetic scenes); only used to analyse false positives."
     )
     ignore_zones: str | None = Field(None, description="Polygons where labels are incomplete.")
+    mosaic: Literal["auto", "off"] = Field(
+        "auto", description="auto: rasters that are adjacent tiles of one mosaic (same CRS, resolution and pixel "
+        "grid, no overlap) are read as one through a VRT, so an object on a file boundary is one object; off: "
+        "always file by file.",
+    )
     aoi: str | None = Field(
         None, description="Area of interest: polygons (any OGR format and CRS). Only tiles that touch them are read, "
         "detections outside are dropped, objects outside are not counted, FP/km² divides by the valid ground inside, "

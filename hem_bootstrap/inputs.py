@@ -22,6 +22,7 @@ from hem_bootstrap.errors import DataError, ModelError
 from hem_bootstrap.geo.aoi import zones_in_pixels
 from hem_bootstrap.geo.area import EvaluatedArea, evaluated_area
 from hem_bootstrap.geo.labels import PixelLabels, load_labels, load_zones, pixel_labels_of, with_pixel_labels
+from hem_bootstrap.geo.mosaic import mosaic_paths
 from hem_bootstrap.geo.raster import RasterInfo, open_raster
 from hem_bootstrap.remote import apply_gdal_options, exists
 
@@ -56,13 +57,17 @@ class RasterInput:
         return self.info
 
     def truth(self, cfg: ExperimentConfig, accepted: PixelLabels | None = None) -> gpd.GeoDataFrame:
-        """Labels in the raster's CRS (an empty frame without a label file), plus objects accepted in review."""
+        """Labels in the raster's CRS (an empty frame without a label file), plus objects accepted in review.
+
+        Outside training, only objects that touch the image set's area of interest count: nothing
+        outside it is scanned. Training keeps every labelled object as a positive.
+        """
         info = self.header()
         gt = self.labels if self.labels is not None else _no_labels(info)
         if accepted:
             gt = with_pixel_labels(gt, info, *pixel_labels_of(accepted, self.path), cfg.data)
         aoi = self.aoi()
-        if aoi is not None and len(gt):  # objects outside the area are never searched for
+        if aoi is not None and len(gt) and self.role != "train":  # objects outside the area are never searched for
             gt = gt[gt.intersects(aoi.union_all()).to_numpy()].reset_index(drop=True)
         return gt
 
@@ -137,14 +142,14 @@ class Inputs:
 
 
 def expand(sets: list[ImageSet], what: str) -> list[tuple[Path, ImageSet]]:
-    """The rasters of image sets, globs expanded, each with its set.
+    """The rasters of image sets, globs expanded, each with its set; a set of mosaic tiles as its one VRT.
 
     Raises:
         DataError: a set matches nothing, or a raster is listed twice.
     """
     out: list[tuple[Path, ImageSet]] = []
     seen: set[Path] = set()
-    for s in sets:
+    for i, s in enumerate(sets):
         paths = s.resolved_images()
         if not paths:
             raise DataError(f"data.{what}: no raster matches {s.images}")
@@ -152,6 +157,9 @@ def expand(sets: list[ImageSet], what: str) -> list[tuple[Path, ImageSet]]:
             if p.resolve() in seen:
                 raise DataError(f"data.{what}: image {p} is listed twice")
             seen.add(p.resolve())
+        if s.mosaic == "auto":
+            paths = mosaic_paths(paths, f"data.{what}[{i}]")
+        for p in paths:
             out.append((p, s))
     return out
 

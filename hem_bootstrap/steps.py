@@ -118,10 +118,11 @@ def write_frame(frame: gpd.GeoDataFrame, path: Path, layer: str) -> None:
 
 
 def train_images(rasters: list[RasterInput], cfg: ExperimentConfig, accepted: PixelLabels | None = None) -> list[TrainImage]:
-    """Chip sources from checked rasters: labels (plus accepted objects) and ignore zones in a pixel index."""
+    """Chip sources from checked rasters: labels (plus accepted objects) and ignore zones in a pixel index, the area
+    of interest in pixels (background chips are drawn where they touch it)."""
     return [
         TrainImage(r.path, r.header(), LabelIndex(r.truth(cfg, accepted), r.header(), cfg.data.min_visible_fraction,
-                                                  r.zones()))
+                                                  r.zones()), r.aoi_pixels())
         for r in rasters
     ]
 

@@ -13,10 +13,15 @@ fresh subprocess so peak RSS is the run's own:
 * with ``--fast-paths``, the model-only ceiling of eager float32, channels_last, bf16 and
   torch.compile, and how far their detections differ;
 * with ``--compare-sahi`` (when ``sahi`` is importable), SAHI's sliced prediction with the same
-  torchvision model, tile and overlap.
+  torchvision model, tile and overlap;
+* with ``--over-http``, the raster as a Cloud-Optimized GeoTIFF scanned twice more, side by side:
+  from the local disk and over HTTP from a range-request server on 127.0.0.1
+  (``scripts/range_server.py``), with the GDAL settings of ``HTTP_GDAL``; their ratio is what
+  reading through ``/vsicurl/`` costs (a local server: no network latency, so a floor).
 
 Example:
     python scripts/bench_inference.py --sizes 8192 20000 --arch small_fcos --out bench_out/bench_inference.json
+    python scripts/bench_inference.py --sizes 8192 --over-http
 """
 
 from __future__ import annotations
@@ -66,6 +71,35 @@ def make_big_raster(path: Path, size: int, seed: int = 11) -> None:
 
 SCORE_FLOOR = 0.05
 """Detections below this score are dropped by the model (both engines); ``--score-floor`` sets it."""
+
+
+HTTP_GDAL = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "VSI_CACHE": "TRUE", "GDAL_HTTP_MULTIPLEX": "YES",
+             "GDAL_HTTP_VERSION": "2", "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif"}
+"""GDAL settings of the HTTP scan (the README's advice for COGs over HTTP)."""
+
+
+def _over_http(args: argparse.Namespace, raster: Path) -> dict:
+    """The raster as a COG, scanned from the local disk and over HTTP (127.0.0.1), in the same way."""
+    import rasterio.shutil
+    from range_server import serve
+
+    cog = raster.with_name(raster.stem + "_cog.tif")
+    if not cog.exists():
+        rasterio.shutil.copy(raster, cog, driver="COG", blocksize=256, compress="deflate", predictor=2,
+                             BIGTIFF="IF_SAFER")
+    args.raster = cog
+    local = _run_child("e2e", args)
+    with serve(cog.parent) as (base, seen):
+        args.raster = f"/vsicurl/{base}/{cog.name}"
+        remote = _run_child("e2e", args, env=HTTP_GDAL)
+    args.raster = raster
+    row = {"cog_local": local, "cog_http": remote, "gdal": HTTP_GDAL,
+           "http_requests": sum(1 for r in seen if r[1].endswith(cog.name)),
+           "http_bytes_ranges": sum(1 for r in seen if r[2])}
+    if "tiles_per_s" in local and "tiles_per_s" in remote:
+        row["http_over_local"] = remote["tiles_per_s"] / local["tiles_per_s"]
+        row["same_detections"] = local["detections"] == remote["detections"]
+    return row
 
 
 def _cfg(arch: str, batch: int, workers: int | None, tile: int, overlap: int, fast_path: str, threads: int | None):
@@ -246,7 +280,8 @@ def _run_child(kind: str, args: argparse.Namespace, **extra: object) -> dict:
         cmd += ["--weights", args.weights]
     if extra.get("dump"):
         cmd += ["--dump", str(extra["dump"])]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = {**os.environ, **extra["env"]} if extra.get("env") else None  # type: ignore[dict-item]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if out.returncode < 0:
         return {"error": f"killed by signal {-out.returncode} (SIGKILL: likely out of memory)"}
     if out.returncode != 0:
@@ -303,6 +338,7 @@ def main() -> None:
     p.add_argument("--fast-path", default="auto", choices=["auto", "none", "channels_last", "compile", "bf16"])
     p.add_argument("--fast-paths", action="store_true", help="also compare eager / channels_last / compile")
     p.add_argument("--compare-sahi", action="store_true")
+    p.add_argument("--over-http", action="store_true", help="also scan the raster as a COG, locally and over HTTP")
     p.add_argument("--model-seconds", type=float, default=20.0)
     p.add_argument("--score-floor", type=float, default=0.05,
                    help="model.score_floor for every engine (SAHI keeps every prediction in Python objects)")
@@ -355,6 +391,8 @@ def main() -> None:
                     row["agreement"] = _agreement(ours_dump, sahi_dump)
             except ImportError:
                 row["sahi"] = "not installed"
+        if args.over_http:
+            row["over_http"] = _over_http(args, raster)
         results["sizes"][str(size)] = row
         print(json.dumps({size: row}, indent=1))
     if args.fast_paths:

@@ -19,7 +19,7 @@ from hem_bootstrap.geo.area import evaluated_area
 from hem_bootstrap.geo.raster import open_raster
 from hem_bootstrap.inputs import check_inputs
 from hem_bootstrap.rundir import RunDir
-from hem_bootstrap.steps import Context, evaluate_model
+from hem_bootstrap.steps import Context, evaluate_model, train_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,12 +89,13 @@ def test_training_background_chips_are_drawn_inside_the_aoi(synth_scenes: Path, 
     data = DataConfig()
     sets = [ImageSet(images=[str(image)], labels=str(synth_scenes / "train_labels.gpkg"),
                      aoi=str(tmp_path / "corner.gpkg"))]
-    images = prepare_train_images(sets, data)
-    ds = ChipDataset(images, None, 40, 256, data, False, 0)
-    bg = [i for i, k in enumerate(ds.kinds) if k == "bg"]
-    windows = [ds.window(i) for i in bg]
-    assert len(windows) == 40 and all(w.col_off < 100 and w.row_off < 100 for w in windows)
-    assert len({(w.col_off, w.row_off) for w in windows}) > 10  # still random within the reach of the area
+    cfg = config_from_tree({"data": {"train": [sets[0].model_dump()]}}, tmp_path)
+    checked = train_images(check_inputs(cfg, ("train",)).readable("train"), cfg)  # as hem run builds them
+    for images in (prepare_train_images(sets, data), checked):
+        ds = ChipDataset(images, None, 40, 256, data, False, 0)
+        windows = [ds.window(i) for i, k in enumerate(ds.kinds) if k == "bg"]
+        assert len(windows) == 40 and all(w.col_off < 100 and w.row_off < 100 for w in windows)
+        assert len({(w.col_off, w.row_off) for w in windows}) > 10  # still random within the reach of the area
     unlimited = ChipDataset(prepare_train_images([sets[0].model_copy(update={"aoi": None})], data), None, 40, 256,
                             data, False, 0)
     far = [unlimited.window(i) for i, k in enumerate(unlimited.kinds) if k == "bg"]

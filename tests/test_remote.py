@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
-import re
-import threading
+import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import geopandas as gpd
 import pytest
@@ -19,58 +15,13 @@ from hem_bootstrap.cli import main
 from hem_bootstrap.config import ImageSet
 from hem_bootstrap.remote import gdal_path, is_remote, shown
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from range_server import Request, serve  # noqa: E402 - a test tool kept with the benchmark that uses it too
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class _RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Static files with HTTP range requests (what GDAL's /vsicurl/ asks for); every request is recorded."""
-
-    seen: list[tuple[str, str, str, int, str]]  # (method, path, Range header, status, User-Agent), one list per server
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def do_GET(self) -> None:  # noqa: N802 - the http.server hook's name
-        path = Path(self.translate_path(self.path))
-        rng = self.headers.get("Range", "")
-        if not path.is_file():
-            self._record(rng, 404)
-            self.send_error(404)
-            return
-        data = path.read_bytes()
-        m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng)
-        status = 206 if m else 200
-        if m:
-            start, end = int(m[1]), min(int(m[2]) if m[2] else len(data) - 1, len(data) - 1)
-            body = data[start : end + 1]
-        else:
-            body = data
-        self._record(rng, status)
-        self.send_response(status)
-        if m:
-            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
-        self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        path = Path(self.translate_path(self.path))
-        if not path.is_file():
-            self._record("", 404)
-            self.send_error(404)
-            return
-        self._record("", 200)
-        self.send_response(200)
-        self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Content-Length", str(path.stat().st_size))
-        self.end_headers()
-
-    def _record(self, rng: str, status: int) -> None:
-        self.seen.append((self.command, self.path, rng, status, self.headers.get("User-Agent", "")))
-
-
-Served = tuple[str, Path, list[tuple[str, str, str, int, str]]]
+Served = tuple[str, Path, list[Request]]
 
 
 @pytest.fixture(scope="module")
@@ -78,16 +29,8 @@ def cog_server(synth_scenes: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """The test scene as a COG, served on 127.0.0.1 by a server started here; yields (base URL, folder, requests)."""
     root = tmp_path_factory.mktemp("served")
     rasterio.shutil.copy(synth_scenes / "test.tif", root / "test_cog.tif", driver="COG", blocksize=256)
-    seen: list[tuple[str, str, str, int, str]] = []
-    handler = type("Handler", (_RangeHandler,), {"seen": seen})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", root, seen
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve(root) as (base, seen):
+        yield base, root, seen
 
 
 def _detect(capsys: pytest.CaptureFixture[str], cfg: Path, model: Path, image: str, out: Path,

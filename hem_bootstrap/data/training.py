@@ -35,6 +35,7 @@ from hem_bootstrap.geo.labels import (
     pixel_labels_of,
     with_pixel_labels,
 )
+from hem_bootstrap.geo.mosaic import mosaic_paths
 from hem_bootstrap.geo.raster import RasterInfo, open_raster, valid_fraction
 from hem_bootstrap.geo.windows import Window, tile_windows, window_around_box, window_inside
 
@@ -74,10 +75,12 @@ def prepare_train_images(
         DataError: no image at all, or a raster / label file problem.
     """
     out: list[TrainImage] = []
-    for s in image_sets:
+    for i, s in enumerate(image_sets):
         paths = s.resolved_images()
         if not paths:
             raise DataError(f"image set {s.images}: no image matched")
+        if s.mosaic == "auto":
+            paths = mosaic_paths(paths, f"data.train[{i}]")
         for path in paths:
             info = open_raster(path)
             if s.labels is not None:
