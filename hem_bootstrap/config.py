@@ -87,6 +87,14 @@ class DataConfig(_Section):
     scale_min: float = Field(0.0, description="Value mapped to 0 with scale=fixed.")
     scale_max: float = Field(255.0, description="Value mapped to 1 with scale=fixed.")
     percentiles: tuple[float, float] = Field((2.0, 98.0), description="Percentiles with scale=percentile.")
+    gsd: float | None = Field(
+        None, gt=0,
+        description="Ground sample distance (metres per pixel) to read every raster at: a raster of another GSD is "
+        "resampled through a VRT, so the model sees objects at the size it learnt. None: each at its own (a set of "
+        "mixed GSDs is named in a warning).",
+    )
+    resampling: Literal["auto", "nearest", "bilinear", "cubic", "average", "lanczos"] = Field(
+        "auto", description="Resampling for data.gsd; auto: average when shrinking, bilinear when enlarging.")
     min_valid_fraction: float = Field(0.5, ge=0, le=1, description="Skip windows with less valid data.")
     min_visible_fraction: float = Field(
         0.5, ge=0, le=1, description="Keep a clipped box as a target if this share of it is inside the tile."

@@ -17,13 +17,13 @@ import geopandas as gpd
 import numpy as np
 from shapely.geometry.base import BaseGeometry
 
-from hem_bootstrap.config import ExperimentConfig, ImageSet
+from hem_bootstrap.config import DataConfig, ExperimentConfig, ImageSet
 from hem_bootstrap.errors import DataError, ModelError
 from hem_bootstrap.geo.aoi import zones_in_pixels
 from hem_bootstrap.geo.area import EvaluatedArea, evaluated_area
 from hem_bootstrap.geo.labels import PixelLabels, load_labels, load_zones, pixel_labels_of, with_pixel_labels
-from hem_bootstrap.geo.mosaic import mosaic_paths
 from hem_bootstrap.geo.raster import RasterInfo, open_raster
+from hem_bootstrap.geo.vrt import virtual_paths
 from hem_bootstrap.remote import apply_gdal_options, exists
 
 log = logging.getLogger(__name__)
@@ -141,8 +141,9 @@ class Inputs:
         return [r.path for r in self.rasters[role]]
 
 
-def expand(sets: list[ImageSet], what: str) -> list[tuple[Path, ImageSet]]:
-    """The rasters of image sets, globs expanded, each with its set; a set of mosaic tiles as its one VRT.
+def expand(sets: list[ImageSet], what: str, data: DataConfig) -> list[tuple[Path, ImageSet]]:
+    """The rasters of image sets, globs expanded, each with its set, read as :mod:`~hem_bootstrap.geo.vrt`
+    says (a set of mosaic tiles as its one VRT, a raster at another GSD than ``data.gsd`` through a VRT).
 
     Raises:
         DataError: a set matches nothing, or a raster is listed twice.
@@ -157,8 +158,7 @@ def expand(sets: list[ImageSet], what: str) -> list[tuple[Path, ImageSet]]:
             if p.resolve() in seen:
                 raise DataError(f"data.{what}: image {p} is listed twice")
             seen.add(p.resolve())
-        if s.mosaic == "auto":
-            paths = mosaic_paths(paths, f"data.{what}[{i}]")
+        paths = virtual_paths(paths, f"data.{what}[{i}]", s.labels, s.mosaic == "auto", data.gsd, data.resampling)
         for p in paths:
             out.append((p, s))
     return out
@@ -188,15 +188,30 @@ def check_inputs(cfg: ExperimentConfig, roles: tuple[str, ...] = ROLES) -> Input
         for i, s in enumerate(sets):
             if what == "val" and s.labels is None:
                 raise DataError(f"data.val[{i}]: no labels; validation imagery needs labels to choose a threshold")
-        for path, s in expand(sets, what):
+        for path, s in expand(sets, what, cfg.data):
             _check_held_out(path, what, where)
             rasters[what].append(_check_raster(path, s, what, cfg))
         _check_sets_readable(sets, rasters[what], what)
+    if cfg.data.gsd is None:
+        _warn_mixed_gsd([r for role in rasters.values() for r in role if r.readable])
     for key in ("weights", "backbone_weights"):
         value = getattr(cfg.model, key)
         if value is not None and not Path(value).is_file():
             raise ModelError(f"model.{key}: {value} not found; give a local .pth/.pt file")
     return Inputs(rasters)
+
+
+def _warn_mixed_gsd(rasters: list[RasterInput]) -> None:
+    """One warning when georeferenced rasters differ in ground resolution by more than 1 % (no ``data.gsd``)."""
+    by_gsd: dict[float, list[str]] = {}
+    for r in rasters:
+        if r.header().georeferenced:
+            by_gsd.setdefault(round(r.header().pixel_size_m()[0], 4), []).append(r.path.name)
+    if len(by_gsd) > 1 and max(by_gsd) > 1.01 * min(by_gsd):
+        named = ", ".join(f"{names[0]}{f' (+{len(names) - 1})' if len(names) > 1 else ''} {g:.3g} m"
+                          for g, names in sorted(by_gsd.items()))
+        log.warning("rasters at mixed ground resolutions: %s; the model sees objects at different sizes; "
+                    "set data.gsd to read them all at one", named)
 
 
 def _check_held_out(path: Path, what: str, where: dict[Path, str]) -> None:

@@ -18,8 +18,8 @@ from scenes import loop_config, scene_data
 
 from hem_bootstrap.cli import main
 from hem_bootstrap.geo.area import evaluated_area
-from hem_bootstrap.geo.mosaic import mosaic_paths, why_not_one_mosaic
 from hem_bootstrap.geo.raster import open_raster
+from hem_bootstrap.geo.vrt import virtual_paths, why_not_one_mosaic
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,11 +87,11 @@ def test_file_by_file_when_asked_and_the_mosaic_area(synth_scenes: Path, tmp_pat
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HEM_CACHE_DIR", str(tmp_path / "cache"))
     tiles = _cut(synth_scenes / "test.tif", tmp_path / "tiles")
-    [vrt] = mosaic_paths(tiles, "data.test[0]")
+    [vrt] = virtual_paths(tiles, "data.test[0]")
     info, whole = open_raster(vrt), open_raster(synth_scenes / "test.tif")
     assert (info.width, info.height, info.transform) == (whole.width, whole.height, whole.transform)
     assert evaluated_area(info, [1, 2, 3]).valid_km2 == pytest.approx(whole.area_km2())
-    three = mosaic_paths(tiles[:3], "data.test[0]")  # an L-shaped mosaic: the missing corner is no ground
+    three = virtual_paths(tiles[:3], "data.test[0]")  # an L-shaped mosaic: the missing corner is no ground
     assert evaluated_area(open_raster(three[0]), [1, 2, 3]).valid_km2 == pytest.approx(whole.area_km2() * 0.75)
     with rasterio.open(vrt) as src, rasterio.open(synth_scenes / "test.tif") as ref:
         assert np.array_equal(src.read(), ref.read())
@@ -113,11 +113,13 @@ def test_sets_that_differ_or_overlap_are_read_file_by_file_with_one_line(synth_s
     tiles = _cut(synth_scenes / "test.tif", tmp_path / "tiles")
     coarse = _resampled(tiles[1], tmp_path / "coarse.tif", 0.5)
     overlapping = _cut(synth_scenes / "test.tif", tmp_path / "big", size=512)[:1] + tiles[:1]
-    with caplog.at_level(logging.INFO, logger="hem_bootstrap.geo.mosaic"):
-        assert mosaic_paths([tiles[0], coarse], "data.pool[0]") == [tiles[0], coarse]
-        assert mosaic_paths(overlapping, "data.pool[1]") == overlapping
+    with caplog.at_level(logging.INFO, logger="hem_bootstrap.geo.vrt"):
+        assert virtual_paths([tiles[0], coarse], "data.pool[0]") == [tiles[0], coarse]
+        assert virtual_paths(overlapping, "data.pool[1]") == overlapping
+        assert virtual_paths(tiles, "data.pool[2]", labels="boxes.csv") == tiles
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 2 and all("read one by one, not as one mosaic" in m for m in lines)
+    assert len(lines) == 3 and all("read one by one, not as one mosaic" in m for m in lines)
+    assert lines[2].endswith("pixel-CSV labels name their files")
     assert "resolutions differ (coarse.tif 0.3 m, tile_0_0.tif 0.15 m)" in lines[0]
     assert "overlap" in lines[1]
     assert why_not_one_mosaic([open_raster(t) for t in tiles]) is None

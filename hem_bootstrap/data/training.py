@@ -35,8 +35,8 @@ from hem_bootstrap.geo.labels import (
     pixel_labels_of,
     with_pixel_labels,
 )
-from hem_bootstrap.geo.mosaic import mosaic_paths
 from hem_bootstrap.geo.raster import RasterInfo, open_raster, valid_fraction
+from hem_bootstrap.geo.vrt import virtual_paths
 from hem_bootstrap.geo.windows import Window, tile_windows, window_around_box, window_inside
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,8 @@ def prepare_train_images(
         paths = s.resolved_images()
         if not paths:
             raise DataError(f"image set {s.images}: no image matched")
-        if s.mosaic == "auto":
-            paths = mosaic_paths(paths, f"data.train[{i}]")
+        paths = virtual_paths(paths, f"data.train[{i}]", s.labels, s.mosaic == "auto", data_cfg.gsd,
+                              data_cfg.resampling)
         for path in paths:
             info = open_raster(path)
             if s.labels is not None:
