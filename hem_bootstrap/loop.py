@@ -79,6 +79,18 @@ def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
+def with_defaults(tree: dict[str, Any]) -> dict[str, Any]:
+    """A saved resolved config with the settings added since it was written at their defaults.
+
+    A run started by an older version lacks the keys that came later; their defaults keep the
+    old behaviour, so they are no change. A tree the current schema refuses is compared as it is.
+    """
+    try:
+        return ExperimentConfig.model_validate(tree).model_dump(mode="json")
+    except ValueError:
+        return tree
+
+
 def breaking_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Changed keys that make resuming unsafe (data, tiling, model, mining, bank, train, seed)."""
     return [k for k in config_diff(old, new) if k.startswith(BREAKING_PREFIXES) or k in BREAKING_PREFIXES]
@@ -236,7 +248,7 @@ def prepare_run(
     manifest = run.load_manifest()
     resolved = run.path / "config.resolved.yaml"
     if run.exists() and resolved.is_file():
-        broken = breaking_changes(yaml.safe_load(resolved.read_text()), cfg.model_dump(mode="json"))
+        broken = breaking_changes(with_defaults(yaml.safe_load(resolved.read_text())), cfg.model_dump(mode="json"))
         if broken and not force:
             shown = ", ".join(broken[:6]) + (" ..." if len(broken) > 6 else "")
             raise RunError(f"{run.path}: config changed since the run started ({shown}); use --force to continue")

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from hem_bootstrap.config import ExperimentConfig
 from hem_bootstrap.errors import RunError
 from hem_bootstrap.files import atomic_write_json, atomic_write_text
-from hem_bootstrap.loop import breaking_changes, config_diff
+from hem_bootstrap.loop import breaking_changes, config_diff, with_defaults
 from hem_bootstrap.rundir import RunDir
 
 
@@ -60,6 +61,17 @@ def test_lock_names_holder(tmp_path: Path) -> None:
     run = RunDir(path)
     run.acquire()
     run.release()
+
+
+def test_a_run_saved_before_newer_settings_existed_resumes() -> None:
+    new = ExperimentConfig.model_validate({"data": {"test": [{"images": ["t.tif"]}]}}).model_dump(mode="json")
+    old = json.loads(json.dumps(new))
+    for key in ("gsd", "resampling"):
+        del old["data"][key]  # written by a version without them
+    del old["data"]["test"][0]["aoi"], old["data"]["test"][0]["mosaic"], old["runtime"]["gdal"]
+    assert breaking_changes(old, new)  # compared raw, the new keys look like changes
+    assert breaking_changes(with_defaults(old), new) == []
+    assert with_defaults({"data": {"nonsense": 1}}) == {"data": {"nonsense": 1}}
 
 
 def test_config_diff_and_breaking() -> None:
