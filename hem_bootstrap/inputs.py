@@ -188,8 +188,9 @@ def check_inputs(cfg: ExperimentConfig, roles: tuple[str, ...] = ROLES) -> Input
         for i, s in enumerate(sets):
             if what == "val" and s.labels is None:
                 raise DataError(f"data.val[{i}]: no labels; validation imagery needs labels to choose a threshold")
-        for path, s in expand(sets, what, cfg.data):
+        for path in (p for s in sets for p in s.resolved_images()):  # the files, also where a VRT reads them
             _check_held_out(path, what, where)
+        for path, s in expand(sets, what, cfg.data):
             rasters[what].append(_check_raster(path, s, what, cfg))
         _check_sets_readable(sets, rasters[what], what)
     if cfg.data.gsd is None:

@@ -19,6 +19,23 @@ from affine import Affine
 # with the `hem` subprocesses the tests start, never to the user's ~/.cache
 os.environ.setdefault("HEM_CACHE_DIR", tempfile.mkdtemp(prefix="hem-test-cache-"))
 
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """`hem`'s CLI points the root logger at the stderr of the moment (pytest's capture in a test) and captures
+    warnings; put pytest's handlers back after each test, so no later test logs into a closed stream."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.captureWarnings(False)
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """One intra-op thread: on a shared 2-core machine, 2 spinning OpenMP threads run 10-30x slower.

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import shapely
 import torch
-from test_evaluated_area import COLLAR, _collared
+from test_evaluated_area import COLLAR, _collared, eval_config
 
 from hem_bootstrap.config import DataConfig, ImageSet, config_from_tree
 from hem_bootstrap.data.training import ChipDataset, prepare_train_images
@@ -34,16 +34,7 @@ def _west_half(image: Path, out: Path) -> shapely.Polygon:
 
 
 def _config(scenes: Path, image: Path, aoi: Path | None) -> Any:
-    test: dict[str, Any] = {"images": [str(image)], "labels": str(scenes / "test_labels.gpkg")}
-    if aoi is not None:
-        test["aoi"] = str(aoi)
-    return config_from_tree({
-        "data": {"train": [{"images": [str(scenes / "train.tif")], "labels": str(scenes / "train_labels.gpkg")}],
-                 "test": [test]},
-        "tiling": {"tile_size": 256, "overlap": 0},
-        "model": {"fast_path": "none"},
-        "runtime": {"workers": 0, "batch_size": 1, "device": "cpu"},
-    }, scenes)
+    return eval_config(scenes, image, aoi=aoi)
 
 
 def _evaluate(cfg: Any, model: Path, tmp: Path, name: str) -> tuple[dict[str, Any], gpd.GeoDataFrame]:

@@ -40,17 +40,21 @@ def _collared(src_path: Path, out: Path, collar: int) -> Path:
     return out
 
 
-def _metrics(scenes: Path, image: Path, model: Path, tmp: Path, ignore: Path | None = None) -> dict[str, Any]:
+def eval_config(scenes: Path, image: Path, **overlays: Path | None) -> Any:
+    """A config evaluating ``image`` (with the test scene's labels and the given overlays, e.g. ``aoi``) on the CPU."""
     test: dict[str, Any] = {"images": [str(image)], "labels": str(scenes / "test_labels.gpkg")}
-    if ignore is not None:
-        test["ignore_zones"] = str(ignore)
-    cfg = config_from_tree({
+    test.update({k: str(v) for k, v in overlays.items() if v is not None})
+    return config_from_tree({
         "data": {"train": [{"images": [str(scenes / "train.tif")], "labels": str(scenes / "train_labels.gpkg")}],
                  "test": [test]},
         "tiling": {"tile_size": 256, "overlap": 0},
         "model": {"fast_path": "none"},
         "runtime": {"workers": 0, "batch_size": 1, "device": "cpu"},
     }, scenes)
+
+
+def _metrics(scenes: Path, image: Path, model: Path, tmp: Path, ignore: Path | None = None) -> dict[str, Any]:
+    cfg = eval_config(scenes, image, ignore_zones=ignore)
     ctx = Context(cfg=cfg, run=RunDir(tmp / "run"), device=torch.device("cpu"), progress=False)
     return evaluate_model(ctx, model, tmp / f"{image.stem}_dets.gpkg")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,20 +17,6 @@ LINE = re.compile(r"^INFO hem_bootstrap\.progress: (?P<what>[^:]+): (?P<done>\d+
                   r"\((?P<pct>\d+)%\), [\d.]+ \w+/s, ETA (\d+ s|\?)")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """Each test configures the root logger as `hem` does; put the pytest handlers back after it."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for h in root.handlers:
-        if h not in handlers:
-            h.close()
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.captureWarnings(False)
 
 
 class _Terminal(io.StringIO):

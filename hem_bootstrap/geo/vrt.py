@@ -67,8 +67,8 @@ def virtual_paths(paths: list[Path], what: str, labels: str | None = None, mosai
         gsd: Ground sample distance in metres to read every raster at (``data.gsd``), or None.
         resampling: ``data.resampling``.
     """
-    if not paths or any(is_remote(p) for p in paths):
-        return paths
+    if not paths or any(is_remote(p) for p in paths) or (gsd is None and (len(paths) < 2 or not mosaic)):
+        return paths  # nothing to decide: no header is opened twice
     try:
         infos = [open_raster(p) for p in paths]
     except Exception:  # noqa: BLE001 - a bad raster is reported, file by file, by the checks that follow
