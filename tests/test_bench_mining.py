@@ -25,6 +25,7 @@ def _bench(work: Path, *extra: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=600, check=False)
 
 
+@pytest.mark.slow  # about 2 minutes on an AVX2-only 2-core CPU: pytest -m slow
 def test_bench_mining_toy_sweep(tmp_path: Path) -> None:
     done = _bench(tmp_path, "--arms", "none", "random", "topk", "dense")
     assert done.returncode == 0, done.stderr[-2000:]

@@ -141,6 +141,7 @@ def test_random_baseline_adds_as_many_as_the_strategy_would_newly_bank(scenes: P
     assert not shadow_boxes & set(map(tuple, bank[["image", "px_xmin", "px_ymin"]].to_numpy().tolist()))
 
 
+@pytest.mark.slow  # about 1 minute on an AVX2-only 2-core CPU: pytest -m slow
 def test_fixed_random_count_and_no_mining_skips_the_pool_scan(scenes: Path, tmp_path: Path) -> None:
     """``random`` with ``k`` adds exactly k random windows a round; a no-mining control scans no pool."""
     cfg_path = small_config(scenes, tmp_path, name="dense", mining__strategies=[{"name": "random", "k": 7}],

@@ -211,6 +211,7 @@ def _learn(steps: int, tile: int, n_train: int) -> float:
     return bench.ap50(model, bench.SyntheticChips(48, tile, seed=999, in_memory=True))
 
 
+@pytest.mark.slow  # about 1 minute on an AVX2-only 2-core CPU: pytest -m slow
 def test_small_fcos_learns_cars_not_lookalikes_quick() -> None:
     """128 px chips, 150 steps of 8: AP@0.5 on held-out chips (measured 0.70; floor 0.15 below)."""
     assert _learn(150, 128, 256) > 0.55
