@@ -19,6 +19,11 @@ from typing import Any
 from hem_bootstrap.errors import RunError
 
 
+def cache_dir() -> Path:
+    """hem's per-user cache (measured fast paths, virtual rasters): ``$HEM_CACHE_DIR``, else ``~/.cache/hem-bootstrap``."""
+    return Path(os.environ.get("HEM_CACHE_DIR") or Path.home() / ".cache" / "hem-bootstrap")
+
+
 def temp_path(target: Path, suffix: str = "") -> Path:
     """The temporary name for ``target`` in this process (``suffix``: e.g. ``.gpkg`` for GDAL's driver)."""
     target = Path(target)

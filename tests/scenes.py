@@ -1,11 +1,16 @@
-"""Helpers shared by the tests that run the loop on synthetic scenes written by ``write_scene``."""
+"""Helpers shared by the tests that run the loop on synthetic scenes written by ``write_scene``, and that rewrite
+a scene as a grid of files or at another ground resolution."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import rasterio
 import yaml
+from affine import Affine
+from rasterio.enums import Resampling
+from rasterio.windows import Window
 
 
 def scene_data(scenes: Path) -> dict[str, Any]:
@@ -38,3 +43,33 @@ def loop_config(
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(tree))
     return path
+
+
+def cut_into_files(scene: Path, out: Path, size: int) -> list[Path]:
+    """The scene cut into square files of ``size`` px, each with its own transform (tiled GeoTIFFs)."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    with rasterio.open(scene) as src:
+        for row in range(0, src.height, size):
+            for col in range(0, src.width, size):
+                win = Window(col, row, min(size, src.width - col), min(size, src.height - row))
+                prof = src.profile | {"width": win.width, "height": win.height,
+                                      "transform": src.window_transform(win), "tiled": True,
+                                      "blockxsize": 128, "blockysize": 128}
+                path = out / f"tile_{row // size}_{col // size}.tif"
+                with rasterio.open(path, "w", **prof) as dst:
+                    dst.write(src.read(window=win))
+                paths.append(path)
+    return paths
+
+
+def at_gsd(src_path: Path, out: Path, factor: float) -> Path:
+    """The same ground written with ``factor`` times as many pixels per side (bilinear)."""
+    with rasterio.open(src_path) as src:
+        h, w = round(src.height * factor), round(src.width * factor)
+        data = src.read(out_shape=(src.count, h, w), resampling=Resampling.bilinear)
+        prof = src.profile | {"width": w, "height": h, "transform": src.transform @ Affine.scale(1 / factor),
+                              "tiled": True, "blockxsize": 256, "blockysize": 256}
+    with rasterio.open(out, "w", **prof) as dst:
+        dst.write(data)
+    return out

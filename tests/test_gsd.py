@@ -10,27 +10,13 @@ import numpy as np
 import pytest
 import rasterio
 import shapely
-from affine import Affine
-from rasterio.enums import Resampling
-from scenes import loop_config, scene_data
+from scenes import at_gsd, cut_into_files, loop_config, scene_data
 
 from hem_bootstrap.cli import main
 from hem_bootstrap.config import config_from_tree
 from hem_bootstrap.inputs import check_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _at_gsd(src_path: Path, out: Path, factor: float) -> Path:
-    """The same ground written with ``factor`` times as many pixels per side (bilinear)."""
-    with rasterio.open(src_path) as src:
-        h, w = round(src.height * factor), round(src.width * factor)
-        data = src.read(out_shape=(src.count, h, w), resampling=Resampling.bilinear)
-        prof = src.profile | {"width": w, "height": h, "transform": src.transform @ Affine.scale(1 / factor),
-                              "tiled": True, "blockxsize": 256, "blockysize": 256}
-    with rasterio.open(out, "w", **prof) as dst:
-        dst.write(data)
-    return out
 
 
 def _detect(capsys: pytest.CaptureFixture[str], cfg: Path, model: Path, image: Path, out: Path, *extra: str) -> str:
@@ -53,15 +39,15 @@ def test_a_raster_at_twice_the_resolution_read_at_data_gsd_detects_alike(
         synth_scenes: Path, trained_small_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HEM_CACHE_DIR", str(tmp_path / "cache"))
-    fine = _at_gsd(synth_scenes / "test.tif", tmp_path / "fine.tif", 2.0)  # 0.075 m, 1536 px
+    fine = at_gsd(synth_scenes / "test.tif", tmp_path / "fine.tif", 2.0)  # 0.075 m, 1536 px
     cfg = loop_config(tmp_path, "gsd", scene_data(synth_scenes))
     _detect(capsys, cfg, trained_small_model, synth_scenes / "test.tif", tmp_path / "coarse.gpkg")
     err = _detect(capsys, cfg, trained_small_model, fine, tmp_path / "fine.gpkg", "--set", "data.gsd=0.15")
     assert "1 raster(s) read at data.gsd = 0.15 m: fine.tif 0.075 m" in err
     err_raw = _detect(capsys, cfg, trained_small_model, fine, tmp_path / "raw.gpkg")
-    coarse, at_gsd, raw = (gpd.read_file(tmp_path / f"{n}.gpkg") for n in ("coarse", "fine", "raw"))
-    assert at_gsd.crs == coarse.crs and "data.gsd" not in err_raw
-    both = (_agreement(coarse, at_gsd), _agreement(at_gsd, coarse))
+    coarse, resampled, raw = (gpd.read_file(tmp_path / f"{n}.gpkg") for n in ("coarse", "fine", "raw"))
+    assert resampled.crs == coarse.crs and "data.gsd" not in err_raw
+    both = (_agreement(coarse, resampled), _agreement(resampled, coarse))
     print(f"two-GSD agreement: {both[0]:.3f} of the 0.15 m scan's boxes, {both[1]:.3f} of the resampled one's")
     assert min(both) >= 0.85  # the same objects, in map coordinates
     assert _agreement(coarse, raw) < min(both)  # read at its own 0.075 m, objects look twice as big
@@ -71,7 +57,7 @@ def test_mixed_resolutions_without_data_gsd_are_named_in_one_warning(synth_scene
                                                                     caplog: pytest.LogCaptureFixture,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HEM_CACHE_DIR", str(tmp_path / "cache"))
-    fine = _at_gsd(synth_scenes / "test.tif", tmp_path / "fine.tif", 2.0)
+    fine = at_gsd(synth_scenes / "test.tif", tmp_path / "fine.tif", 2.0)
     tree = {"data": {"train": [{"images": [str(synth_scenes / "train.tif")],
                                 "labels": str(synth_scenes / "train_labels.gpkg")}],
                      "test": [{"images": [str(fine)], "labels": str(synth_scenes / "test_labels.gpkg")}]}}
@@ -93,11 +79,9 @@ def test_mixed_resolutions_without_data_gsd_are_named_in_one_warning(synth_scene
 
 def test_a_2x2_mosaic_at_mixed_gsd_is_one_raster_at_data_gsd(synth_scenes: Path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from test_mosaic import _cut
-
     monkeypatch.setenv("HEM_CACHE_DIR", str(tmp_path / "cache"))
-    tiles = _cut(synth_scenes / "test.tif", tmp_path / "tiles")
-    tiles[3] = _at_gsd(tiles[3], tmp_path / "tiles" / "tile_1_1_fine.tif", 2.0)  # one file from a finer campaign
+    tiles = cut_into_files(synth_scenes / "test.tif", tmp_path / "tiles", 384)
+    tiles[3] = at_gsd(tiles[3], tmp_path / "tiles" / "tile_1_1_fine.tif", 2.0)  # one file from a finer campaign
     tiles[3].with_name("tile_1_1.tif").unlink()
     tree = {"data": {"train": [{"images": [str(synth_scenes / "train.tif")],
                                 "labels": str(synth_scenes / "train_labels.gpkg")}],

@@ -11,10 +11,7 @@ import pytest
 import rasterio
 import shapely
 import yaml
-from affine import Affine
-from rasterio.enums import Resampling
-from rasterio.windows import Window
-from scenes import loop_config, scene_data
+from scenes import at_gsd, cut_into_files, loop_config, scene_data
 
 from hem_bootstrap.cli import main
 from hem_bootstrap.geo.area import evaluated_area
@@ -24,24 +21,6 @@ from hem_bootstrap.geo.vrt import virtual_paths, why_not_one_mosaic
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CUT = 384  # the 768 px test scene in four 384 px files: a file edge at pixel 384, off every tile seam
-
-
-def _cut(scene: Path, out: Path, size: int = CUT) -> list[Path]:
-    """The scene cut into square files of ``size`` px, each with its own transform (tiled GeoTIFFs)."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    with rasterio.open(scene) as src:
-        for row in range(0, src.height, size):
-            for col in range(0, src.width, size):
-                win = Window(col, row, min(size, src.width - col), min(size, src.height - row))
-                prof = src.profile | {"width": win.width, "height": win.height,
-                                      "transform": src.window_transform(win), "tiled": True,
-                                      "blockxsize": 128, "blockysize": 128}
-                path = out / f"tile_{row // size}_{col // size}.tif"
-                with rasterio.open(path, "w", **prof) as dst:
-                    dst.write(src.read(window=win))
-                paths.append(path)
-    return paths
 
 
 def _detect(capsys: pytest.CaptureFixture[str], cfg: Path, model: Path, images: list[str], out: Path,
@@ -61,7 +40,7 @@ def test_a_scene_cut_into_2x2_files_detects_as_the_whole_scene(synth_scenes: Pat
                                                                tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HEM_CACHE_DIR", str(tmp_path / "cache"))
-    tiles = [str(p) for p in _cut(synth_scenes / "test.tif", tmp_path / "tiles")]
+    tiles = [str(p) for p in cut_into_files(synth_scenes / "test.tif", tmp_path / "tiles", CUT)]
     cfg = loop_config(tmp_path, "mosaic", scene_data(synth_scenes))
     _detect(capsys, cfg, trained_small_model, [str(synth_scenes / "test.tif")], tmp_path / "whole.gpkg")
     err = _detect(capsys, cfg, trained_small_model, tiles, tmp_path / "mosaic.gpkg")
@@ -86,7 +65,7 @@ def test_a_scene_cut_into_2x2_files_detects_as_the_whole_scene(synth_scenes: Pat
 def test_file_by_file_when_asked_and_the_mosaic_area(synth_scenes: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HEM_CACHE_DIR", str(tmp_path / "cache"))
-    tiles = _cut(synth_scenes / "test.tif", tmp_path / "tiles")
+    tiles = cut_into_files(synth_scenes / "test.tif", tmp_path / "tiles", CUT)
     [vrt] = virtual_paths(tiles, "data.test[0]")
     info, whole = open_raster(vrt), open_raster(synth_scenes / "test.tif")
     assert (info.width, info.height, info.transform) == (whole.width, whole.height, whole.transform)
@@ -97,22 +76,11 @@ def test_file_by_file_when_asked_and_the_mosaic_area(synth_scenes: Path, tmp_pat
         assert np.array_equal(src.read(), ref.read())
 
 
-def _resampled(src_path: Path, out: Path, factor: float) -> Path:
-    with rasterio.open(src_path) as src:
-        h, w = int(src.height * factor), int(src.width * factor)
-        data = src.read(out_shape=(src.count, h, w), resampling=Resampling.bilinear)
-        prof = src.profile | {"width": w, "height": h,
-                              "transform": src.transform @ Affine.scale(src.width / w, src.height / h)}
-    with rasterio.open(out, "w", **prof) as dst:
-        dst.write(data)
-    return out
-
-
 def test_sets_that_differ_or_overlap_are_read_file_by_file_with_one_line(synth_scenes: Path, tmp_path: Path,
                                                                          caplog: pytest.LogCaptureFixture) -> None:
-    tiles = _cut(synth_scenes / "test.tif", tmp_path / "tiles")
-    coarse = _resampled(tiles[1], tmp_path / "coarse.tif", 0.5)
-    overlapping = _cut(synth_scenes / "test.tif", tmp_path / "big", size=512)[:1] + tiles[:1]
+    tiles = cut_into_files(synth_scenes / "test.tif", tmp_path / "tiles", CUT)
+    coarse = at_gsd(tiles[1], tmp_path / "coarse.tif", 0.5)
+    overlapping = cut_into_files(synth_scenes / "test.tif", tmp_path / "big", 512)[:1] + tiles[:1]
     with caplog.at_level(logging.INFO, logger="hem_bootstrap.geo.vrt"):
         assert virtual_paths([tiles[0], coarse], "data.pool[0]") == [tiles[0], coarse]
         assert virtual_paths(overlapping, "data.pool[1]") == overlapping

@@ -33,7 +33,7 @@ from xml.sax.saxutils import escape
 import shapely
 from affine import Affine
 
-from hem_bootstrap.files import atomic_write_text
+from hem_bootstrap.files import atomic_write_text, cache_dir
 from hem_bootstrap.geo.raster import RasterInfo, open_raster
 from hem_bootstrap.remote import is_remote, shown
 
@@ -193,7 +193,7 @@ def _write_vrt(members: list[_Member], res: tuple[float, float]) -> Path:
         st = os.stat(m.info.path)
         key.update(f"{m.info.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{m.col}|{m.row}|{m.width}|{m.height}|"
                    f"{m.resampling}|{res}\n".encode())
-    root = Path(os.environ.get("HEM_CACHE_DIR") or Path.home() / ".cache" / "hem-bootstrap") / "vrt"
+    root = cache_dir() / "vrt"
     stem = "mosaic" if len(members) > 1 else members[0].info.path.stem
     path = root / f"{stem}_{key.hexdigest()[:16]}.vrt"
     if not path.exists():

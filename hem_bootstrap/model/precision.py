@@ -45,7 +45,7 @@ from torch import nn
 
 from hem_bootstrap.config import ModelConfig, RuntimeConfig
 from hem_bootstrap.distributed import broadcast_from_rank0, rank_world
-from hem_bootstrap.files import atomic_write_bytes
+from hem_bootstrap.files import atomic_write_bytes, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -267,8 +267,7 @@ def _choice_key(model: nn.Module, model_cfg: ModelConfig, tile_size: int, batch:
 
 
 def _cache_file() -> Path:
-    root = os.environ.get("HEM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "hem-bootstrap")
-    return Path(root) / "fast_path.json"
+    return cache_dir() / "fast_path.json"
 
 
 def _read_cache() -> dict[str, str]:
