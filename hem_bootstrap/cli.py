@@ -294,14 +294,16 @@ def export_model_cmd(
     run_dir: RunArg,
     out: Annotated[Path, typer.Option(help="Weights file to write (.pth); a .json model card goes beside it.")],
     round_idx: Annotated[int | None, typer.Option("--round", help="Round (default: the last finished).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="pth: weights and card; onnx: also NAME.onnx, the "
+                                              "backbone and heads that model.fast_path=onnxruntime runs.")] = "pth",
 ) -> None:
-    """Export a round's weights plus a JSON model card.
+    """Export a round's weights plus a JSON model card (and, with --format onnx, the dense part as ONNX).
 
-    Example: hem export-model runs/demo --out vehicle_detector.pth
+    Example: hem export-model runs/demo --out vehicle_detector.pth --format onnx
     """
     from hem_bootstrap.commands import export_model_cli
 
-    _echo(export_model_cli(run_dir, out, round_idx))
+    _echo(export_model_cli(run_dir, out, round_idx, fmt))
 
 
 # --------------------------------------------------------------------------- bank

@@ -10,6 +10,7 @@ import json
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import geopandas as gpd
 import yaml
@@ -18,6 +19,7 @@ from hem_bootstrap.config import ExperimentConfig, ImageSet, load_config
 from hem_bootstrap.distributed import broadcast_from_rank0, init_distributed
 from hem_bootstrap.errors import DataError, HemError, RunError
 from hem_bootstrap.evaluate import write_metrics
+from hem_bootstrap.files import atomic_write_bytes
 from hem_bootstrap.geo.raster import open_raster
 from hem_bootstrap.inputs import check_inputs
 from hem_bootstrap.loop import make_context
@@ -173,12 +175,18 @@ def evaluate_cli(cfg: ExperimentConfig, model: Path, out: Path | None) -> str:
     return json.dumps({k: metrics.get(k) for k in EVALUATE_KEYS}, indent=2)
 
 
-def export_model_cli(run_dir: Path, out: Path, round_idx: int | None) -> str:
-    """``hem export-model``: weights plus a JSON model card.
+def export_model_cli(run_dir: Path, out: Path, round_idx: int | None, fmt: str = "pth") -> str:
+    """``hem export-model``: weights plus a JSON model card; with ``fmt="onnx"`` also ``NAME.onnx``.
+
+    The ONNX graph is the detector's dense part (backbone and heads, dynamic batch and size), the
+    one ``model.fast_path=onnxruntime`` runs; the card says what goes in and comes out.
 
     Raises:
         RunError: no trained round, or not the asked one.
+        ModelError: ``onnx`` for a detector that is not single-stage.
     """
+    if fmt not in ("pth", "onnx"):
+        raise RunError(f"--format {fmt}: expected pth or onnx")
     run = RunDir(Path(run_dir))
     trained = [e["round"] for e in run.load_manifest()["rounds"] if "train" in e.get("steps", {})]
     if not trained:
@@ -202,8 +210,30 @@ def export_model_cli(run_dir: Path, out: Path, round_idx: int | None) -> str:
         "negatives_from": [s["images"] for s in cfg_tree["data"]["pool"]],
         "metrics": {k: metrics.get(k) for k in ("ap50", "ap", "precision", "recall", "fp_per_km2")} if metrics else None,
     }
+    lines = [f"weights: {out}", f"model card: {Path(out).with_suffix('.json')}"]
+    if fmt == "onnx":
+        onnx_file = Path(out).with_suffix(".onnx")
+        card["onnx"] = _export_onnx(load_config(cfg_path), run.round_dir(r) / "model.pt", onnx_file)
+        lines.append(f"onnx: {onnx_file}")
     export_model(run.round_dir(r) / "model.pt", Path(out), card)
-    return f"weights: {out}\nmodel card: {Path(out).with_suffix('.json')}"
+    return "\n".join(lines)
+
+
+def _export_onnx(cfg: ExperimentConfig, ckpt: Path, out: Path) -> dict:
+    """The dense part of a run's model as ONNX at ``out``; returns the card's ``onnx`` entry."""
+    from hem_bootstrap.model import onnx_path
+    from hem_bootstrap.model.checkpoints import load_checkpoint
+    from hem_bootstrap.model.detectors import build_detector
+
+    model = build_detector(cfg.model, cfg.num_classes, cfg.tiling.tile_size)
+    load_checkpoint(ckpt, model)
+    atomic_write_bytes(out, onnx_path.onnx_bytes(model, cfg.tiling.tile_size))
+    tf: Any = model.transform
+    return {"file": out.name, "opset": onnx_path.OPSET,
+            "input": "images: float32 (batch, 3, height, width), pixels in [0, 1] normalised as (x - mean) / std",
+            "mean": list(tf.image_mean), "std": list(tf.image_std),
+            "outputs": onnx_path.DensePart.output_names(model),
+            "then": "torchvision's anchors, box decoding, score floor and NMS (hem_bootstrap/model/onnx_path.py)"}
 
 
 def _training_gsd(cfg_tree: dict) -> float | None:

@@ -154,11 +154,12 @@ class ModelConfig(_Section):
     score_floor: float = Field(0.05, ge=0, le=1, description="Detections below this score are dropped.")
     nms_iou: float = Field(0.5, gt=0, le=1, description="IoU of the detector's own NMS.")
     channels_last: bool = Field(True, description="Use channels_last memory format.")
-    fast_path: Literal["auto", "none", "channels_last", "compile", "bf16"] = Field(
+    fast_path: Literal["auto", "none", "channels_last", "compile", "bf16", "onnxruntime"] = Field(
         "auto",
         description="Inference fast path. bf16: channels_last + bfloat16 autocast on CPU, box outputs in float32; "
-        "auto: measured on a CPU (the fastest of eager, channels_last and, with native bfloat16, bf16), cached per "
-        "machine; on CUDA channels_last with runtime.amp deciding precision.",
+        "onnxruntime: backbone and heads in onnxruntime, float32 (CPU, single-stage detectors); "
+        "auto: measured on a CPU (the fastest of eager, channels_last, onnxruntime when installed and, with native "
+        "bfloat16, bf16), cached per machine; on CUDA channels_last with runtime.amp deciding precision.",
     )
     focal_alpha: float = Field(0.25, ge=0, le=1, description="Focal loss alpha (RetinaNet, FCOS, box_focal).")
     focal_gamma: float = Field(2.0, ge=0, description="Focal loss gamma (RetinaNet, FCOS, box_focal).")

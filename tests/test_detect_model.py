@@ -89,6 +89,39 @@ def test_a_model_file_alone_detects_as_its_experiment_does(run0: tuple[Path, Pat
     assert len(floor) < len(alone) and (floor["score"] >= 0.3).all()
 
 
+def test_export_model_as_onnx_runs_in_onnxruntime_as_the_model_does(run0: tuple[Path, Path], tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """``--format onnx``: NAME.onnx is the backbone and heads; onnxruntime gives the model's head outputs."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from hem_bootstrap.config import load_config
+    from hem_bootstrap.model.checkpoints import load_checkpoint
+    from hem_bootstrap.model.detectors import build_detector
+
+    cfg_path, run = run0
+    out = tmp_path / "m.pth"
+    code, text, err = _hem(capsys, "-q", "export-model", str(run), "--out", str(out), "--format", "onnx")
+    assert code == 0, err
+    card = json.loads(out.with_suffix(".json").read_text())["onnx"]
+    assert card["file"] == "m.onnx" and card["outputs"] == ["cls_logits", "bbox_regression", "bbox_ctrness"]
+    cfg = load_config(cfg_path)
+    model = build_detector(cfg.model, cfg.num_classes, cfg.tiling.tile_size)
+    load_checkpoint(run / "round_000" / "model.pt", model)
+    model.eval()
+    x = torch.rand(3, 3, 128, 160, generator=torch.Generator().manual_seed(0))  # another batch and size
+    with torch.inference_mode():
+        want = model.head(list(model.backbone((x - torch.tensor(card["mean"])[:, None, None])
+                                               / torch.tensor(card["std"])[:, None, None]).values()))
+    norm = ((x - torch.tensor(card["mean"])[:, None, None]) / torch.tensor(card["std"])[:, None, None]).numpy()
+    got = ort.InferenceSession(str(out.with_suffix(".onnx")), providers=["CPUExecutionProvider"]).run(
+        card["outputs"], {"images": norm})
+    for name, arr in zip(card["outputs"], got, strict=True):
+        np.testing.assert_allclose(arr, want[name].numpy(), atol=1e-3, rtol=1e-3)
+    code, _, err = _hem(capsys, "-q", "export-model", str(run), "--out", str(tmp_path / "x.pth"), "--format", "tflite")
+    assert code == 2 and "--format tflite: expected pth or onnx" in err
+
+
 def test_a_raster_at_another_gsd_is_named_with_both_values(run0: tuple[Path, Path], synth_scenes: Path,
                                                            tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _, run = run0

