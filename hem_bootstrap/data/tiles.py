@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -219,3 +221,61 @@ def collate_tiles(items: list[dict[str, Any]]) -> dict[str, Any]:
         "n_skipped": len(items) - len(kept),
         "errors": [(it["error_path"], it["error"]) for it in items if it.get("error")],
     }
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Failed:
+    error: BaseException
+
+
+_END = object()
+
+
+def read_ahead(items: Iterable[T], depth: int) -> Iterator[T]:
+    """``items`` produced by one background thread, at most ``depth`` ahead of the consumer, in order.
+
+    A scan on CUDA without reader processes reads its next tiles in this thread while the GPU
+    computes: GDAL's reads and decompression, numpy and torch copies release the GIL. An
+    exception in the thread is raised here, at the item where it happened; closing the
+    iterator early stops the thread.
+    """
+    q: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as err:  # handed to the consumer, raised there
+            put(_Failed(err))
+
+    thread = threading.Thread(target=produce, name="hem-tile-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                item = q.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if item is _END:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=10)

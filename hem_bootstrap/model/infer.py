@@ -24,7 +24,7 @@ from shapely.geometry.base import BaseGeometry
 from torch.utils.data import DataLoader
 
 from hem_bootstrap.config import DataConfig, ModelConfig, RuntimeConfig, TilingConfig
-from hem_bootstrap.data.tiles import TileDataset, TileRef, collate_tiles, plan_tiles, scale_tiles
+from hem_bootstrap.data.tiles import TileDataset, TileRef, collate_tiles, plan_tiles, read_ahead, scale_tiles
 from hem_bootstrap.detections import detections_frame
 from hem_bootstrap.distributed import all_sum, gather_on_rank0
 from hem_bootstrap.errors import DataError
@@ -156,6 +156,20 @@ def _in_areas(refs: list[TileRef], paths: list[Path], aoi: Mapping[Path, BaseGeo
     return [r for r, k in zip(refs, keep, strict=True) if k]
 
 
+def _batches(plan: ScanPlan, data_cfg: DataConfig, runtime: RuntimeConfig, device: torch.device) -> Iterator[Any]:
+    """The plan's tiles in batches: from DataLoader workers, read ahead by a thread (CUDA), or read in turn (CPU).
+
+    Without workers on CUDA a reader thread reads the next batches while the GPU computes.
+    On a CPU the model's threads use every core, and a reader thread only preempts them:
+    measured on a 2-core EPYC at 8192 px, 0.70 of the model-only ceiling with the thread
+    against 0.88 reading in turn (the model ran 20 % slower beside it).
+    """
+    loader = _loader(plan, data_cfg, runtime, device)
+    if detect_workers(runtime, device) > 0 or device.type != "cuda":
+        return iter(loader)
+    return read_ahead(loader, runtime.prefetch)
+
+
 def _loader(plan: ScanPlan, data_cfg: DataConfig, runtime: RuntimeConfig, device: torch.device) -> DataLoader:
     workers = detect_workers(runtime, device)
     return DataLoader(
@@ -242,7 +256,7 @@ def scan_raw(
     current: int | None = None
     row: int | None = None
     raw = RawDetections()
-    batches = iter(_loader(plan, data_cfg, runtime, model.device))
+    batches = _batches(plan, data_cfg, runtime, model.device)
     with torch.inference_mode():
         while True:
             tw = time.perf_counter()
