@@ -59,17 +59,19 @@ def init_distributed(runtime: RuntimeConfig) -> bool:
 
     Collectives time out after ``runtime.collective_timeout_s`` so a crashed rank makes the
     job fail instead of hang. Ranks other than 0 log warnings and errors only, so progress and
-    step logs appear once. Returns whether the run is distributed.
+    step logs appear once. Returns whether the run is distributed (more than one rank). A
+    one-process torchrun job joins a group of one too, so one GPU exercises NCCL's set-up; its
+    work is a plain run's (:func:`is_distributed` is False).
 
     Raises:
         RunError: more local ranks than visible GPUs.
     """
     rank, world, local = dist_info()
-    if world <= 1:
+    if world <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         return False
     _STATE["timeout_s"] = float(runtime.collective_timeout_s)
     if dist.is_initialized():
-        return True
+        return world > 1
     use_cuda = torch.cuda.is_available() and runtime.device != "cpu"
     backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
@@ -89,7 +91,7 @@ def init_distributed(runtime: RuntimeConfig) -> bool:
         backend,
         runtime.collective_timeout_s,
     )
-    return True
+    return world > 1
 
 
 def shutdown_distributed() -> None:

@@ -10,8 +10,8 @@ fresh subprocess so peak RSS is the run's own:
 * model-only tiles/s on pre-loaded tensors with the same model, batch and tile size: the ceiling
   (measured before and after the scan, mean of the two);
 * their ratio, and peak RSS (the process and its DataLoader workers);
-* with ``--fast-paths``, the model-only ceiling of eager float32, channels_last, bf16 and
-  torch.compile, and how far their detections differ;
+* with ``--fast-paths``, the model-only ceiling of eager float32, channels_last, bf16,
+  torch.compile and onnxruntime, and how far their detections differ;
 * with ``--compare-sahi`` (when ``sahi`` is importable), SAHI's sliced prediction with the same
   torchvision model, tile and overlap;
 * with ``--over-http``, the raster as a Cloud-Optimized GeoTIFF scanned twice more, side by side:
@@ -102,7 +102,8 @@ def _over_http(args: argparse.Namespace, raster: Path) -> dict:
     return row
 
 
-def _cfg(arch: str, batch: int, workers: int | None, tile: int, overlap: int, fast_path: str, threads: int | None):
+def _cfg(arch: str, batch: int, workers: int | None, tile: int, overlap: int, fast_path: str, threads: int | None,
+         amp: bool = True):
     from hem_bootstrap.config import ExperimentConfig
 
     cfg = ExperimentConfig()
@@ -113,6 +114,7 @@ def _cfg(arch: str, batch: int, workers: int | None, tile: int, overlap: int, fa
     cfg.runtime.detect_workers = workers  # None: the engine's default (0 on CPU, runtime.workers on CUDA)
     cfg.runtime.threads = threads
     cfg.runtime.device = "cpu" if not _cuda() else "cuda"
+    cfg.runtime.amp = amp  # CUDA only
     cfg.tiling.tile_size = tile
     cfg.tiling.overlap = overlap
     return cfg
@@ -122,6 +124,12 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
 def _peak_rss_mb() -> float:
@@ -140,7 +148,8 @@ def child_end_to_end(args: argparse.Namespace) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = _cfg(args.arch, args.batch, args.workers, args.tile, args.overlap, args.fast_path, args.threads)
+    cfg = _cfg(args.arch, args.batch, args.workers, args.tile, args.overlap, args.fast_path, args.threads,
+               args.amp == "on")
     torch.manual_seed(0)
     model = build_detector(cfg.model, 2, args.tile)
     if args.weights:
@@ -171,7 +180,8 @@ def child_model_only(args: argparse.Namespace) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = _cfg(args.arch, args.batch, 0, args.tile, args.overlap, args.fast_path, args.threads)
+    cfg = _cfg(args.arch, args.batch, 0, args.tile, args.overlap, args.fast_path, args.threads,
+               args.amp == "on")
     torch.manual_seed(0)
     model = build_detector(cfg.model, 2, args.tile)
     if args.weights:
@@ -271,7 +281,7 @@ def _run_child(kind: str, args: argparse.Namespace, **extra: object) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--raster", str(args.raster), "--arch", args.arch,
            "--batch", str(args.batch), "--tile", str(args.tile),
            "--overlap", str(args.overlap), "--fast-path", str(extra.get("fast_path", args.fast_path)),
-           "--model-seconds", str(args.model_seconds), "--score-floor", str(args.score_floor)]
+           "--model-seconds", str(args.model_seconds), "--score-floor", str(args.score_floor), "--amp", args.amp]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.workers is not None:
@@ -335,8 +345,10 @@ def main() -> None:
     p.add_argument("--tile", type=int, default=256)
     p.add_argument("--overlap", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--fast-path", default="auto", choices=["auto", "none", "channels_last", "compile", "bf16"])
-    p.add_argument("--fast-paths", action="store_true", help="also compare eager / channels_last / compile")
+    p.add_argument("--fast-path", default="auto", choices=["auto", "none", "channels_last", "compile", "bf16", "onnxruntime"])
+    p.add_argument("--fast-paths", action="store_true",
+                   help="also compare eager / channels_last / compile / bf16 / onnxruntime")
+    p.add_argument("--amp", choices=["on", "off"], default="on", help="runtime.amp (mixed precision on CUDA)")
     p.add_argument("--compare-sahi", action="store_true")
     p.add_argument("--over-http", action="store_true", help="also scan the raster as a COG, locally and over HTTP")
     p.add_argument("--model-seconds", type=float, default=20.0)
@@ -359,8 +371,9 @@ def main() -> None:
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     results: dict = {"score_floor": args.score_floor, "arch": args.arch, "batch": args.batch, "workers": args.workers, "tile": args.tile,
-                     "overlap": args.overlap, "fast_path": args.fast_path, "cpu_count": os.cpu_count(),
-                     "cuda": _cuda(), "cpu": cpu_name(), "cpu_native_bf16": cpu_has_native_bf16(), "sizes": {}}
+                     "overlap": args.overlap, "fast_path": args.fast_path, "amp": args.amp == "on", "cpu_count": os.cpu_count(),
+                     "cuda": _cuda(), "gpu": _gpu_name(), "cpu": cpu_name(), "cpu_native_bf16": cpu_has_native_bf16(),
+                     "sizes": {}}
     print(f"CPU: {results['cpu']} (native bf16: {results['cpu_native_bf16']})")
     for size in args.sizes:
         raster = data_dir / f"big_{size}.tif"
@@ -399,7 +412,7 @@ def main() -> None:
         args.raster = data_dir / f"big_{args.sizes[0]}.tif"
         fp: dict = {}
         dumps = {}
-        modes = ("none", "channels_last", "compile", "bf16")
+        modes = ("none", "channels_last", "compile", "bf16", "onnxruntime")
         for mode in modes:
             dumps[mode] = data_dir / f"out_{mode}.pt"
             fp[mode] = _run_child("model", args, fast_path=mode, dump=dumps[mode])

@@ -103,3 +103,31 @@ def test_sync_batchnorm_keeps_checkpoint_keys_plain(tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "m.pt", synced)
     load_checkpoint(tmp_path / "m.pt", plain)  # strict: the same keys
     assert list(torch.load(tmp_path / "m.pt", map_location="cpu", weights_only=False)["model"]) == keys
+
+
+def test_one_process_nccl_torchrun_of_detect_equals_a_plain_run(trained_small_model: Path, synth_scenes: Path,
+                                                                tmp_path: Path) -> None:
+    """``hem detect`` under torchrun (one process, NCCL process group) writes what a plain run writes."""
+    import os
+    import subprocess
+    import sys
+
+    import geopandas as gpd
+
+    args = ["-m", "hem_bootstrap.cli", "detect", str(trained_small_model), str(synth_scenes / "test.tif"),
+            "--set", "runtime.device=cuda", "--set", "model.fast_path=channels_last"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    plain = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "plain.gpkg")],
+                           capture_output=True, text=True, env=env, timeout=600)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+                          *args, "--out", str(tmp_path / "torchrun.gpkg")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "backend nccl" in run.stderr, run.stderr[-3000:]
+    a, b = (gpd.read_file(tmp_path / f"{n}.gpkg") for n in ("plain", "torchrun"))
+    cols = ["label", "px_xmin", "px_ymin", "px_xmax", "px_ymax"]
+    a, b = (f.sort_values(cols, kind="stable").reset_index(drop=True) for f in (a, b))
+    assert len(a) == len(b) > 0
+    np.testing.assert_allclose(a[cols].to_numpy(float), b[cols].to_numpy(float), atol=1e-3, rtol=0)
+    np.testing.assert_allclose(a["score"].to_numpy(float), b["score"].to_numpy(float), atol=1e-5, rtol=0)

@@ -42,14 +42,14 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _torchrun_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+def _torchrun_cmd(*args: str, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
 
 
-def torchrun(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run a 2-process torchrun job to the end; output of both ranks captured."""
+def torchrun(*args: str, cwd: Path, timeout: float = 300, nproc: int = 2) -> subprocess.CompletedProcess[str]:
+    """Run a torchrun job (2 processes unless told) to the end; output of every rank captured."""
     return subprocess.run(
-        _torchrun_cmd(*args), capture_output=True, text=True, timeout=timeout, cwd=cwd, env=_env()
+        _torchrun_cmd(*args, nproc=nproc), capture_output=True, text=True, timeout=timeout, cwd=cwd, env=_env()
     )
 
 
@@ -313,6 +313,21 @@ def test_sharded_detect_equals_single_process(dist_run: Path, scenes: Path, tmp_
     _ok(proc)
     assert "27 tiles" in proc.stdout
     assert_same_detections(gpd.read_file(out), single_detect(cfg, model, images))
+
+
+def test_one_process_torchrun_joins_a_group_of_one_and_detects_as_a_plain_run(
+    dist_run: Path, scenes: Path, tmp_path: Path
+) -> None:
+    """A one-process torchrun job sets up the process group (NCCL on one GPU: what tests/test_cuda.py checks)."""
+    cfg = dist_run.parent / "ddp.yaml"
+    model = dist_run / "round_000" / "model.pt"
+    image = scenes / "test.tif"
+    out = tmp_path / "dets.gpkg"
+    proc = torchrun("-m", "hem_bootstrap.cli", "detect", str(cfg), "--model", str(model), "--out", str(out),
+                    "--images", str(image), cwd=tmp_path, nproc=1)
+    _ok(proc)
+    assert "distributed: 1 ranks, backend gloo" in proc.stderr
+    assert_same_detections(gpd.read_file(out), single_detect(cfg, model, [image]))
 
 
 def test_loop_under_torchrun_mines_once_and_matches_one_process(
