@@ -195,6 +195,106 @@ def test_bf16_fast_path_keeps_detections(scan, trained_small_model: Path, synth_
     assert abs(len(fast) - len(ref)) <= max(2, len(ref) // 20)
 
 
+def test_onnxruntime_fast_path_gives_the_same_detections(scan, trained_small_model: Path, synth_scenes: Path,  # noqa: ANN001
+                                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backbone and heads in onnxruntime, the rest torchvision's: the eager float32 scan, box for box.
+
+    The ONNX graph is exported once per set of weights into the cache and reused.
+    """
+    monkeypatch.setenv("HEM_CACHE_DIR", str(tmp_path))
+    ref = scan[0]
+    cfg = _cfg()
+    cfg.model.fast_path = "onnxruntime"
+    stats = DetectStats()
+    fast = _scan(trained_small_model, synth_scenes / "test.tif", cfg, stats)
+    assert stats.fast_path == "onnxruntime" and len(ref) > 10
+    assert len(fast) == len(ref)
+    assert np.allclose(fast[["px_xmin", "px_ymin", "px_xmax", "px_ymax"]].to_numpy(float),
+                       ref[["px_xmin", "px_ymin", "px_xmax", "px_ymax"]].to_numpy(float), atol=1e-2)
+    assert np.allclose(fast["score"].to_numpy(), ref["score"].to_numpy(), atol=1e-4)
+    exported = list((tmp_path / "onnx").glob("*.onnx"))
+    assert len(exported) == 1
+    before = exported[0].stat().st_mtime_ns
+    _scan(trained_small_model, synth_scenes / "test.tif", cfg)
+    assert exported[0].stat().st_mtime_ns == before  # reused, not exported again
+
+
+def test_onnxruntime_fast_path_refuses_what_it_cannot_run() -> None:
+    """Two-stage detectors and CUDA are one-line errors naming the setting, not a crash inside the exporter."""
+    from hem_bootstrap.config import ModelConfig
+    from hem_bootstrap.errors import ModelError
+    from hem_bootstrap.model.precision import prepare_model
+
+    frcnn = build_detector(ModelConfig(arch="small_frcnn"), 2, 64)
+    with pytest.raises(ModelError, match="model.fast_path=onnxruntime: FasterRCNN is not a single-stage"):
+        prepare_model(frcnn, torch.device("cpu"), ModelConfig(fast_path="onnxruntime"), None, 64)
+    fcos = build_detector(ModelConfig(), 2, 64)
+    with pytest.raises(ModelError, match="runs on the CPU only"):
+        prepare_model(fcos, torch.device("meta"), ModelConfig(fast_path="onnxruntime"), None, 64)
+
+
+def test_auto_times_onnxruntime_for_real() -> None:
+    """The measurement itself runs every candidate, onnxruntime included, on the real model."""
+    from hem_bootstrap.config import ModelConfig
+    from hem_bootstrap.model import precision
+
+    model = build_detector(ModelConfig(), 2, 64).eval()
+    seconds = precision._time_candidates(model, ["none", "channels_last", "onnxruntime"], 64, 2, True)
+    assert set(seconds) == {"none", "channels_last", "onnxruntime"}
+    assert all(0 < s < 60 for s in seconds.values())
+    assert precision.choose_path(seconds) in precision.FLOAT32_PATHS
+
+
+def test_freed_batch_memory_is_reused_not_faulted_in_again() -> None:
+    """After ``keep_freed_memory``, batch-sized buffers freed and allocated again are not faulted in each time."""
+    import resource
+
+    from hem_bootstrap.model.device import keep_freed_memory
+
+    if not keep_freed_memory():
+        pytest.skip("libc has no mallopt (not glibc)")
+    pages = (24 << 20) // resource.getpagesize()
+    torch.ones(24 << 18).sum()  # 24 MB of float32, once, so the heap holds it
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        torch.ones(24 << 18).sum()  # what every batch's activations do
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert faults < 3 * pages, (faults, pages)  # not 20 buffers' worth: the memory is kept and reused
+
+
+def test_read_ahead_keeps_order_raises_where_it_failed_and_stops_when_closed() -> None:
+    """The CPU scan's reader thread: items in order, an error at its item, no thread left behind."""
+    import threading
+
+    from hem_bootstrap.data.tiles import read_ahead
+
+    assert list(read_ahead(iter(range(50)), 3)) == list(range(50))
+
+    def failing():  # noqa: ANN202
+        yield from range(5)
+        raise DataError("scene.tif: window (0, 0, 256, 256): read failed")
+
+    got = []
+    with pytest.raises(DataError, match="scene.tif: window"):
+        for item in read_ahead(failing(), 2):
+            got.append(item)
+    assert got == list(range(5))
+    produced = []
+
+    def endless():  # noqa: ANN202
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    it = read_ahead(endless(), 2)
+    assert next(it) == 0
+    it.close()
+    assert not any(t.name == "hem-tile-reader" and t.is_alive() for t in threading.enumerate())
+    assert len(produced) < 10  # it read at most a few items ahead
+
+
 @pytest.mark.parametrize("arch", ["small_fcos", "small_frcnn"])
 def test_box_outputs_stay_float32_under_bf16(arch: str) -> None:
     from hem_bootstrap.config import ModelConfig
@@ -228,16 +328,20 @@ def test_auto_fast_path_is_measured_and_never_emulated_bf16(monkeypatch: pytest.
     assert precision.choose_path({"none": 1.0, "channels_last": 0.8, "bf16": 0.75}) == "channels_last"
     assert precision.choose_path({"none": 1.0, "channels_last": 0.99}) == "none"  # no real gain: the reference
     assert precision.choose_path({"none": 1.0, "channels_last": 1.3, "bf16": 6.5}) == "none"  # never slower
+    assert precision.choose_path({"none": 1.0, "channels_last": 0.8, "onnxruntime": 0.6}) == "onnxruntime"
+    assert precision.choose_path({"none": 1.0, "channels_last": 0.8, "onnxruntime": 0.9}) == "channels_last"
+    assert precision.choose_path({"none": 1.0, "channels_last": 0.8, "onnxruntime": 0.6, "bf16": 0.55}) == "onnxruntime"
     monkeypatch.setenv("HEM_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(precision, "_CHOICES", {})
     timed: list[list[str]] = []
 
     def fake_time(model, candidates, tile, batch, cl):  # noqa: ANN001, ANN202
         timed.append(list(candidates))
-        return {c: {"none": 1.0, "channels_last": 0.7, "bf16": 0.3}[c] for c in candidates}
+        return {c: {"none": 1.0, "channels_last": 0.7, "onnxruntime": 0.5, "bf16": 0.3}[c] for c in candidates}
 
     monkeypatch.setattr(precision, "_time_candidates", fake_time)
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)  # e.g. an AVX2-only EPYC
+    monkeypatch.setattr(precision, "_onnx_possible", lambda model: False)  # onnxruntime not installed
     model = build_detector(ModelConfig(), 2, 64)
     cfg = ModelConfig(fast_path="auto")
     prepared = precision.prepare_model(model, torch.device("cpu"), cfg, None, 64)
@@ -250,6 +354,9 @@ def test_auto_fast_path_is_measured_and_never_emulated_bf16(monkeypatch: pytest.
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     assert precision.prepare_model(model, torch.device("cpu"), cfg, None, 96).fast_path == "bf16"
     assert timed[-1] == ["none", "channels_last", "bf16"]
+    monkeypatch.setattr(precision, "_onnx_possible", lambda model: True)
+    assert precision.prepare_model(model, torch.device("cpu"), cfg, None, 128).fast_path == "bf16"
+    assert timed[-1] == ["none", "channels_last", "onnxruntime", "bf16"]
 
 
 def test_reader_workers_give_the_same_detections(scan, trained_small_model: Path, synth_scenes: Path) -> None:  # noqa: ANN001

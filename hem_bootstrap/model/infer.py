@@ -162,7 +162,7 @@ def _batches(plan: ScanPlan, data_cfg: DataConfig, runtime: RuntimeConfig, devic
     Without workers on CUDA a reader thread reads the next batches while the GPU computes.
     On a CPU the model's threads use every core, and a reader thread only preempts them:
     measured on a 2-core EPYC at 8192 px, 0.70 of the model-only ceiling with the thread
-    against 0.88 reading in turn (the model ran 20 % slower beside it).
+    against 0.78 reading in turn (the model ran 20 % slower beside it).
     """
     loader = _loader(plan, data_cfg, runtime, device)
     if detect_workers(runtime, device) > 0 or device.type != "cuda":

@@ -88,7 +88,7 @@ def onnx_bytes(model: nn.Module, tile_size: int) -> bytes:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(dense, (example,), buf,  # type: ignore[arg-type]  # a file object is fine input_names=["images"], output_names=keys,
+            torch.onnx.export(dense, (example,), buf, input_names=["images"], output_names=keys,  # type: ignore[arg-type]
                               dynamic_axes=axes, opset_version=OPSET, dynamo=False)
     except Exception as err:  # the exporter raises many kinds for unsupported layers
         raise ModelError(f"{type(model).__name__}: ONNX export failed: {err}") from err
