@@ -62,7 +62,7 @@ if ! "$PYBIN" -c "import hem_bootstrap, pytest, onnxruntime" 2>/dev/null; then
   step install "$VENV/bin/pip" install -q -e ".[dev]"
 fi
 CUDA=$("$PYBIN" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
-if [ "$DRY" = 1 ]; then CUDA=0; fi
+if [ "$DRY" = 1 ]; then CUDA=0; export CUDA_VISIBLE_DEVICES=""; fi  # a dry run stays on the CPU even beside a GPU
 if [ "$CUDA" = 1 ]; then
   command -v nvidia-smi > /dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
   DEVICE=cuda
