@@ -315,6 +315,7 @@ def test_sharded_detect_equals_single_process(dist_run: Path, scenes: Path, tmp_
     assert_same_detections(gpd.read_file(out), single_detect(cfg, model, images))
 
 
+@pytest.mark.slow  # 20 s; the same code path as the 2-rank detect test, with world 1
 def test_one_process_torchrun_joins_a_group_of_one_and_detects_as_a_plain_run(
     dist_run: Path, scenes: Path, tmp_path: Path
 ) -> None:
