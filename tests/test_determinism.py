@@ -59,6 +59,7 @@ def results(run: Path) -> tuple[pd.DataFrame, list[Any], list[Any]]:
     return bank, metrics, rounds
 
 
+@pytest.mark.slow  # a whole loop, 20-30 s on a slow CPU: run by .ci/run's second stage
 def test_same_seed_same_bank_and_metrics(scenes: Path, tmp_path: Path) -> None:
     bank_a, metrics_a, rounds_a = results(run_once(scenes, tmp_path, "a", seed=5))
     bank_b, metrics_b, rounds_b = results(run_once(scenes, tmp_path, "b", seed=5))

@@ -61,6 +61,7 @@ def test_history_sends_chronic_misses_to_review_not_to_training() -> None:
     assert list(boxes) == ["a.tif"] and boxes["a.tif"].shape == (2, 4)
 
 
+@pytest.mark.slow  # a whole loop, 20-30 s on a slow CPU: run by .ci/run's second stage
 def test_loop_records_and_oversamples_hard_positives(synth_scenes: Path, tmp_path: Path) -> None:
     cfg_path = small_config(
         synth_scenes, tmp_path, name="hp", train__hard_positive_factor=3, train__hard_positive_below=0.5,

@@ -114,6 +114,7 @@ def test_two_round_run_resume_and_lock(scenes: Path, tmp_path: Path, capsys: pyt
     pd.testing.assert_frame_equal(_bank(run), _bank(cut_run))
 
 
+@pytest.mark.slow  # a whole loop, 20-30 s on a slow CPU: run by .ci/run's second stage
 def test_random_baseline_adds_as_many_as_the_strategy_would_newly_bank(scenes: Path, tmp_path: Path) -> None:
     """A random run mines one random window per FP that a mining run would add as a *new* row.
 
@@ -161,6 +162,7 @@ def test_fixed_random_count_and_no_mining_skips_the_pool_scan(scenes: Path, tmp_
     assert "evaluate" in manifest["rounds"][-1]["steps"]
 
 
+@pytest.mark.slow  # a whole loop, 20-30 s on a slow CPU: run by .ci/run's second stage
 def test_each_raster_header_is_read_and_labels_parsed_once_per_run(
     scenes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

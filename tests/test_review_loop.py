@@ -29,6 +29,7 @@ def _hem(*args: str) -> None:
         assert not ex.code, f"hem {' '.join(args)} exited {ex.code}"
 
 
+@pytest.mark.slow  # a whole loop, 20-30 s on a slow CPU: run by .ci/run's second stage
 def test_review_decisions_stick_in_the_next_round(synth_scenes: Path, tmp_path: Path) -> None:
     # a low review score, so that round 1 holds suspects back for a person to decide
     cfg = loop_config(tmp_path, "rev", scene_data(synth_scenes), k=30, review_above=0.15)
