@@ -334,6 +334,42 @@ def _mean_ceiling(before: dict, after: dict) -> dict:
     return out
 
 
+def _sahi_row(args: argparse.Namespace, data_dir: Path, size: int, e2e: dict, ours_dump: Path) -> dict:
+    """SAHI on the same raster and weights: its time, memory and agreement with our scan (when installed)."""
+    row: dict = {}
+    try:
+        import sahi  # type: ignore[import-not-found]  # noqa: F401
+
+        sahi_dump = data_dir / f"sahi_{size}.npy"
+        sahi_res = _run_child("sahi", args, dump=sahi_dump)
+        row["sahi"] = sahi_res
+        if "seconds" in sahi_res and "seconds" in e2e:
+            row["sahi_wall_ratio"] = sahi_res["seconds"] / e2e["seconds"]
+            row["rss_ratio_ours_over_sahi"] = e2e["peak_rss_mb"] / sahi_res["peak_rss_mb"]
+            row["agreement"] = _agreement(ours_dump, sahi_dump)
+    except ImportError:
+        row["sahi"] = "not installed"
+    return row
+
+
+def _fast_paths(args: argparse.Namespace, data_dir: Path) -> dict:
+    """Model-only rate of every fast path on the first size's raster, with each one's agreement with eager float32."""
+    args.raster = data_dir / f"big_{args.sizes[0]}.tif"
+    fp: dict = {}
+    dumps = {}
+    modes = ("none", "channels_last", "compile", "bf16", "onnxruntime")
+    for mode in modes:
+        dumps[mode] = data_dir / f"out_{mode}.pt"
+        fp[mode] = _run_child("model", args, fast_path=mode, dump=dumps[mode])
+    base = fp["none"].get("tiles_per_s")
+    for mode in modes[1:]:
+        if base and "tiles_per_s" in fp[mode]:
+            fp[mode]["speedup_vs_eager"] = fp[mode]["tiles_per_s"] / base
+            fp[mode]["agreement"] = _compare_outputs(dumps["none"], dumps[mode])
+    print(json.dumps({"fast_paths": fp}, indent=1))
+    return fp
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[8192, 20000])
@@ -392,37 +428,13 @@ def main() -> None:
         if "tiles_per_s" in e2e and "tiles_per_s" in model:
             row["ratio"] = e2e["tiles_per_s"] / model["tiles_per_s"]
         if args.compare_sahi:
-            try:
-                import sahi  # type: ignore[import-not-found]  # noqa: F401
-
-                sahi_dump = data_dir / f"sahi_{size}.npy"
-                sahi_res = _run_child("sahi", args, dump=sahi_dump)
-                row["sahi"] = sahi_res
-                if "seconds" in sahi_res and "seconds" in e2e:
-                    row["sahi_wall_ratio"] = sahi_res["seconds"] / e2e["seconds"]
-                    row["rss_ratio_ours_over_sahi"] = e2e["peak_rss_mb"] / sahi_res["peak_rss_mb"]
-                    row["agreement"] = _agreement(ours_dump, sahi_dump)
-            except ImportError:
-                row["sahi"] = "not installed"
+            row.update(_sahi_row(args, data_dir, size, e2e, ours_dump))
         if args.over_http:
             row["over_http"] = _over_http(args, raster)
         results["sizes"][str(size)] = row
         print(json.dumps({size: row}, indent=1))
     if args.fast_paths:
-        args.raster = data_dir / f"big_{args.sizes[0]}.tif"
-        fp: dict = {}
-        dumps = {}
-        modes = ("none", "channels_last", "compile", "bf16", "onnxruntime")
-        for mode in modes:
-            dumps[mode] = data_dir / f"out_{mode}.pt"
-            fp[mode] = _run_child("model", args, fast_path=mode, dump=dumps[mode])
-        base = fp["none"].get("tiles_per_s")
-        for mode in modes[1:]:
-            if base and "tiles_per_s" in fp[mode]:
-                fp[mode]["speedup_vs_eager"] = fp[mode]["tiles_per_s"] / base
-                fp[mode]["agreement"] = _compare_outputs(dumps["none"], dumps[mode])
-        results["fast_paths"] = fp
-        print(json.dumps({"fast_paths": fp}, indent=1))
+        results["fast_paths"] = _fast_paths(args, data_dir)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
