@@ -80,12 +80,43 @@ def cut_by_inner_edge(
 
 
 def _overlapping_pairs(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs ``(i, j)``, ``i != j``, of boxes that intersect (an STRtree query, never n x n)."""
+    """Index pairs ``(i, j)``, ``i != j``, of boxes that intersect (an STRtree query, never n x n).
+
+    Axis-aligned boxes are their own envelopes, so the tree's envelope test alone is exact
+    (touching counts, as with ``intersects``) and 4x cheaper than a GEOS predicate per pair.
+    """
     geoms = shapely.box(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3])
-    tree = shapely.STRtree(geoms)
-    i, j = tree.query(geoms, predicate="intersects")
+    i, j = shapely.STRtree(geoms).query(geoms)
     off = i != j
     return i[off], j[off]
+
+
+@dataclass(frozen=True)
+class _Pairs:
+    """Same-class pairs of intersecting boxes, both directions, with their intersection area and IoU."""
+
+    i: np.ndarray
+    j: np.ndarray
+    inter: np.ndarray
+    iou: np.ndarray
+
+    def within(self, member: np.ndarray, local: np.ndarray) -> _Pairs:
+        """The pairs with both ends in ``member`` (a mask), numbered by ``local`` (old index -> new)."""
+        both = member[self.i] & member[self.j]
+        return _Pairs(local[self.i[both]], local[self.j[both]], self.inter[both], self.iou[both])
+
+    def renumbered(self, new: np.ndarray) -> _Pairs:
+        """The same pairs with box ``k`` called ``new[k]``."""
+        return _Pairs(new[self.i], new[self.j], self.inter, self.iou)
+
+
+def _class_pairs(boxes: np.ndarray, labels: np.ndarray) -> _Pairs:
+    """Every pair that NMS or the seam rule may act on: same class, intersecting."""
+    b = boxes.astype(np.float64)
+    i, j = _overlapping_pairs(b) if len(b) else (np.zeros(0, np.int64),) * 2
+    same = labels[i] == labels[j]
+    i, j = i[same], j[same]
+    return _Pairs(i, j, *_pair_overlaps(b, i, j))
 
 
 def _pair_overlaps(boxes: np.ndarray, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +144,7 @@ def merge_detections(
     cut: np.ndarray,
     nms_iou: float,
     drop_cut: bool = True,
-    pairs: tuple[np.ndarray, np.ndarray] | None = None,
+    pairs: _Pairs | None = None,
 ) -> np.ndarray:
     """Indices kept after seam merging of one image's raw detections, highest score first.
 
@@ -123,42 +154,43 @@ def merge_detections(
     its class with IoU above ``nms_iou``). Overlaps come from a spatial index, so the cost grows
     with the number of overlapping pairs, not with the square of a large image's detections.
     Inputs are put in a canonical order first, so the result does not depend on the order tiles
-    were processed in (one process or many). ``pairs``: the intersecting index pairs of
-    ``boxes`` when the caller has them already (both directions), saving a spatial query.
+    were processed in (one process or many). ``pairs``: :func:`_class_pairs` of ``boxes`` when
+    the caller has them already, saving a spatial query.
     """
     n = len(boxes)
     if n == 0:
         return np.zeros((0,), np.int64)
     order = np.lexsort((boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0], labels, -scores))
     b = boxes[order].astype(np.float64)
-    lab = labels[order]
     c = cut[order].astype(bool)
     if pairs is None:
-        i, j = _overlapping_pairs(b)
+        p = _class_pairs(b, labels[order])
     else:
         rank = np.empty(n, np.int64)
         rank[order] = np.arange(n)
-        i, j = rank[pairs[0]], rank[pairs[1]]
-    same = lab[i] == lab[j]
-    i, j = i[same], j[same]
-    inter, iou = _pair_overlaps(b, i, j)
+        p = pairs.renumbered(rank)
     alive = np.ones(n, bool)
     if drop_cut and c.any() and (~c).any():
-        alive[np.unique(i[_covered_by_whole(b, c, i, j, inter)])] = False
-    # greedy NMS over the sparse overlap graph, in canonical (score-descending) order
-    sup = iou > nms_iou
-    i, j = i[sup], j[sup]
+        alive[np.unique(p.i[_covered_by_whole(b, c, p.i, p.j, p.inter)])] = False
+    return order[_greedy_nms(alive, p.i, p.j, p.iou > nms_iou)]
+
+
+def _greedy_nms(alive: np.ndarray, i: np.ndarray, j: np.ndarray, suppress: np.ndarray) -> np.ndarray:
+    """Greedy NMS over a sparse graph of boxes in rank order: the kept indices, ascending.
+
+    A box suppresses only lower-ranked ones (``j > i``), so a box's fate is settled once every
+    box above it is; only boxes that can suppress another need a turn in the loop.
+    """
+    down = suppress & (j > i)
+    i, j = i[down], j[down]
     srt = np.argsort(i, kind="stable")
     i, j = i[srt], j[srt]
-    ptr = np.searchsorted(i, np.arange(n + 1))
-    keep: list[int] = []
-    for k in range(n):
-        if not alive[k]:
-            continue
-        keep.append(k)
-        nb = j[ptr[k] : ptr[k + 1]]
-        alive[nb[nb > k]] = False
-    return order[np.asarray(keep, dtype=np.int64)]
+    heads, starts = np.unique(i, return_index=True)
+    ends = np.append(starts[1:], len(i))[: len(starts)]
+    for k, a, z in zip(heads.tolist(), starts.tolist(), ends.tolist(), strict=True):
+        if alive[k]:
+            alive[j[a:z]] = False
+    return np.flatnonzero(alive)
 
 
 class BandMerger:
@@ -186,12 +218,12 @@ class BandMerger:
     def flush(self, frontier: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Merge and return ``(boxes, scores, labels, windows)`` that are final at ``frontier`` (None: all)."""
         boxes, scores, labels, windows, cut = self.pending.arrays()
-        i, j = _overlapping_pairs(boxes.astype(np.float64)) if len(boxes) else (np.zeros(0, np.int64),) * 2
+        pairs = _class_pairs(boxes, labels)
         if frontier is None:
             done = np.ones(len(boxes), bool)
         else:
             reach = boxes[:, 3] >= frontier
-            done = ~_linked_to(boxes, labels, cut, reach, self.nms_iou, self.drop_cut, (i, j))
+            done = ~_linked_to(boxes, cut, reach, self.nms_iou, self.drop_cut, pairs)
         rest = ~done
         self.pending = RawDetections()
         if rest.any():
@@ -203,20 +235,13 @@ class BandMerger:
         sel = np.flatnonzero(done)
         local = np.full(len(boxes), -1, np.int64)
         local[sel] = np.arange(len(sel))
-        both = done[i] & done[j]  # a finished box never overlaps a waiting one that matters
-        sub = (local[i[both]], local[j[both]])
+        sub = pairs.within(done, local)  # a finished box never overlaps a waiting one that matters
         keep = sel[merge_detections(boxes[sel], scores[sel], labels[sel], cut[sel], self.nms_iou, self.drop_cut, sub)]
         return boxes[keep], scores[keep], labels[keep], windows[keep]
 
 
 def _linked_to(
-    boxes: np.ndarray,
-    labels: np.ndarray,
-    cut: np.ndarray,
-    seed: np.ndarray,
-    nms_iou: float,
-    drop_cut: bool,
-    pairs: tuple[np.ndarray, np.ndarray],
+    boxes: np.ndarray, cut: np.ndarray, seed: np.ndarray, nms_iou: float, drop_cut: bool, pairs: _Pairs,
 ) -> np.ndarray:
     """``seed`` grown along the links that decide a merge, until closed.
 
@@ -227,15 +252,12 @@ def _linked_to(
     mark = seed.copy()
     if not mark.any() or mark.all():
         return mark
-    b = boxes.astype(np.float64)
-    i, j = pairs
-    same = labels[i] == labels[j]
-    i, j = i[same], j[same]
-    inter, iou = _pair_overlaps(b, i, j)
-    link = iou > nms_iou
+    i, j = pairs.i, pairs.j
+    link = pairs.iou > nms_iou
     if drop_cut:
+        b = boxes.astype(np.float64)
         c = cut.astype(bool)
-        link |= _covered_by_whole(b, c, i, j, inter) | _covered_by_whole(b, c, j, i, inter)
+        link |= _covered_by_whole(b, c, i, j, pairs.inter) | _covered_by_whole(b, c, j, i, pairs.inter)
     i, j = i[link], j[link]
     while True:
         grow = mark[i] & ~mark[j]
