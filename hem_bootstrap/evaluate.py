@@ -1,10 +1,10 @@
-"""Held-out evaluation: AP (pycocotools), precision / recall, FP per km², recall at fixed FP per km².
+"""Held-out evaluation: AP (COCOeval), precision / recall, FP per km², recall at fixed FP per km².
 
 Two views of the same detections:
 
-* **AP** comes from pycocotools' ``COCOeval`` (the reference implementation), built in memory
-  from map-coordinate boxes. IoU does not depend on the unit (nor on scaling each axis), so map
-  or pixel coordinates give the same AP.
+* **AP** comes from ``COCOeval`` (faster-coco-eval's C++ port of the pycocotools reference, same
+  numbers), built in memory from map-coordinate boxes. IoU does not depend on the unit (nor on
+  scaling each axis), so map or pixel coordinates give the same AP.
 * **Threshold sweep**: the detections are matched greedily, the way ``COCOeval`` does it
   (per image and class, by descending score, each detection takes the unmatched ground truth
   with the best IoU >= ``cfg.iou``, one-to-one). Matching in score order means the matches of
@@ -42,7 +42,7 @@ from affine import Affine
 from hem_bootstrap.config import EvaluateConfig
 from hem_bootstrap.errors import DataError
 from hem_bootstrap.files import atomic_write_text
-from hem_bootstrap.geo.boxes import box_iou
+from hem_bootstrap.geo.boxes import any_overlap, box_iou
 from hem_bootstrap.mining.matching import check_metres_per_unit, ignored_mask
 from hem_bootstrap.remote import location
 from hem_bootstrap.scoring.breakdown import fp_kinds, near_object_log_average, per_image, tp_score_quantiles
@@ -156,7 +156,7 @@ def _near_objects(det_boxes: np.ndarray, gt_boxes: np.ndarray) -> np.ndarray:
     """True for detections overlapping any ground-truth box (IoU > NEAR_OBJECT_IOU, any class)."""
     if len(det_boxes) == 0 or len(gt_boxes) == 0:
         return np.zeros(len(det_boxes), dtype=bool)
-    return np.asarray((box_iou(det_boxes, gt_boxes) > NEAR_OBJECT_IOU).any(axis=1), dtype=bool)
+    return any_overlap(det_boxes, gt_boxes, NEAR_OBJECT_IOU)
 
 
 def _could_match(

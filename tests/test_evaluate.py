@@ -203,6 +203,37 @@ def test_greedy_sweep_agrees_with_cocoeval_on_random_scenes() -> None:
     assert m["tp"] == int(np.concatenate(flags)[np.concatenate(scores) >= 0.5].sum())
 
 
+def test_coco_precision_equals_pycocotools(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C++ COCOeval (faster-coco-eval) gives pycocotools' precision table, two classes, clustered boxes."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    import hem_bootstrap.scoring.match as match
+
+    rng = np.random.default_rng(5)
+    prepared = {}
+    for i in range(3):
+        gt = np.c_[(xy := rng.uniform(0, 60, (40, 2))), xy + rng.uniform(2, 6, (40, 2))]
+        det = np.r_[gt + rng.normal(0, 0.8, gt.shape), np.c_[(f := rng.uniform(0, 60, (60, 2))), f + 4]]
+        det[:, 2:] = np.maximum(det[:, 2:], det[:, :2] + 0.5)
+        prepared[f"img{i}"] = match.PreparedImage(det, rng.uniform(0.05, 1, len(det)), rng.integers(1, 3, len(det)),
+                                                  gt, rng.integers(1, 3, len(gt)))
+    thrs = np.unique(np.r_[match.COCO_IOUS, 0.5])
+    fast = match._coco_precision(prepared, [1, 2], thrs)
+
+    def reference_coco(dataset: dict) -> COCO:
+        gt = COCO()
+        gt.dataset = dataset
+        gt.createIndex()
+        return gt
+
+    monkeypatch.setattr(match, "COCO", reference_coco)
+    monkeypatch.setattr(match, "COCOeval_faster", COCOeval)
+    reference = match._coco_precision(prepared, [1, 2], thrs)
+    assert fast.shape == reference.shape == (10, 101, 2, 1, 1) and (reference > 0).any()
+    np.testing.assert_allclose(fast, reference, rtol=0, atol=1e-12)
+
+
 def test_more_than_100_detections_per_image_are_all_counted() -> None:
     # 156 touching boxes: one group of overlapping boxes, so COCOeval sees them as one image
     rows = [(x * 4, y * 4, x * 4 + 4, y * 4 + 4) for x in range(13) for y in range(12)]

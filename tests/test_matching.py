@@ -179,7 +179,7 @@ def test_several_images_rejected() -> None:
         match_detections(dets, gt_frame([]), CFG)
 
 
-def test_best_match_chunked_equals_full_matrix_and_torchvision() -> None:
+def test_best_match_equals_full_matrix_and_torchvision() -> None:
     import torch
     from torchvision.ops import box_iou as tv_box_iou
     from torchvision.ops import nms as tv_nms
@@ -192,9 +192,14 @@ def test_best_match_chunked_equals_full_matrix_and_torchvision() -> None:
     b = a[::3] + 1.5
     full = tv_box_iou(torch.from_numpy(a), torch.from_numpy(b))
     np.testing.assert_allclose(box_iou(a, b), full.numpy(), rtol=1e-12, atol=1e-12)  # the reference
-    best, idx = best_match(a, b, chunk=7)
+    best, idx = best_match(a, b)
     np.testing.assert_allclose(best, full.max(dim=1).values.numpy(), rtol=1e-12)
     assert np.array_equal(idx, full.max(dim=1).indices.numpy())
+    grid = rng.integers(0, 60, (3000, 2)).astype(float)  # integer corners: touching boxes, equal IoUs, no overlap
+    c, d = np.c_[grid, grid + rng.integers(1, 6, (3000, 2))], np.c_[grid[:400], grid[:400] + 3]
+    dense = box_iou(c, d)
+    best, idx = best_match(c, d)  # through an STRtree: the same maxima and first-index ties as the dense matrix
+    assert np.array_equal(best, dense.max(axis=1)) and np.array_equal(idx, dense.argmax(axis=1))
     empty_best, empty_idx = best_match(a[:0], b)
     assert empty_best.shape == (0,) and empty_idx.shape == (0,)
     none_best, none_idx = best_match(a, b[:0])

@@ -10,6 +10,7 @@ one is above the threshold.
 from __future__ import annotations
 
 import numpy as np
+import shapely
 
 CHUNK = 4096
 """Rows of an IoU matrix computed at once, so memory stays ``CHUNK * M`` for dense scenes."""
@@ -46,20 +47,38 @@ def paired_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
-def best_match(a: np.ndarray, b: np.ndarray, chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:
+def overlapping(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs ``(i, j)`` where box ``a[i]`` meets box ``b[j]`` (touching included).
+
+    An STRtree over ``b`` queried with ``a``'s boxes: axis-aligned boxes are their own
+    envelopes, so the tree's envelope test is exact and no ``N x M`` matrix is built.
+    """
+    a, b = as_boxes(a), as_boxes(b)
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    i, j = shapely.STRtree(shapely.box(*b.T)).query(shapely.box(*a.T))
+    return i.astype(np.int64), j.astype(np.int64)
+
+
+def best_match(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each box of ``a``, its best IoU with ``b`` and that box's index (0.0 and -1 when ``b`` is empty).
 
-    Computed in row chunks, so memory is ``chunk * M`` instead of ``N * M``.
+    As ``box_iou(a, b)`` with ``max`` / ``argmax`` per row (ties: the lowest index; no overlap:
+    0.0 and index 0), computed over the pairs that meet only.
     """
     a, b = as_boxes(a), as_boxes(b)
     if len(b) == 0 or len(a) == 0:
         return np.zeros(len(a)), np.full(len(a), -1, dtype=np.int64)
-    best, idx = [], []
-    for start in range(0, len(a), chunk):
-        iou = box_iou(a[start : start + chunk], b)
-        idx.append(iou.argmax(axis=1))
-        best.append(iou[np.arange(len(iou)), idx[-1]])
-    return np.concatenate(best), np.concatenate(idx).astype(np.int64)
+    best, idx = np.zeros(len(a)), np.zeros(len(a), dtype=np.int64)
+    i, j = overlapping(a, b)
+    iou = paired_iou(a[i], b[j])
+    pos = iou > 0
+    i, j, iou = i[pos], j[pos], iou[pos]
+    order = np.lexsort((j, -iou, i))
+    i, j, iou = i[order], j[order], iou[order]
+    first = np.r_[True, i[1:] != i[:-1]] if len(i) else np.zeros(0, bool)
+    best[i[first]], idx[i[first]] = iou[first], j[first]
+    return best, idx
 
 
 def any_overlap(a: np.ndarray, b: np.ndarray, thr: float) -> np.ndarray:

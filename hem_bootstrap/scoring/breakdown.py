@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from hem_bootstrap.geo.boxes import box_iou
+from hem_bootstrap.geo.boxes import best_match
 from hem_bootstrap.scoring.match import PreparedImage, center_dist, scaled
 from hem_bootstrap.scoring.sweep import (
     Sweep,
@@ -105,7 +105,7 @@ def _closeness(boxes: np.ndarray, im: PreparedImage, matching: str) -> np.ndarra
     if matching == "center":
         scale = im.metres_per_unit
         return np.asarray(center_dist(scaled(boxes, scale), scaled(im.gt_boxes, scale)).min(axis=1))
-    return np.asarray(box_iou(boxes, im.gt_boxes).max(axis=1))
+    return best_match(boxes, im.gt_boxes)[0]
 
 
 def _kinds(

@@ -1,4 +1,4 @@
-"""One-to-one matching of detections to ground truth, and COCO AP through pycocotools.
+"""One-to-one matching of detections to ground truth, and COCO AP through faster-coco-eval.
 
 Boxes are ``minx, miny, maxx, maxy`` in one unit per image (map units); with centre
 matching the centres are scaled to metres first. Only boxes that can reach each other are
@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 import shapely
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+from faster_coco_eval import COCO, COCOeval_faster
 
 from hem_bootstrap.geo.boxes import box_iou
 
@@ -153,7 +152,10 @@ def overlap_groups(boxes: np.ndarray) -> np.ndarray:
 def _coco_precision(prepared: dict[str, PreparedImage], categories: list[int], iou_thrs: np.ndarray) -> np.ndarray:
     """``COCOeval.eval['precision']`` (T, R, K, 1, 1) for the prepared images, built in memory.
 
-    Each group of mutually overlapping boxes is one COCO image (see :func:`overlap_groups`).
+    faster-coco-eval runs COCOeval's matching and accumulation in C++ with pycocotools' results
+    (a test checks the two agree); pycocotools' Python loop took 99 s on one 25,000-detection
+    held-out scene where this takes 5. Each group of mutually overlapping boxes is one COCO
+    image (see :func:`overlap_groups`).
     """
     images: list[dict[str, Any]] = []
     anns: list[dict[str, Any]] = []
@@ -188,12 +190,10 @@ def _coco_precision(prepared: dict[str, PreparedImage], categories: list[int], i
         if len(groups) > n_gt:
             per_group.append(int(np.bincount(groups[n_gt:]).max()))
     max_dets = max(per_group + [1])
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        gt = COCO()
-        gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": c} for c in categories]}
-        gt.createIndex()
+    with contextlib.redirect_stdout(io.StringIO()):  # COCO tools print progress
+        gt = COCO({"images": images, "annotations": anns, "categories": [{"id": c} for c in categories]})
         dt = gt.loadRes(dets)
-        ev = COCOeval(gt, dt, iouType="bbox")
+        ev = COCOeval_faster(gt, dt, iouType="bbox")
         ev.params.iouThrs = iou_thrs
         ev.params.maxDets = [max_dets]  # the default [1, 10, 100] would truncate
         ev.params.areaRng = [[0.0, float("inf")]]
@@ -214,7 +214,7 @@ def coco_ap(
     """(AP at ``iou``, AP@[.5:.95], {class: (AP at iou, AP@[.5:.95])}) from COCOeval."""
     n_gt = {c: sum(int((im.gt_labels == c).sum()) for im in prepared.values()) for c in categories}
     per: dict[int, tuple[float | None, float | None]]
-    if not has_dets:  # pycocotools cannot load an empty result list; AP is 0 wherever there is truth
+    if not has_dets:  # COCO tools cannot load an empty result list; AP is 0 wherever there is truth
         per = {c: ((0.0, 0.0) if n_gt[c] else (None, None)) for c in categories}
         any_gt = any(n_gt.values())
         return (0.0 if any_gt else None), (0.0 if any_gt else None), per
