@@ -1,4 +1,4 @@
-"""Axis-aligned box maths on numpy arrays: IoU, best match, greedy NMS.
+"""Axis-aligned box maths on numpy arrays: IoU, which boxes meet (an STRtree), best match, greedy NMS.
 
 The one implementation that mining, the bank and evaluation share (the model's own
 post-processing stays in torchvision). Boxes are ``(N, 4)`` float ``xmin, ymin, xmax, ymax``
@@ -13,7 +13,7 @@ import numpy as np
 import shapely
 
 CHUNK = 4096
-"""Rows of an IoU matrix computed at once, so memory stays ``CHUNK * M`` for dense scenes."""
+"""Rows of a dense matrix (centre distances in mining) computed at once: memory stays ``CHUNK * M``."""
 
 
 def as_boxes(boxes: np.ndarray) -> np.ndarray:
