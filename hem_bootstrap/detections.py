@@ -207,12 +207,11 @@ def _write_run(frames: Iterator[gpd.GeoDataFrame], path: Path, layer: str, crs: 
 
 
 def _arrow_schema(named: bool) -> pa.Schema:
-    fields = [pa.field("image", pa.string()), pa.field("label", pa.int64())]
-    if named:
-        fields.append(pa.field("class", pa.string()))
-    fields += [pa.field("score", pa.float64())] + [pa.field(c, pa.int64()) for c in WIN_COLUMNS]
-    fields += [pa.field(c, pa.float64()) for c in PX_COLUMNS] + [pa.field("geometry", pa.binary())]
-    return pa.schema(fields)
+    """The Arrow schema of a detection frame's columns (from :func:`empty_detections`), geometry as WKB."""
+    frame = _named(empty_detections(), Naming()) if named else empty_detections()
+    types = {np.dtype(np.int64): pa.int64(), np.dtype(np.float64): pa.float64()}
+    fields = [pa.field(c, types.get(frame[c].dtype, pa.string())) for c in frame.columns if c != "geometry"]
+    return pa.schema([*fields, pa.field("geometry", pa.binary())])
 
 
 def _arrow_batch(frame: gpd.GeoDataFrame, schema: pa.Schema) -> pa.RecordBatch:

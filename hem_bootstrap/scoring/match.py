@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import shapely
 from faster_coco_eval import COCO, COCOeval_faster
 
-from hem_bootstrap.geo.boxes import box_iou
+from hem_bootstrap.geo.boxes import box_iou, overlapping
 
 COCO_IOUS = np.round(np.linspace(0.5, 0.95, 10), 2)
 """The IoU thresholds of COCO's AP@[.5:.95]."""
@@ -135,8 +134,7 @@ def overlap_groups(boxes: np.ndarray) -> np.ndarray:
     n = len(boxes)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    tree = shapely.STRtree(shapely.box(*boxes.T))
-    a, b = tree.query(shapely.box(*boxes.T), predicate="intersects")
+    a, b = overlapping(boxes, boxes)
     parent = np.arange(n)
     while True:  # min-label propagation with pointer jumping: a few passes in practice
         low = np.minimum(parent[a], parent[b])
