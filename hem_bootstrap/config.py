@@ -152,7 +152,12 @@ class ModelConfig(_Section):
     )
     detections_per_img: int = Field(100, gt=0, description="Maximum detections per tile.")
     score_floor: float = Field(0.05, ge=0, le=1, description="Detections below this score are dropped.")
-    nms_iou: float = Field(0.5, gt=0, le=1, description="IoU of the detector's own NMS.")
+    nms_iou: float = Field(
+        0.3, gt=0, le=1,
+        description="IoU of the detector's NMS (per tile and across seams). Seen top-down, objects do not occlude each "
+        "other, so two boxes of one class overlapping this much are one object (a warning names labels that overlap "
+        "more).",
+    )
     channels_last: bool = Field(True, description="Use channels_last memory format.")
     fast_path: Literal["auto", "none", "channels_last", "compile", "bf16", "onnxruntime"] = Field(
         "auto",

@@ -21,6 +21,7 @@ from hem_bootstrap.config import DataConfig, ExperimentConfig, ImageSet
 from hem_bootstrap.errors import DataError, ModelError
 from hem_bootstrap.geo.aoi import zones_in_pixels
 from hem_bootstrap.geo.area import EvaluatedArea, evaluated_area
+from hem_bootstrap.geo.boxes import overlapping, paired_iou
 from hem_bootstrap.geo.labels import PixelLabels, load_labels, load_zones, pixel_labels_of, with_pixel_labels
 from hem_bootstrap.geo.raster import RasterInfo, open_raster
 from hem_bootstrap.geo.vrt import virtual_paths
@@ -239,11 +240,32 @@ def _check_raster(path: Path, s: ImageSet, what: str, cfg: ExperimentConfig) -> 
     for extra in (s.distractors, s.ignore_zones, s.aoi):
         if extra is not None and not Path(extra).is_file():
             raise DataError(f"{extra}: file not found (data.{what})")
+    if labels is not None:
+        _warn_labels_above_nms(path, labels, cfg.model.nms_iou)
     raster = RasterInput(path, s, what, info, labels=labels)
     raster.zones()  # validated now (polygons, a usable CRS), not after training
     raster.aoi()
     raster.distractors()
     return raster
+
+
+def _warn_labels_above_nms(path: Path, labels: gpd.GeoDataFrame, nms_iou: float) -> None:
+    """One warning when labelled objects of one class overlap each other by more than the detector's NMS IoU.
+
+    The detector's NMS keeps one box of any such pair, so those objects can never all be found:
+    ``model.nms_iou`` is too low for this imagery (seen top-down, objects rarely overlap).
+    """
+    boxes = labels.geometry.bounds.to_numpy()
+    i, j = overlapping(boxes, boxes)
+    ids = labels["label"].to_numpy()
+    pair = (i < j) & (ids[i] == ids[j])
+    i, j = i[pair], j[pair]
+    above = paired_iou(boxes[i], boxes[j]) > nms_iou
+    if above.any():
+        n = len(np.union1d(i[above], j[above]))
+        log.warning("%s: %d of %d labelled objects overlap another of their class by IoU > model.nms_iou (%g); "
+                    "the detector's NMS keeps one of each such pair; raise model.nms_iou", path, n, len(labels),
+                    nms_iou)
 
 
 def _check_sets_readable(sets: list[ImageSet], rasters: list[RasterInput], what: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -178,3 +179,27 @@ def test_shared_label_file_spanning_a_raster_without_objects_is_empty(
     path = make_labels(boxes_px=np.array([[-300, 10, -290, 20], [400, 10, 410, 20]]))
     frame = load_labels(path, info, CFG)
     assert len(frame) == 0
+
+
+def test_labels_overlapping_more_than_the_nms_iou_are_named_in_one_warning(
+        make_raster: Callable[..., Path], make_labels: Callable[..., Path], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from hem_bootstrap.config import config_from_tree
+    from hem_bootstrap.inputs import check_inputs
+
+    raster = make_raster()
+    # two cars side by side (IoU 0), a pair of one class at IoU 0.6, and a tree over a car (other class)
+    boxes = np.array([[10, 10, 40, 24], [10, 26, 40, 40], [100, 100, 130, 114], [107.5, 100, 137.5, 114],
+                      [10, 100, 40, 114], [12, 100, 42, 114]], float)
+    labels = make_labels(boxes_px=boxes, classes=["car"] * 5 + ["tree"])
+    tree = {"data": {"classes": ["car", "tree"], "train": [{"images": [str(raster)], "labels": str(labels)}]}}
+    for nms_iou, expect in ((0.3, "2 of 6 labelled objects"), (0.7, None)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hem_bootstrap.inputs"):
+            check_inputs(config_from_tree({**tree, "model": {"nms_iou": nms_iou}}, tmp_path))
+        warned = [r.getMessage() for r in caplog.records if "model.nms_iou" in r.getMessage()]
+        if expect is None:
+            assert warned == []
+        else:
+            assert len(warned) == 1 and expect in warned[0] and f"IoU > model.nms_iou ({nms_iou:g})" in warned[0]
+            assert warned[0].startswith(str(raster))
