@@ -191,10 +191,27 @@ class TrainConfig(_Section):
     grad_clip: float | None = Field(10.0, gt=0, description="Clip gradient norm (None: off).")
     neg_fraction: float = Field(0.5, ge=0, lt=1, description="Share of each batch drawn from negatives.")
     background_chips: int = Field(64, ge=0, description="Random background chips per training image set.")
+    pool_background_chips: int = Field(
+        0, ge=0,
+        description="Random background chips per pool raster, in every round from round 0 on, beside "
+        "background_chips: the easy negatives of the imagery that is mined, so that mined chips add hard ones "
+        "to them rather than stand in for them.",
+    )
     bank_fraction: float | None = Field(
         0.5, ge=0, le=1,
         description="Share of the negative slots of each batch given to bank negatives when there are any "
-        "(the rest: random background); None: in proportion to their counts.",
+        "(the rest: random background); None: in proportion to their counts. Not used with bank_chips.",
+    )
+    bank_chips: int | None = Field(
+        None, ge=0,
+        description="Bank negatives added to every batch on top of its batch_size chips, which keep the positive and "
+        "background mix of a round without a bank (mined chips then add to that mix instead of displacing "
+        "positives and background); None: bank negatives take bank_fraction of the negative slots instead.",
+    )
+    bank_loss_weight: float = Field(
+        1.0, gt=0,
+        description="Weight of a bank chip's classification loss (FCOS and RetinaNet archs): below 1 a mined chip "
+        "pulls the model less far from the positives it has learnt.",
     )
     finetune: bool = Field(True, description="Later rounds fine-tune the previous model (else restart).")
     augment: bool = Field(True, description="Flips, 90-degree rotations, mild colour jitter.")

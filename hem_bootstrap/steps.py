@@ -132,13 +132,14 @@ def step_train(ctx: Context, r: int, resume: bool = False) -> dict[str, Any]:
     cfg, rd = ctx.cfg, ctx.run.round_dir(r)
     accepted = accepted_pixel_labels(ctx.run.path) if r > 0 else {}
     negatives = NegativeBank.load(rd / "bank.gpkg").training_negatives(cfg.bank) if r > 0 else None
-    needs_pool = negatives is not None and (len(negatives) > 0 or bool(accepted))
+    needs_pool = cfg.train.pool_background_chips > 0 or (negatives is not None and (len(negatives) > 0 or bool(accepted)))
     pool = train_images(ctx.data.readable("pool"), cfg, accepted) if needs_pool else []
     dataset = ChipDataset(
         train_images(ctx.data.readable("train"), cfg, accepted), negatives=negatives,
         n_background=cfg.train.background_chips,
         tile_size=cfg.tiling.tile_size, data_cfg=cfg.data, augment=cfg.train.augment,
         seed=cfg.runtime.seed + 1000 * r, negative_images=pool, accepted=accepted,
+        bank_loss_weight=cfg.train.bank_loss_weight, pool_background=cfg.train.pool_background_chips,
     )
     hard_path = rd / "hard_positives.gpkg"
     hard_chips = 0
@@ -151,6 +152,7 @@ def step_train(ctx: Context, r: int, resume: bool = False) -> dict[str, Any]:
     sampler = RatioBatchSampler(
         dataset, batch_size=cfg.train.batch_size, neg_fraction=cfg.train.neg_fraction, num_batches=steps,
         seed=cfg.runtime.seed + 1000 * r, rank=ctx.rank, world_size=ctx.world, bank_fraction=cfg.train.bank_fraction,
+        bank_chips=cfg.train.bank_chips,
     )
     result = train(
         model, dataset, cfg.train, cfg.runtime, steps, batch_sampler=sampler, collate_fn=collate_chips,

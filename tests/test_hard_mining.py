@@ -322,6 +322,29 @@ def test_fcos_focal_with_gamma_zero_is_bce_over_all_locations() -> None:
     torch.testing.assert_close(got["classification"], expected)
 
 
+@pytest.mark.parametrize("build", [tiny_retinanet, tiny_fcos], ids=["retinanet", "fcos"])
+def test_a_chip_loss_weight_scales_only_that_chips_classification_loss(build) -> None:
+    model = apply_loss_options(build(), ModelConfig(), TrainConfig(bank_loss_weight=0.5))
+    images, targets = batch()
+    model.train()
+
+    def losses(weight: float | None) -> dict[str, Tensor]:
+        tg = [dict(t) for t in targets]
+        if weight is not None:
+            tg[0]["loss_weight"], tg[1]["loss_weight"] = torch.tensor(1.0), torch.tensor(weight)
+        with torch.no_grad():
+            return model(images, tg)
+
+    stock, one, zero, half = losses(None), losses(1.0), losses(0.0), losses(0.5)
+    for k in stock:
+        torch.testing.assert_close(one[k], stock[k])  # weight 1 is no weight
+        if k != "classification":  # the background chip has no box or centre-ness loss to weight
+            torch.testing.assert_close(half[k], stock[k])
+    # the background chip's share of the classification loss is scaled, the object chip's kept
+    assert zero["classification"] < stock["classification"]
+    torch.testing.assert_close(half["classification"], (zero["classification"] + stock["classification"]) / 2)
+
+
 # ----------------------------------------------------------------------------------- the entry point
 
 
@@ -349,8 +372,9 @@ def test_apply_loss_options_applies_each_option() -> None:
         (tiny_retinanet, ModelConfig(), TrainConfig(ohem=True), "RetinaNet has no RoI heads"),
         (tiny_fcos, ModelConfig(box_focal=True), TrainConfig(), "FCOS has no RoI heads"),
         (tiny_frcnn, ModelConfig(focal_gamma=3.0), TrainConfig(), "uses no focal loss"),
+        (tiny_frcnn, ModelConfig(), TrainConfig(bank_loss_weight=0.5), "bank_loss_weight = 0.5: FasterRCNN"),
     ],
-    ids=["ohem-retinanet", "box_focal-fcos", "focal-frcnn"],
+    ids=["ohem-retinanet", "box_focal-fcos", "focal-frcnn", "bank-weight-frcnn"],
 )
 def test_apply_loss_options_rejects_options_the_architecture_cannot_take(
     build, model_cfg: ModelConfig, train_cfg: TrainConfig, fragment: str

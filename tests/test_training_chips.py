@@ -263,6 +263,77 @@ def test_ratio_sampler_gives_the_bank_its_share() -> None:
         RatioBatchSampler(ds, 8, 0.5, bank_fraction=1.5)
 
 
+def _bank_then_background(n_pos: int, n_bg: int, n_neg: int) -> ChipDataset:
+    """A kinds-only shell in ChipDataset's own order: positives, background, then bank negatives."""
+    ds = ChipDataset.__new__(ChipDataset)
+    ds.kinds = np.array(["pos"] * n_pos + ["bg"] * n_bg + ["neg"] * n_neg, dtype=object)
+    ds.weights = np.ones(len(ds.kinds))
+    return ds
+
+
+def test_ratio_sampler_adds_bank_chips_on_top_of_the_mix_without_a_bank() -> None:
+    without = list(RatioBatchSampler(_bank_then_background(30, 60, 0), 8, 0.5, num_batches=60, seed=4, bank_chips=2))
+    ds = _bank_then_background(30, 60, 5)
+    with_bank = list(RatioBatchSampler(ds, 8, 0.5, num_batches=60, seed=4, bank_chips=2))
+    for a, b in zip(without, with_bank, strict=True):
+        kinds = [ds.kinds[i] for i in b]
+        assert (kinds.count("pos"), kinds.count("bg"), kinds.count("neg")) == (4, 4, 2)
+        assert [i for i in b if ds.kinds[i] != "neg"] == a  # the same positives and background, step by step
+    # every bank chip is drawn, in passes
+    counts = np.bincount([i - 90 for b in with_bank for i in b if ds.kinds[i] == "neg"], minlength=5)
+    assert counts.min() == counts.max() == 24
+    # a bank of another size or content changes none of the other draws either
+    other = list(RatioBatchSampler(_bank_then_background(30, 60, 40), 8, 0.5, num_batches=60, seed=4, bank_chips=3))
+    assert [[i for i in b if i < 90] for b in other] == without
+    with pytest.raises(ValueError, match="bank_chips"):
+        RatioBatchSampler(ds, 8, 0.5, bank_chips=-1)
+
+
+def test_ratio_sampler_positives_do_not_depend_on_the_bank_in_its_share_either() -> None:
+    small = list(RatioBatchSampler(_bank_then_background(30, 60, 3), 8, 0.5, num_batches=40, seed=6, bank_fraction=0.5))
+    large = list(RatioBatchSampler(_bank_then_background(30, 60, 50), 8, 0.5, num_batches=40, seed=6,
+                                   bank_fraction=0.5))
+    assert [[i for i in b if i < 90] for b in small] == [[i for i in b if i < 90] for b in large]
+
+
+def test_background_chips_and_loss_weights_do_not_depend_on_the_bank(scene: tuple[Path, Path]) -> None:
+    raster, _ = scene
+    neg = pd.DataFrame(
+        {"image": [str(raster)] * 2, "px_xmin": [60.0, 200.0], "px_ymin": [50.0, 200.0],
+         "px_xmax": [70.0, 210.0], "px_ymax": [60.0, 210.0]}
+    )
+    cfg = DataConfig()
+    plain = ChipDataset(_images(scene, cfg), None, 6, TILE, cfg, True, seed=3)
+    banked = ChipDataset(_images(scene, cfg), neg, 6, TILE, cfg, True, seed=3, bank_loss_weight=0.25)
+    assert list(banked.kinds[: len(plain)]) == list(plain.kinds)  # the bank comes last
+    for i in range(len(plain)):
+        assert banked.window(i) == plain.window(i)
+        torch.testing.assert_close(banked[i][0], plain[i][0])
+        assert "loss_weight" not in plain[i][1] and float(banked[i][1]["loss_weight"]) == 1.0
+    for i in np.flatnonzero(banked.kinds == "neg"):
+        assert float(banked[int(i)][1]["loss_weight"]) == 0.25
+
+
+def test_pool_background_chips_come_from_the_pool_rasters_only(
+    scene: tuple[Path, Path], make_raster: Callable[..., Path]
+) -> None:
+    pool_path = make_raster(name="pool.tif", width=300, height=260)
+    cfg = DataConfig()
+    pool = prepare_train_images([ImageSet(images=[str(pool_path)])], cfg)
+    ds = ChipDataset(_images(scene, cfg), None, 3, TILE, cfg, False, seed=3, negative_images=pool, pool_background=5)
+    bg = np.flatnonzero(ds.kinds == "bg")
+    sources = [Path(ds.images[ds._img[i]].path).name for i in bg]
+    assert sources == ["scene.tif"] * 3 + ["pool.tif"] * 5
+    for i in bg[3:]:
+        win = ds.window(int(i))
+        assert win.col_off + win.width <= 300 and win.row_off + win.height <= 260
+        image, target = ds[int(i)]
+        assert image.shape == (3, TILE, TILE) and target["boxes"].shape == (0, 4)
+    # without a pool, the same training background
+    plain = ChipDataset(_images(scene, cfg), None, 3, TILE, cfg, False, seed=3)
+    assert [plain.window(int(i)) for i in np.flatnonzero(plain.kinds == "bg")] == [ds.window(int(i)) for i in bg[:3]]
+
+
 def test_ratio_sampler_repeats_hard_positive_chips_by_the_factor() -> None:
     ds = _kinds_dataset(20, 0, 10)
     ds.repeats = np.ones(len(ds.kinds), dtype=np.int64)

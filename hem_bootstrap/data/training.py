@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 NEG_COLUMNS = ("image", *PX_COLUMNS)
 KIND_POS, KIND_NEG, KIND_BG = "pos", "neg", "bg"
+LOSS_WEIGHT = "loss_weight"
+"""Target key of a chip's classification loss weight (bank chips with ``train.bank_loss_weight``; see
+:func:`hem_bootstrap.model.hard_mining.set_chip_weights`)."""
 BG_TRIES = 3
 """Random background windows tried before accepting one with little valid data (or outside the area of interest)."""
 
@@ -122,7 +125,10 @@ class ChipDataset(Dataset):
     score-weighted sampling. ``accepted`` (pixel boxes per resolved path of a
     ``negative_images`` raster: objects accepted in review) adds one positive chip centred on
     each; their targets come from that raster's labels, which should hold them too (see
-    :func:`prepare_train_images`).
+    :func:`prepare_train_images`). With ``bank_loss_weight`` other than 1 every target carries
+    :data:`LOSS_WEIGHT`: that weight for bank chips, 1 for the others. ``pool_background`` random
+    background chips are drawn from each ``negative_images`` raster that is not a training image,
+    beside ``n_background`` per training image.
 
     Raises:
         TrainingError: no window of any image contains an object.
@@ -140,8 +146,11 @@ class ChipDataset(Dataset):
         negative_images: list[TrainImage] | None = None,
         overlap: int | None = None,
         accepted: PixelLabels | None = None,
+        bank_loss_weight: float = 1.0,
+        pool_background: int = 0,
     ) -> None:
         self.tile_size = int(tile_size)
+        self.bank_loss_weight = float(bank_loss_weight)
         self.data_cfg = data_cfg
         self.augment = ChipAugment() if augment else None
         self.seed = int(seed)
@@ -162,8 +171,11 @@ class ChipDataset(Dataset):
         weights: list[float] = []
         self._add_positives(len(images), kinds, weights)
         self._add_accepted(accepted or {}, len(images), kinds, weights)
+        # background before bank negatives: a chip's random window follows its index, and the background
+        # chips' indices then do not depend on the bank, so runs that differ only in their bank see the same ones
+        self._add_background(range(len(images)), n_background, kinds, weights)
+        self._add_background(range(len(images), len(self.images)), pool_background, kinds, weights)
         self._add_negatives(negatives, by_path, kinds, weights)
-        self._add_background(len(images), n_background, kinds, weights)
         self.kinds = np.array(kinds, dtype=object)
         self.weights = np.array(weights, dtype=np.float64)
         self.repeats = np.ones(len(kinds), dtype=np.int64)
@@ -238,9 +250,9 @@ class ChipDataset(Dataset):
             )
 
     def _add_background(
-        self, n_train: int, n_background: int, kinds: list[str], weights: list[float]
+        self, image_indices: range, n_background: int, kinds: list[str], weights: list[float]
     ) -> None:
-        for i in range(n_train):
+        for i in image_indices:
             for _ in range(max(0, int(n_background))):
                 self._add(kinds, weights, KIND_BG, i, None, None)
 
@@ -348,7 +360,10 @@ class ChipDataset(Dataset):
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         if not bool(keep.all()):
             boxes, labels = boxes[keep], labels[keep]
-        return img_t.contiguous(), {"boxes": boxes, "labels": labels}
+        target = {"boxes": boxes, "labels": labels}
+        if self.bank_loss_weight != 1.0:
+            target[LOSS_WEIGHT] = torch.tensor(self.bank_loss_weight if self.kinds[i] == KIND_NEG else 1.0)
+        return img_t.contiguous(), target
 
 
 def _origin_range(im: TrainImage, t: int) -> tuple[int, int, int, int]:
@@ -377,18 +392,25 @@ def collate_chips(
 
 
 class RatioBatchSampler(Sampler[list[int]]):
-    """Batches with a fixed share of negatives, the rest positives.
+    """Batches with a fixed share of negatives, the rest positives, and bank negatives in or on top of them.
 
-    The negative slots are split between bank negatives and random background:
+    By default the negative slots are split between bank negatives and random background:
     ``bank_fraction`` of them go to the bank whenever both kinds exist (``None``: in
     proportion to how many chips of each kind there are). A small bank therefore still gets
-    its share of every batch instead of drowning among background chips.
+    its share of every batch instead of drowning among background chips. With ``bank_chips``
+    the bank takes no slot of the ``batch_size``: each batch gets ``bank_chips`` bank negatives
+    *on top* of the positives and background it would have without a bank, so mined chips add
+    to the training mix instead of displacing the positives and background chips a round
+    without mining sees (Dalal & Triggs and DPM keep their random negatives too).
 
     A single global stream of ``batch_size * world_size`` items per step is drawn from
     ``seed``; rank ``r`` takes its own slice, so ranks see disjoint, deterministic chips.
     Each group is walked through in shuffled passes (every chip once per pass, a chip with
     ``dataset.repeats[i] = k`` k times per pass: hard positives); bank negatives with a
-    ``weight`` are drawn by weight instead. With no negatives at all the batches are all
+    ``weight`` are drawn by weight instead. The bank draws from a random stream of its own, so
+    the positives and background chips of every step do not depend on the bank: two runs that
+    differ only in their bank train on the same positives and background, which is what makes
+    a mined bank and its controls comparable. With no negatives at all the batches are all
     positives.
     """
 
@@ -402,6 +424,7 @@ class RatioBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
         bank_fraction: float | None = None,
+        bank_chips: int | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
@@ -409,6 +432,8 @@ class RatioBatchSampler(Sampler[list[int]]):
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
         if bank_fraction is not None and not 0 <= bank_fraction <= 1:
             raise ValueError(f"bank_fraction must be in [0, 1], got {bank_fraction}")
+        if bank_chips is not None and bank_chips < 0:
+            raise ValueError(f"bank_chips must be >= 0, got {bank_chips}")
         kinds = dataset.kinds
         repeats = getattr(dataset, "repeats", None)
         pos = np.flatnonzero(kinds == KIND_POS)
@@ -418,19 +443,22 @@ class RatioBatchSampler(Sampler[list[int]]):
         w = dataset.weights[self.bank] if len(self.bank) else np.zeros(0)
         self.bank_p = (w / w.sum()) if len(w) and w.sum() > 0 and not np.allclose(w, w[0]) else None
         self.batch_size = int(batch_size)
-        n_negs = len(self.bank) + len(self.bg)
+        on_top = bank_chips is not None
+        n_negs = len(self.bg) + (0 if on_top else len(self.bank))
         self.n_neg = int(round(batch_size * neg_fraction)) if n_negs else 0
         if not len(self.pos):
             self.n_neg = self.batch_size
         self.n_pos = self.batch_size - self.n_neg
         if not len(self.bank):
             self.n_bank = 0
+        elif on_top:
+            self.n_bank = int(bank_chips or 0)
         elif not len(self.bg):
             self.n_bank = self.n_neg
         else:
             share = len(self.bank) / n_negs if bank_fraction is None else bank_fraction
             self.n_bank = int(round(self.n_neg * share))
-        self.n_bg = self.n_neg - self.n_bank
+        self.n_bg = self.n_neg - (0 if on_top else self.n_bank)
         self.num_batches = num_batches
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
 
@@ -441,15 +469,16 @@ class RatioBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng([self.seed, 7919])
+        bank_rng = np.random.default_rng([self.seed, 7919, 1])
         pos = _Passes(self.pos, rng)
-        bank = _Passes(self.bank, rng)
+        bank = _Passes(self.bank, bank_rng)
         bg = _Passes(self.bg, rng)
         step = 0
         ws, r = self.world_size, self.rank
         while self.num_batches is None or step < self.num_batches:
             p = pos.take(self.n_pos * ws)
             if self.bank_p is not None and self.n_bank:
-                b = rng.choice(self.bank, size=self.n_bank * ws, p=self.bank_p).tolist()
+                b = bank_rng.choice(self.bank, size=self.n_bank * ws, p=self.bank_p).tolist()
             else:
                 b = bank.take(self.n_bank * ws)
             g = bg.take(self.n_bg * ws)

@@ -33,6 +33,7 @@ from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.ops import nms, sigmoid_focal_loss
 
 from hem_bootstrap.config import ModelConfig, TrainConfig
+from hem_bootstrap.data.training import LOSS_WEIGHT
 from hem_bootstrap.errors import ConfigError, ModelError
 
 #: The alpha / gamma torchvision's RetinaNet and FCOS heads use; other values need an override.
@@ -342,7 +343,7 @@ def enable_box_focal(model: nn.Module, alpha: float, gamma: float) -> nn.Module:
 
 
 class FocalRetinaNetClassificationHead(RetinaNetClassificationHead):
-    """RetinaNet's classification head with its sigmoid focal loss alpha/gamma as attributes."""
+    """RetinaNet's classification head with its sigmoid focal loss alpha/gamma as attributes and per-chip weights."""
 
     focal_alpha: float
     focal_gamma: float
@@ -361,11 +362,16 @@ class FocalRetinaNetClassificationHead(RetinaNetClassificationHead):
                 logits[used], one_hot[used], alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
             )
             per_image.append(loss / fg.sum().clamp(min=1))
-        return torch.stack(per_image).mean()
+        return (torch.stack(per_image) * chip_weights(targets, logits)).mean()
 
 
 class FocalFCOSHead(FCOSHead):
-    """FCOS head with its sigmoid focal loss alpha/gamma as attributes; other losses unchanged."""
+    """FCOS head with its sigmoid focal loss alpha/gamma as attributes and per-chip weights of that loss.
+
+    A chip whose target carries ``loss_weight`` (bank chips with ``train.bank_loss_weight``)
+    has its classification loss scaled by it; box and centre-ness losses, which only
+    foreground locations carry, are unchanged.
+    """
 
     focal_alpha: float
     focal_gamma: float
@@ -385,11 +391,16 @@ class FocalFCOSHead(FCOSHead):
             fg = matched >= 0
             one_hot[i, fg, tgt["labels"][matched[fg]]] = 1.0
         num_fg = torch.stack([(m >= 0).sum() for m in matched_idxs]).sum().clamp(min=1)
-        loss = sigmoid_focal_loss(
-            cls_logits, one_hot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
-        )
-        losses["classification"] = loss / num_fg
+        per_image = sigmoid_focal_loss(
+            cls_logits, one_hot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none"
+        ).sum(dim=(1, 2))
+        losses["classification"] = (per_image * chip_weights(targets, cls_logits)).sum() / num_fg
         return losses
+
+
+def chip_weights(targets: list[dict[str, Tensor]], like: Tensor) -> Tensor:
+    """Each chip's classification loss weight (its target's ``loss_weight``, 1 without one), shaped ``(N,)``."""
+    return torch.stack([t[LOSS_WEIGHT].to(like) if LOSS_WEIGHT in t else like.new_ones(()) for t in targets])
 
 
 def _set_alpha_gamma(module: nn.Module, alpha: float, gamma: float) -> None:
@@ -460,8 +471,13 @@ def apply_loss_options(model: nn.Module, model_cfg: ModelConfig, train_cfg: Trai
     if model_cfg.box_focal:
         enable_box_focal(model, alpha, gamma)
     elif _has_focal_head(model):
-        if not default_focal:
+        if not default_focal or train_cfg.bank_loss_weight != 1.0:
             set_focal_params(model, alpha, gamma)
+    elif train_cfg.bank_loss_weight != 1.0:
+        raise ModelError(
+            f"train.bank_loss_weight = {train_cfg.bank_loss_weight}: {type(model).__name__} (arch {model_cfg.arch!r}) "
+            "has no focal-loss head to weight; expected a FCOS or RetinaNet arch, or bank_loss_weight: 1"
+        )
     elif not default_focal:
         raise ModelError(
             f"model.focal_alpha/focal_gamma: ({alpha}, {gamma}) set but {type(model).__name__} "
