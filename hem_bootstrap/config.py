@@ -214,6 +214,8 @@ class TrainConfig(_Section):
         "pulls the model less far from the positives it has learnt.",
     )
     finetune: bool = Field(True, description="Later rounds fine-tune the previous model (else restart).")
+    finetune_lr: float | None = Field(
+        None, gt=0, description="Peak learning rate of the fine-tuning rounds; None: train.lr.")
     augment: bool = Field(True, description="Flips, 90-degree rotations, mild colour jitter.")
     checkpoint_every: int = Field(100, gt=0, description="Steps between checkpoints.")
     ohem: bool = Field(False, description="Online hard example mining of RoIs (two-stage detectors).")

@@ -154,8 +154,11 @@ def step_train(ctx: Context, r: int, resume: bool = False) -> dict[str, Any]:
         seed=cfg.runtime.seed + 1000 * r, rank=ctx.rank, world_size=ctx.world, bank_fraction=cfg.train.bank_fraction,
         bank_chips=cfg.train.bank_chips,
     )
+    train_cfg = cfg.train
+    if init is not None and train_cfg.finetune_lr is not None:
+        train_cfg = train_cfg.model_copy(update={"lr": train_cfg.finetune_lr})
     result = train(
-        model, dataset, cfg.train, cfg.runtime, steps, batch_sampler=sampler, collate_fn=collate_chips,
+        model, dataset, train_cfg, cfg.runtime, steps, batch_sampler=sampler, collate_fn=collate_chips,
         ckpt_path=rd / "model.pt", resume=resume, round_idx=r, config_dump=cfg.model_dump(mode="json"),
         card=model_card(cfg, training_gsd(ctx)),
         progress=ctx.progress and ctx.is_main, distributed=ctx.world > 1,
@@ -167,6 +170,8 @@ def step_train(ctx: Context, r: int, resume: bool = False) -> dict[str, Any]:
         "seconds": round(float(result.seconds), 1),
         "chips": {k: int(v) for k, v in zip(*np.unique(dataset.kinds, return_counts=True), strict=True)},
         "init": str(init) if init else "scratch",
+        "lr": train_cfg.lr,
+        "batch": {"positives": sampler.n_pos, "background": sampler.n_bg, "bank": sampler.n_bank},
         "hard_positive_chips": hard_chips,
         "accepted_positives": int(sum(len(b) for b, _ in accepted.values())),
     }

@@ -142,6 +142,21 @@ def test_random_baseline_adds_as_many_as_the_strategy_would_newly_bank(scenes: P
     assert not shadow_boxes & set(map(tuple, bank[["image", "px_xmin", "px_ymin"]].to_numpy().tolist()))
 
 
+@pytest.mark.slow  # a whole loop, about 20 s: run by .ci/run's second stage
+def test_training_switches_reach_the_batches(scenes: Path, tmp_path: Path) -> None:
+    """Bank chips on top of the batch, background from the pool, the fine-tuning learning rate, a bank loss weight."""
+    cfg_path = small_config(scenes, tmp_path, name="mix", rounds__n_rounds=1, train__bank_chips=2,
+                            train__pool_background_chips=3, train__finetune_lr=0.0002, train__bank_loss_weight=0.5)
+    run = run_experiment(load_config(cfg_path), config_path=cfg_path, print_table=False)
+    manifest = json.loads((run / "manifest.json").read_text())
+    train0, train1 = (e["steps"]["train"] for e in manifest["rounds"])
+    n_pool = len(scene_data(scenes)["pool"])
+    assert train0["chips"]["bg"] == train1["chips"]["bg"] == 4 * len(scene_data(scenes)["train"]) + 3 * n_pool
+    assert train0["batch"] == {"positives": 2, "background": 2, "bank": 0} and train0["lr"] == 0.001
+    assert train1["chips"]["neg"] > 0 and train1["lr"] == 0.0002
+    assert train1["batch"] == {"positives": 2, "background": 2, "bank": 2}  # the bank on top of batch_size 4
+
+
 @pytest.mark.slow  # about 1 minute on an AVX2-only 2-core CPU: pytest -m slow
 def test_fixed_random_count_and_no_mining_skips_the_pool_scan(scenes: Path, tmp_path: Path) -> None:
     """``random`` with ``k`` adds exactly k random windows a round; a no-mining control scans no pool."""
