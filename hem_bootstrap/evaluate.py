@@ -45,7 +45,13 @@ from hem_bootstrap.files import atomic_write_text
 from hem_bootstrap.geo.boxes import any_overlap, box_iou
 from hem_bootstrap.mining.matching import check_metres_per_unit, ignored_mask
 from hem_bootstrap.remote import location
-from hem_bootstrap.scoring.breakdown import fp_kinds, near_object_log_average, per_image, tp_score_quantiles
+from hem_bootstrap.scoring.breakdown import (
+    away_log_average,
+    fp_kinds,
+    near_object_log_average,
+    per_image,
+    tp_score_quantiles,
+)
 from hem_bootstrap.scoring.match import (
     PreparedImage,
     center_dist,
@@ -318,7 +324,8 @@ def evaluate(
         without localisation errors and duplicates; ``fp_near_objects`` counts those),
         ``recall_at_fp_per_km2``, ``log_avg_fp_per_km2`` (geometric mean of FP/km² over recall
         0.5-0.9) and ``log_avg_fp_near_per_km2`` (the same counting only FPs that touch an object:
-        the floor that removing every FP away from objects would reach), ``per_image`` (each image's FP/km² at the fixed recalls and log-average),
+        the floor that removing every FP away from objects would reach), ``log_avg_fp_away_per_km2``
+        (counting only the FPs away from objects: what negatives can change), ``per_image`` (each image's FP/km² at the fixed recalls and log-average),
         ``fp_kinds_at_recall`` (look-alike / background / duplicate / localisation counts at
         each fixed recall), ``tp_score_quantiles``, ``pr_curve``,
         counts and area, and distractor statistics when any image has distractors.
@@ -451,6 +458,7 @@ def _fp_rates(pooled: _Pooled, sweep: Sweep, area: float, cfg: EvaluateConfig) -
         "threshold_at_recall": {str(float(r)): threshold_at_recall(sweep, r) for r in cfg.fixed_recalls},
         "log_avg_fp_per_km2": log_average_fp_per_km2(sweep, area),
         "log_avg_fp_near_per_km2": near_object_log_average(pooled.scores, pooled.tp, pooled.near, pooled.n_gt, area),
+        "log_avg_fp_away_per_km2": away_log_average(pooled.scores, pooled.tp, pooled.near, pooled.n_gt, area),
         "fp_near_objects": int((pooled.near & op).sum()),
         "fp_away_per_km2": _ratio(int((~pooled.tp & away & op).sum()), area),
         "fp_away_per_km2_at_recall": {

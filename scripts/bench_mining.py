@@ -54,7 +54,7 @@ ARMS: dict[str, list[dict[str, Any]]] = {
     "dense": [{"name": "random", "k": 0}],
 }
 """Mining strategies of each arm; ``k: 0`` is filled in with ``--k`` (per raster) or the dense count."""
-METRICS = ("log_avg", "r0.8", "r0.9")
+METRICS = ("log_avg", "away", "r0.8", "r0.9")
 SCENE_KEYS = ("train_size", "val_size", "pool_size", "pool_rasters", "test_size", "test_scenes", "gsd")
 RUN_KEYS = (*SCENE_KEYS, "rounds", "k", "steps", "finetune_steps", "train_seed", "set")
 """Arguments a finished scene folder / run was made with: reusing one made otherwise is refused."""
@@ -180,7 +180,7 @@ def collect(run: Path, scenes: Path) -> list[dict[str, Any]]:
     for e in manifest["rounds"]:
         r = e["round"]
         m = json.loads((run / f"round_{r:03d}" / "metrics.json").read_text())
-        if "log_avg_fp_near_per_km2" not in m and (r == last or (run / f"round_{r:03d}" / "near_floor.json").exists()):
+        if "log_avg_fp_away_per_km2" not in m and (r == last or (run / f"round_{r:03d}" / "near_floor.json").exists()):
             m = {**m, **near_floor(run, r)}  # older rounds: re-scored for the final round the tables compare
         scenes_m = [m["per_image"].get(k, {}) for k in sorted(m["per_image"])]
         rows.append({
@@ -190,8 +190,10 @@ def collect(run: Path, scenes: Path) -> list[dict[str, Any]]:
             "r0.8": m["fp_per_km2_at_recall"].get("0.8"),
             "r0.9": m["fp_per_km2_at_recall"].get("0.9"),
             "floor": m.get("log_avg_fp_near_per_km2"),
+            "away": m.get("log_avg_fp_away_per_km2"),
             "scenes": {"log_avg": [s.get("log_avg_fp_per_km2") for s in scenes_m],
                        "floor": [s.get("log_avg_fp_near_per_km2") for s in scenes_m],
+                       "away": [s.get("log_avg_fp_away_per_km2") for s in scenes_m],
                        "r0.8": [s.get("fp_per_km2_at_recall", {}).get("0.8") for s in scenes_m],
                        "r0.9": [s.get("fp_per_km2_at_recall", {}).get("0.9") for s in scenes_m]},
             "area_km2": m.get("area_km2"),
@@ -208,7 +210,9 @@ def collect(run: Path, scenes: Path) -> list[dict[str, Any]]:
 
 
 def near_floor(run: Path, r: int) -> dict[str, Any]:
-    """The near-object floor of a round evaluated before metrics had it: re-scored from its saved test detections.
+    """The near-object floor and away-from-objects log-average of a round evaluated before metrics had them.
+
+    Re-scored from its saved test detections.
 
     Cached in ``round_NNN/near_floor.json``; the model is not run again.
     """
@@ -219,11 +223,12 @@ def near_floor(run: Path, r: int) -> dict[str, Any]:
     from hem_bootstrap.steps import score_detections
 
     cache = run / f"round_{r:03d}" / "near_floor.json"
-    if not cache.exists():
+    if not cache.exists() or "log_avg_fp_away_per_km2" not in json.loads(cache.read_text()):
         cfg = load_config(run / "config.resolved.yaml")
         ctx = make_context(cfg, RunDir(run), check_inputs(cfg, ("test",)))
         m = score_detections(ctx, "test", run / f"round_{r:03d}" / "test_detections.gpkg", cfg.evaluate)
         cache.write_text(json.dumps({"log_avg_fp_near_per_km2": m["log_avg_fp_near_per_km2"],
+                                     "log_avg_fp_away_per_km2": m["log_avg_fp_away_per_km2"],
                                      "per_image": m["per_image"]}))
     return json.loads(cache.read_text())
 
@@ -369,10 +374,11 @@ def markdown(by_density: dict[str, dict[str, dict[int, list[dict[str, Any]]]]], 
         lines += ["", f"Round {rounds}, paired difference arm - control: mean [95 % bootstrap interval over seeds "
                   "and scenes], then the seeds whose mean favours the arm; **below**: the interval lies below zero "
                   "(for the ratio: below 1):", "",
-                  "| arm | control | log-avg FP/km² | ratio of log-avg FP/km² | FP/km² @R0.8 | FP/km² @R0.9 | AP@0.5 |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| arm | control | log-avg FP/km² | ratio of log-avg FP/km² | log-avg FP/km² away from objects "
+                  "| FP/km² @R0.8 | FP/km² @R0.9 | AP@0.5 |",
+                  "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {c['arm']} | {c['control']} | {_ci(c['log_avg'])} | {_ci(c['log_avg_ratio'], '.2f', 1.0)} | "
-                  f"{_ci(c['r0.8'])} | {_ci(c['r0.9'])} | {_ci(c['ap50'], '.3f')} |" for c in comp]
+                  f"{_ci(c['away'])} | {_ci(c['r0.8'])} | {_ci(c['r0.9'])} | {_ci(c['ap50'], '.3f')} |" for c in comp]
         lines.append("")
     lines.append("Means over seeds (* = some seeds never reached that recall); FP/km² over the test scenes "
                  "together; intervals over per-scene values.")

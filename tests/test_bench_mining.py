@@ -42,6 +42,7 @@ def test_bench_mining_toy_sweep(tmp_path: Path) -> None:
         assert len(x["scenes"]["log_avg"]) == 2 and x["val_threshold"] is not None
         assert all(f is None or f <= v + 1e-9 for f, v in zip(x["scenes"]["floor"], x["scenes"]["log_avg"], strict=True))
     assert set(out["headroom"]["0.2"]) == set(arms)
+    assert all(len(x["scenes"]["away"]) == 2 for x in r1.values())
     comp = {(c["arm"], c["control"]) for c in out["comparisons"]["0.2"]}
     assert ("topk", "random") in comp and ("topk", "none") in comp
     assert "paired difference" in (tmp_path / "default.md").read_text()
@@ -59,10 +60,12 @@ def test_bench_mining_toy_sweep(tmp_path: Path) -> None:
     # a round scored before metrics had the near-object floor is re-scored from its saved detections
     metrics = runs / "s1_none" / "round_001" / "metrics.json"
     m = json.loads(metrics.read_text())
-    metrics.write_text(json.dumps({k: v for k, v in m.items() if k != "log_avg_fp_near_per_km2"}))
+    metrics.write_text(json.dumps({k: v for k, v in m.items()
+                                   if k not in ("log_avg_fp_near_per_km2", "log_avg_fp_away_per_km2")}))
     assert _bench(tmp_path, "--arms", "none", "random", "topk", "dense", "--collect-only").returncode == 0
-    assert json.loads((metrics.parent / "near_floor.json").read_text())["log_avg_fp_near_per_km2"] == pytest.approx(
-        m["log_avg_fp_near_per_km2"])
+    rescored = json.loads((metrics.parent / "near_floor.json").read_text())
+    for key in ("log_avg_fp_near_per_km2", "log_avg_fp_away_per_km2"):
+        assert rescored[key] == pytest.approx(m[key])
     # the same folders with other settings are refused, not silently reused
     other = _bench(tmp_path, "--arms", "none", "--k", "3")
     assert other.returncode != 0 and "--k 4" in other.stderr and "--work or --tag" in other.stderr

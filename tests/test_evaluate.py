@@ -160,6 +160,10 @@ def test_fp_split_into_near_objects_and_away() -> None:
     floor = math.exp((math.log(100.0) + 8 * math.log(200.0)) / 9)
     assert m["log_avg_fp_near_per_km2"] == pytest.approx(floor)
     assert m["per_image"]["a.tif"]["log_avg_fp_near_per_km2"] == pytest.approx(floor)
+    # away from objects: the bare box at 0.8 (1 FP) for recall 0.5-0.75, both bare boxes (2) for 0.8-0.9
+    away = math.exp((6 * math.log(100.0) + 3 * math.log(200.0)) / 9)
+    assert m["log_avg_fp_away_per_km2"] == pytest.approx(away)
+    assert m["per_image"]["a.tif"]["log_avg_fp_away_per_km2"] == pytest.approx(away)
     assert m["log_avg_fp_per_km2"] == pytest.approx(math.exp((math.log(200.0) + 5 * math.log(300.0)
                                                                + 3 * math.log(400.0)) / 9))
 

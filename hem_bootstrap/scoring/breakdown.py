@@ -56,6 +56,7 @@ def per_image(
             "log_avg_fp_per_km2": log_average_fp_per_km2(sweep, area),
             "log_avg_fp_near_per_km2": near_object_log_average(im.det_scores, flags[k], near[k],
                                                                len(im.gt_labels), area),
+            "log_avg_fp_away_per_km2": away_log_average(im.det_scores, flags[k], near[k], len(im.gt_labels), area),
         }
     return out
 
@@ -70,6 +71,17 @@ def near_object_log_average(scores: np.ndarray, tp: np.ndarray, near: np.ndarray
     """
     keep = tp | near
     return log_average_fp_per_km2(build_sweep(scores[keep], tp[keep], n_gt), area_km2)
+
+
+def away_log_average(scores: np.ndarray, tp: np.ndarray, near: np.ndarray, n_gt: int, area_km2: float) -> float | None:
+    """Log-average FP/km² counting only the false positives away from labelled objects (look-alikes, background).
+
+    The complement of :func:`near_object_log_average`: the part of the log-average that negatives can
+    change directly, at the thresholds where the true positives reach each recall. A mining gain that
+    is real shows here first; on imagery dense with objects it can be swamped in the full log-average
+    by localisation errors, which differ from one training run to the next.
+    """
+    return near_object_log_average(scores, tp, ~near & ~tp, n_gt, area_km2)
 
 
 def fp_kinds(
