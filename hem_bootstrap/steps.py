@@ -18,7 +18,7 @@ import numpy as np
 import pyogrio
 import torch
 
-from hem_bootstrap.config import EvaluateConfig, ExperimentConfig
+from hem_bootstrap.config import EvaluateConfig, ExperimentConfig, TrainConfig
 from hem_bootstrap.data.training import ChipDataset, RatioBatchSampler, TrainImage, collate_chips
 from hem_bootstrap.detections import Naming, empty_detections, read_detections, write_detections
 from hem_bootstrap.distributed import broadcast_from_rank0
@@ -130,6 +130,37 @@ def train_images(rasters: list[RasterInput], cfg: ExperimentConfig, accepted: Pi
 def step_train(ctx: Context, r: int, resume: bool = False) -> dict[str, Any]:
     """Train the round's model on positives + bank negatives + random background (+ objects accepted in review)."""
     cfg, rd = ctx.cfg, ctx.run.round_dir(r)
+    dataset, chip_info = training_chips(ctx, r)
+    steps, init, train_cfg = round_schedule(ctx, r)
+    model = apply_loss_options(load_model(cfg, init), cfg.model, cfg.train)
+    sampler = RatioBatchSampler(
+        dataset, batch_size=cfg.train.batch_size, neg_fraction=cfg.train.neg_fraction, num_batches=steps,
+        seed=cfg.runtime.seed + 1000 * r, rank=ctx.rank, world_size=ctx.world, bank_fraction=cfg.train.bank_fraction,
+        bank_chips=cfg.train.bank_chips,
+    )
+    result = train(
+        model, dataset, train_cfg, cfg.runtime, steps, batch_sampler=sampler, collate_fn=collate_chips,
+        ckpt_path=rd / "model.pt", resume=resume, round_idx=r, config_dump=cfg.model_dump(mode="json"),
+        card=model_card(cfg, training_gsd(ctx)),
+        progress=ctx.progress and ctx.is_main, distributed=ctx.world > 1,
+    )
+    return {
+        "steps": result.steps,
+        "final_loss": round(float(result.final_loss), 5),
+        "chips_per_s": round(float(result.chips_per_s), 2),
+        "seconds": round(float(result.seconds), 1),
+        "chips": {k: int(v) for k, v in zip(*np.unique(dataset.kinds, return_counts=True), strict=True)},
+        "init": str(init) if init else "scratch",
+        "lr": train_cfg.lr,
+        "batch": {"positives": sampler.n_pos, "background": sampler.n_bg, "bank": sampler.n_bank},
+        **chip_info,
+    }
+
+
+def training_chips(ctx: Context, r: int) -> tuple[ChipDataset, dict[str, int]]:
+    """Round ``r``'s chips: positives, background (of the training images, and of the pool if asked), the bank
+    snapshot's negatives, objects accepted in review; chips holding hard positives marked for oversampling."""
+    cfg, rd = ctx.cfg, ctx.run.round_dir(r)
     accepted = accepted_pixel_labels(ctx.run.path) if r > 0 else {}
     negatives = NegativeBank.load(rd / "bank.gpkg").training_negatives(cfg.bank) if r > 0 else None
     needs_pool = cfg.train.pool_background_chips > 0 or (negatives is not None and (len(negatives) > 0 or bool(accepted)))
@@ -146,35 +177,18 @@ def step_train(ctx: Context, r: int, resume: bool = False) -> dict[str, Any]:
     if r > 0 and cfg.train.hard_positive_factor > 1 and hard_path.exists():
         hard_chips = dataset.mark_hard_positives(oversample_boxes(gpd.read_file(hard_path)),
                                                  cfg.train.hard_positive_factor)
-    steps = cfg.train.steps if r == 0 or not cfg.train.finetune else cfg.train.finetune_steps
-    init = ctx.run.round_dir(r - 1) / "model.pt" if (r > 0 and cfg.train.finetune) else None
-    model = apply_loss_options(load_model(cfg, init), cfg.model, cfg.train)
-    sampler = RatioBatchSampler(
-        dataset, batch_size=cfg.train.batch_size, neg_fraction=cfg.train.neg_fraction, num_batches=steps,
-        seed=cfg.runtime.seed + 1000 * r, rank=ctx.rank, world_size=ctx.world, bank_fraction=cfg.train.bank_fraction,
-        bank_chips=cfg.train.bank_chips,
-    )
-    train_cfg = cfg.train
-    if init is not None and train_cfg.finetune_lr is not None:
-        train_cfg = train_cfg.model_copy(update={"lr": train_cfg.finetune_lr})
-    result = train(
-        model, dataset, train_cfg, cfg.runtime, steps, batch_sampler=sampler, collate_fn=collate_chips,
-        ckpt_path=rd / "model.pt", resume=resume, round_idx=r, config_dump=cfg.model_dump(mode="json"),
-        card=model_card(cfg, training_gsd(ctx)),
-        progress=ctx.progress and ctx.is_main, distributed=ctx.world > 1,
-    )
-    return {
-        "steps": result.steps,
-        "final_loss": round(float(result.final_loss), 5),
-        "chips_per_s": round(float(result.chips_per_s), 2),
-        "seconds": round(float(result.seconds), 1),
-        "chips": {k: int(v) for k, v in zip(*np.unique(dataset.kinds, return_counts=True), strict=True)},
-        "init": str(init) if init else "scratch",
-        "lr": train_cfg.lr,
-        "batch": {"positives": sampler.n_pos, "background": sampler.n_bg, "bank": sampler.n_bank},
-        "hard_positive_chips": hard_chips,
-        "accepted_positives": int(sum(len(b) for b, _ in accepted.values())),
-    }
+    return dataset, {"hard_positive_chips": hard_chips,
+                     "accepted_positives": int(sum(len(b) for b, _ in accepted.values()))}
+
+
+def round_schedule(ctx: Context, r: int) -> tuple[int, Path | None, TrainConfig]:
+    """Round ``r``'s steps, the checkpoint it starts from (None: from scratch) and its training settings
+    (a fine-tuning round at ``train.finetune_lr`` when that is set)."""
+    cfg = ctx.cfg.train
+    if r == 0 or not cfg.finetune:
+        return cfg.steps, None, cfg
+    init = ctx.run.round_dir(r - 1) / "model.pt"
+    return cfg.finetune_steps, init, cfg if cfg.finetune_lr is None else cfg.model_copy(update={"lr": cfg.finetune_lr})
 
 
 def training_gsd(ctx: Context) -> float | None:
