@@ -200,13 +200,14 @@ class TrainConfig(_Section):
     bank_fraction: float | None = Field(
         0.5, ge=0, le=1,
         description="Share of the negative slots of each batch given to bank negatives when there are any "
-        "(the rest: random background); None: in proportion to their counts. Not used with bank_chips.",
+        "(the rest: random background); None: in proportion to their counts. Used only with bank_chips: null.",
     )
     bank_chips: int | None = Field(
-        None, ge=0,
+        2, ge=0,
         description="Bank negatives added to every batch on top of its batch_size chips, which keep the positive and "
         "background mix of a round without a bank (mined chips then add to that mix instead of displacing "
-        "positives and background); None: bank negatives take bank_fraction of the negative slots instead.",
+        "positives and background; the recipe that beat no mining and random negatives in "
+        "scripts/bench_mining.py); None: bank negatives take bank_fraction of the negative slots instead.",
     )
     bank_loss_weight: float = Field(
         1.0, gt=0,
@@ -268,8 +269,10 @@ class MiningConfig(_Section):
     fp_max_iou: float = Field(0.1, ge=0, le=1, description="Best IoU below which a detection is a false positive.")
     center_dist_m: float = Field(2.0, gt=0, description="Centre matching: distance for a true positive.")
     strategies: list[StrategySpec] = Field(
-        default_factory=lambda: [StrategySpec(name="threshold", threshold=0.5)],
-        description="Applied in order; each narrows the previous one's selection.",
+        default_factory=lambda: [StrategySpec(name="per_image_cap", k=8)],
+        description="Applied in order; each narrows the previous one's selection. Default: the 8 highest-scoring "
+        "false positives per pool raster and round (per-image top-K, as ACF mines; in scripts/bench_mining.py "
+        "it beat a 0.5 score threshold, which lost to random windows).",
     )
     dedupe_iou: float = Field(0.3, gt=0, le=1, description="NMS IoU among one round's mined FPs.")
     review_above: float | None = Field(

@@ -208,15 +208,18 @@ def test_onnxruntime_fast_path_gives_the_same_detections(scan, trained_small_mod
     stats = DetectStats()
     fast = _scan(trained_small_model, synth_scenes / "test.tif", cfg, stats)
     assert stats.fast_path == "onnxruntime" and len(ref) > 10
-    # Kernels differ from CPU to CPU (AVX2, AVX-512): boxes move by hundredths of a pixel and
-    # candidates at the score floor may swap order or drop out, so match box to box by IoU.
-    assert abs(len(fast) - len(ref)) <= max(1, len(ref) // 100)
-    px = ["px_xmin", "px_ymin", "px_xmax", "px_ymax"]
-    iou = box_iou(torch.tensor(ref[px].to_numpy(float)), torch.tensor(fast[px].to_numpy(float)))
-    best, j = iou.max(dim=1)
-    assert float((best >= 0.9).float().mean()) >= 0.99, best
-    diffs = np.abs(ref["score"].to_numpy() - fast["score"].to_numpy()[j.numpy()])
-    assert float(diffs[(best >= 0.9).numpy()].max()) < 0.01
+    # Kernels differ from CPU to CPU and with the thread count: boxes move by hundredths of a pixel and
+    # scores by ~1e-5, so where two candidates that overlap more than the NMS IoU (0.3) score almost
+    # the same, NMS may keep the other one (near the 0.05 floor, many do). So match box to box by IoU,
+    # the detections that count (score >= 0.3) both ways: nearly all at IoU >= 0.9, none below 0.3.
+    for a, b in ((ref, fast), (fast, ref)):
+        a = a[a["score"] >= 0.3]
+        assert len(a) > 10
+        px = ["px_xmin", "px_ymin", "px_xmax", "px_ymax"]
+        best, j = box_iou(torch.tensor(a[px].to_numpy(float)), torch.tensor(b[px].to_numpy(float))).max(dim=1)
+        assert float((best >= 0.9).float().mean()) >= 0.97 and float(best.min()) >= 0.3, best
+        diffs = np.abs(a["score"].to_numpy() - b["score"].to_numpy()[j.numpy()])
+        assert float(diffs[(best >= 0.9).numpy()].max()) < 0.01
     exported = list((tmp_path / "onnx").glob("*.onnx"))
     assert len(exported) == 1
     before = exported[0].stat().st_mtime_ns
