@@ -127,6 +127,11 @@ def train_images(rasters: list[RasterInput], cfg: ExperimentConfig, accepted: Pi
     ]
 
 
+def round_seed(cfg: ExperimentConfig, r: int) -> int:
+    """The seed of round ``r``'s chips and batches: each round draws its own, and a resumed round the same again."""
+    return cfg.runtime.seed + 1000 * r
+
+
 def step_train(ctx: Context, r: int, resume: bool = False) -> dict[str, Any]:
     """Train the round's model on positives + bank negatives + random background (+ objects accepted in review)."""
     cfg, rd = ctx.cfg, ctx.run.round_dir(r)
@@ -135,7 +140,7 @@ def step_train(ctx: Context, r: int, resume: bool = False) -> dict[str, Any]:
     model = apply_loss_options(load_model(cfg, init), cfg.model, cfg.train)
     sampler = RatioBatchSampler(
         dataset, batch_size=cfg.train.batch_size, neg_fraction=cfg.train.neg_fraction, num_batches=steps,
-        seed=cfg.runtime.seed + 1000 * r, rank=ctx.rank, world_size=ctx.world, bank_fraction=cfg.train.bank_fraction,
+        seed=round_seed(cfg, r), rank=ctx.rank, world_size=ctx.world, bank_fraction=cfg.train.bank_fraction,
         bank_chips=cfg.train.bank_chips,
     )
     result = train(
@@ -169,7 +174,7 @@ def training_chips(ctx: Context, r: int) -> tuple[ChipDataset, dict[str, int]]:
         train_images(ctx.data.readable("train"), cfg, accepted), negatives=negatives,
         n_background=cfg.train.background_chips,
         tile_size=cfg.tiling.tile_size, data_cfg=cfg.data, augment=cfg.train.augment,
-        seed=cfg.runtime.seed + 1000 * r, negative_images=pool, accepted=accepted,
+        seed=round_seed(cfg, r), negative_images=pool, accepted=accepted,
         bank_loss_weight=cfg.train.bank_loss_weight, pool_background=cfg.train.pool_background_chips,
     )
     hard_path = rd / "hard_positives.gpkg"
