@@ -180,7 +180,7 @@ def collect(run: Path, scenes: Path) -> list[dict[str, Any]]:
     for e in manifest["rounds"]:
         r = e["round"]
         m = json.loads((run / f"round_{r:03d}" / "metrics.json").read_text())
-        if "log_avg_fp_away_per_km2" not in m and (r == last or (run / f"round_{r:03d}" / "near_floor.json").exists()):
+        if _older(m) and (r == last or (run / f"round_{r:03d}" / "near_floor.json").exists()):
             m = {**m, **near_floor(run, r)}  # older rounds: re-scored for the final round the tables compare
         scenes_m = [m["per_image"].get(k, {}) for k in sorted(m["per_image"])]
         rows.append({
@@ -209,8 +209,16 @@ def collect(run: Path, scenes: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _older(m: dict[str, Any]) -> bool:
+    """Were these metrics written before the away-from-objects log-average or the enclosing localisation count?"""
+    if "log_avg_fp_away_per_km2" not in m or "fp_kinds_at_recall" not in m:
+        return True
+    kinds = m["fp_kinds_at_recall"].get("0.8")
+    return kinds is not None and "localisation_enclosing" not in kinds
+
+
 def near_floor(run: Path, r: int) -> dict[str, Any]:
-    """The near-object floor and away-from-objects log-average of a round evaluated before metrics had them.
+    """The near-object floor, away-from-objects log-average and FP kinds of a round evaluated before metrics had them.
 
     Re-scored from its saved test detections.
 
@@ -223,12 +231,13 @@ def near_floor(run: Path, r: int) -> dict[str, Any]:
     from hem_bootstrap.steps import score_detections
 
     cache = run / f"round_{r:03d}" / "near_floor.json"
-    if not cache.exists() or "log_avg_fp_away_per_km2" not in json.loads(cache.read_text()):
+    if not cache.exists() or _older(json.loads(cache.read_text())):
         cfg = load_config(run / "config.resolved.yaml")
         ctx = make_context(cfg, RunDir(run), check_inputs(cfg, ("test",)))
         m = score_detections(ctx, "test", run / f"round_{r:03d}" / "test_detections.gpkg", cfg.evaluate)
         cache.write_text(json.dumps({"log_avg_fp_near_per_km2": m["log_avg_fp_near_per_km2"],
                                      "log_avg_fp_away_per_km2": m["log_avg_fp_away_per_km2"],
+                                     "fp_kinds_at_recall": m["fp_kinds_at_recall"],
                                      "per_image": m["per_image"]}))
     return json.loads(cache.read_text())
 
@@ -347,7 +356,7 @@ def markdown(by_density: dict[str, dict[str, dict[int, list[dict[str, Any]]]]], 
     for dens, results in by_density.items():
         lines += [f"### look-alikes in {float(dens):.0%} of windows", "",
                   "| arm | round | AP@0.5 | log-avg FP/km² (R 0.5-0.9) | near-object floor | FP/km² @R0.8 | FP/km² @R0.9 "
-                  "| FP kinds @R0.8 (look-alike/background/dup/loc) | TP score median | val thr | added "
+                  "| FP kinds @R0.8 (look-alike/background/dup/loc (loc enclosing its object)) | TP score median | val thr | added "
                   "| added boxes on / chips with a look-alike |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for arm, by_seed in results.items():
@@ -356,8 +365,9 @@ def markdown(by_density: dict[str, dict[str, dict[int, list[dict[str, Any]]]]], 
                 if not xs:
                     continue
                 kinds = [x["fp_kinds_r0.8"] for x in xs if x["fp_kinds_r0.8"]]
-                k = "/".join(_mean([kk[n] for kk in kinds]) for n in ("look-alike", "background", "duplicate",
-                                                                        "localisation")) if kinds else "n/a"
+                k = "/".join(_mean([kk.get(n) for kk in kinds]) for n in ("look-alike", "background", "duplicate",
+                                                                            "localisation")) if kinds else "n/a"
+                k += f" ({_mean([kk.get('localisation_enclosing') for kk in kinds])})" if kinds else ""
                 lines.append(f"| {arm} | {r} | {_mean([x['ap50'] for x in xs])} | {_mean([x['log_avg'] for x in xs])} | "
                              f"{_mean([x.get('floor') for x in xs])} | "
                              f"{_mean([x['r0.8'] for x in xs])} | {_mean([x['r0.9'] for x in xs])} | {k} | "

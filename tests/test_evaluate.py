@@ -405,7 +405,7 @@ def test_fp_kinds_per_image_and_tp_scores() -> None:
     m = evaluate(pd.concat([dets_a, dets_b]), images, EvaluateConfig(fixed_recalls=[0.6, 1.0]))
     # recall 1.0 needs the TP at 0.8: FPs above it are the duplicate (0.85) only
     assert m["fp_kinds_at_recall"]["0.6"] == {"threshold": 0.9, "look-alike": 0, "background": 0, "duplicate": 0,
-                                              "localisation": 0}
+                                              "localisation": 0, "localisation_enclosing": 0}
     kinds = m["fp_kinds_at_recall"]["1.0"]
     assert kinds["threshold"] == pytest.approx(0.8)
     assert (kinds["duplicate"], kinds["localisation"], kinds["look-alike"], kinds["background"]) == (1, 0, 0, 0)
@@ -418,4 +418,14 @@ def test_fp_kinds_per_image_and_tp_scores() -> None:
     everything = evaluate(dets_a.assign(score=[0.1, 0.05, 0.9, 0.8, 0.7, 0.6, 0.5]), images[:1],
                           EvaluateConfig(fixed_recalls=[1.0]))
     assert everything["fp_kinds_at_recall"]["1.0"] == {"threshold": 0.05, "look-alike": 1, "background": 2,
-                                                       "duplicate": 1, "localisation": 1}
+                                                       "duplicate": 1, "localisation": 1, "localisation_enclosing": 0}
+
+
+def test_localisation_errors_that_enclose_their_object_are_counted() -> None:
+    """A box drawn too large around an unmatched object (IoU 0.44, covering all of it) is an enclosing localisation error."""
+    gt = [(10, 10, 14, 14), (30, 10, 34, 14)]
+    dets = det_frame([gt[0], (29, 9, 35, 15), (32, 10, 36, 14)], [0.6, 0.8, 0.7])
+    everything = evaluate(dets, [image(gt_frame(gt))], EvaluateConfig(fixed_recalls=[0.5]))["fp_kinds_at_recall"]["0.5"]
+    # at the threshold of the one TP (0.6) both other boxes are localisation errors on the second
+    # object; only the large one (6 x 6 around its 4 x 4) encloses it, the shifted one covers half
+    assert (everything["localisation"], everything["localisation_enclosing"]) == (2, 1)

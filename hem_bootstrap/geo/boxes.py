@@ -37,12 +37,18 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
-def paired_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of ``a[i]`` with ``b[i]`` for each row."""
+def paired_intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection area of ``a[i]`` with ``b[i]`` for each row."""
     a, b = as_boxes(a), as_boxes(b)
     lt = np.maximum(a[:, :2], b[:, :2])
     rb = np.minimum(a[:, 2:], b[:, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(axis=1)
+    return np.clip(rb - lt, 0, None).prod(axis=1)
+
+
+def paired_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of ``a[i]`` with ``b[i]`` for each row."""
+    a, b = as_boxes(a), as_boxes(b)
+    inter = paired_intersection(a, b)
     union = area(a) + area(b) - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 

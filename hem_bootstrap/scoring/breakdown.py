@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from hem_bootstrap.geo.boxes import best_match
+from hem_bootstrap.geo.boxes import area as box_area
+from hem_bootstrap.geo.boxes import as_boxes, best_match, paired_intersection
 from hem_bootstrap.scoring.match import PreparedImage, center_dist, scaled
 from hem_bootstrap.scoring.sweep import (
     Sweep,
@@ -28,7 +29,11 @@ from hem_bootstrap.scoring.sweep import (
 FP_KINDS = ("look-alike", "background", "duplicate", "localisation")
 """``look-alike``: on a labelled distractor; ``background``: away from every labelled thing;
 ``duplicate``: a second box on an object (IoU >= the match IoU); ``localisation``: a box that
-overlaps an object (IoU > 0.1) too little to match it."""
+overlaps an object (IoU > 0.1) too little to match it. Each recall's counts also give
+``localisation_enclosing``: the localisation errors (IoU matching) whose box covers at least
+:data:`ENCLOSING` of the object's area, a box drawn too large around a real object (a box-size
+regression miss, not a confusion)."""
+ENCLOSING = 0.8
 TP_SCORE_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 NEAR_IOU = 0.1
 """Above this IoU with an object a false positive is a localisation error (as ``evaluate.NEAR_OBJECT_IOU``)."""
@@ -101,12 +106,17 @@ def fp_kinds(
             out[str(float(r))] = None
             continue
         counts = dict.fromkeys(FP_KINDS, 0)
+        enclosing = 0
         for k, im in prepared.items():
             fp = (im.det_scores >= score) & ~flags[k]
             closeness = _closeness(im.det_boxes[fp], im, matching)
-            for kind in _kinds(k, im.det_boxes[fp], closeness, thr, matching, on_distractor):
+            kinds = _kinds(k, im.det_boxes[fp], closeness, thr, matching, on_distractor)
+            for kind in kinds:
                 counts[kind] += 1
-        out[str(float(r))] = {"threshold": score, **counts}
+            if matching != "center":
+                loc = np.array([kind == "localisation" for kind in kinds], dtype=bool)
+                enclosing += int(_enclosing(im.det_boxes[fp][loc], im.gt_boxes).sum())
+        out[str(float(r))] = {"threshold": score, **counts, "localisation_enclosing": enclosing}
     return out
 
 
@@ -118,6 +128,15 @@ def _closeness(boxes: np.ndarray, im: PreparedImage, matching: str) -> np.ndarra
         scale = im.metres_per_unit
         return np.asarray(center_dist(scaled(boxes, scale), scaled(im.gt_boxes, scale)).min(axis=1))
     return best_match(boxes, im.gt_boxes)[0]
+
+
+def _enclosing(boxes: np.ndarray, gt_boxes: np.ndarray) -> np.ndarray:
+    """Per box: does it cover at least :data:`ENCLOSING` of the area of the object it overlaps most (by IoU)?"""
+    if len(boxes) == 0 or len(gt_boxes) == 0:
+        return np.zeros(len(boxes), dtype=bool)
+    _, idx = best_match(boxes, gt_boxes)
+    g = as_boxes(gt_boxes)[idx]
+    return (idx >= 0) & (paired_intersection(boxes, g) >= ENCLOSING * box_area(g))
 
 
 def _kinds(
