@@ -365,9 +365,10 @@ def markdown(by_density: dict[str, dict[str, dict[int, list[dict[str, Any]]]]], 
                 if not xs:
                     continue
                 kinds = [x["fp_kinds_r0.8"] for x in xs if x["fp_kinds_r0.8"]]
-                k = "/".join(_mean([kk.get(n) for kk in kinds]) for n in ("look-alike", "background", "duplicate",
-                                                                            "localisation")) if kinds else "n/a"
-                k += f" ({_mean([kk.get('localisation_enclosing') for kk in kinds])})" if kinds else ""
+                k = "/".join(_mean([kk[n] for kk in kinds]) for n in ("look-alike", "background", "duplicate",
+                                                                        "localisation")) if kinds else "n/a"
+                if kinds:
+                    k += f" ({_mean([kk.get('localisation_enclosing') for kk in kinds])})"
                 lines.append(f"| {arm} | {r} | {_mean([x['ap50'] for x in xs])} | {_mean([x['log_avg'] for x in xs])} | "
                              f"{_mean([x.get('floor') for x in xs])} | "
                              f"{_mean([x['r0.8'] for x in xs])} | {_mean([x['r0.9'] for x in xs])} | {k} | "

@@ -108,35 +108,33 @@ def fp_kinds(
         counts = dict.fromkeys(FP_KINDS, 0)
         enclosing = 0
         for k, im in prepared.items():
-            fp = (im.det_scores >= score) & ~flags[k]
-            closeness = _closeness(im.det_boxes[fp], im, matching)
-            kinds = _kinds(k, im.det_boxes[fp], closeness, thr, matching, on_distractor)
+            boxes = im.det_boxes[(im.det_scores >= score) & ~flags[k]]
+            closeness, nearest = _closeness(boxes, im, matching)
+            kinds = _kinds(k, boxes, closeness, thr, matching, on_distractor)
             for kind in kinds:
                 counts[kind] += 1
             if matching != "center":
                 loc = np.array([kind == "localisation" for kind in kinds], dtype=bool)
-                enclosing += int(_enclosing(im.det_boxes[fp][loc], im.gt_boxes).sum())
+                enclosing += int(_enclosing(boxes[loc], as_boxes(im.gt_boxes)[nearest[loc]]).sum())
         out[str(float(r))] = {"threshold": score, **counts, "localisation_enclosing": enclosing}
     return out
 
 
-def _closeness(boxes: np.ndarray, im: PreparedImage, matching: str) -> np.ndarray:
-    """Per box: best IoU with any object, or (centre matching) the nearest object centre in metres."""
+def _closeness(boxes: np.ndarray, im: PreparedImage, matching: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per box: best IoU with any object, or (centre matching) the nearest object centre in metres; and that
+    object's index (-1 without objects)."""
     if len(im.gt_boxes) == 0:
-        return np.full(len(boxes), np.inf if matching == "center" else 0.0)
+        return np.full(len(boxes), np.inf if matching == "center" else 0.0), np.full(len(boxes), -1)
     if matching == "center":
         scale = im.metres_per_unit
-        return np.asarray(center_dist(scaled(boxes, scale), scaled(im.gt_boxes, scale)).min(axis=1))
-    return best_match(boxes, im.gt_boxes)[0]
+        dist = np.asarray(center_dist(scaled(boxes, scale), scaled(im.gt_boxes, scale)))
+        return dist.min(axis=1), dist.argmin(axis=1)
+    return best_match(boxes, im.gt_boxes)
 
 
-def _enclosing(boxes: np.ndarray, gt_boxes: np.ndarray) -> np.ndarray:
-    """Per box: does it cover at least :data:`ENCLOSING` of the area of the object it overlaps most (by IoU)?"""
-    if len(boxes) == 0 or len(gt_boxes) == 0:
-        return np.zeros(len(boxes), dtype=bool)
-    _, idx = best_match(boxes, gt_boxes)
-    g = as_boxes(gt_boxes)[idx]
-    return (idx >= 0) & (paired_intersection(boxes, g) >= ENCLOSING * box_area(g))
+def _enclosing(boxes: np.ndarray, objects: np.ndarray) -> np.ndarray:
+    """Per box: does it cover at least :data:`ENCLOSING` of the area of its object (``objects[i]``)?"""
+    return paired_intersection(boxes, objects) >= ENCLOSING * box_area(objects)
 
 
 def _kinds(
