@@ -176,6 +176,7 @@ def training_chips(ctx: Context, r: int) -> tuple[ChipDataset, dict[str, int]]:
         tile_size=cfg.tiling.tile_size, data_cfg=cfg.data, augment=cfg.train.augment,
         seed=round_seed(cfg, r), negative_images=pool, accepted=accepted,
         bank_loss_weight=cfg.train.bank_loss_weight, pool_background=cfg.train.pool_background_chips,
+        rotate_any=cfg.train.rotate_any,
     )
     hard_path = rd / "hard_positives.gpkg"
     hard_chips = 0

@@ -65,6 +65,7 @@ def test_unknown_key_inside_list_item(tmp_path: Path) -> None:
         ({"mining": {"strategies": [{"name": "per_image_cap"}]}}, "needs k"),
         ({"tiling": {"tile_size": 64, "overlap": 64}}, "overlap"),
         ({"data": {"bands": [0, 1]}}, "1-based"),
+        ({"train": {"rotate_any": 1.5}}, "train.rotate_any = 1.5"),
     ],
 )
 def test_bad_values_name_field_value_constraint(tmp_path: Path, tree: dict, needle: str) -> None:

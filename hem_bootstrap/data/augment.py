@@ -1,12 +1,21 @@
-"""Box-aware augmentation of training chips: flips, quarter turns and mild colour jitter (torchvision v2)."""
+"""Box-aware augmentation of training chips: flips, quarter turns and mild colour jitter (torchvision v2),
+and turns by any angle that take their boxes from the labels' turned outlines.
+
+A box turned by an angle that is not a quarter turn can only grow to the envelope of its
+corners, far looser than the object it held; the turn by any angle therefore turns each
+label's oriented outline (see :data:`hem_bootstrap.geo.labels.OUTLINE`) and takes the
+envelope of that, which is what a person labelling the turned chip would draw.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import torch
 from torchvision import tv_tensors
+from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 
@@ -56,3 +65,29 @@ class ChipAugment:
         factors = 1.0 + rng.uniform(-1.0, 1.0, size=3) * spread
         image, boxes = self.geometric(image, boxes, hflip, vflip, turns)
         return self.colour(image, factors), boxes
+
+
+def turned_side(tile: int, angle: float) -> int:
+    """Side of the square window that holds a ``tile`` chip turned by ``angle`` degrees (2 px to spare)."""
+    a = math.radians(angle)
+    return int(math.ceil(tile * (abs(math.cos(a)) + abs(math.sin(a))))) + 2
+
+
+def turn_chip(image: torch.Tensor, centre: tuple[float, float], angle: float, tile: int) -> torch.Tensor:
+    """The ``tile`` x ``tile`` chip centred on ``centre`` (pixels of ``image``) after turning ``image`` about it.
+
+    ``angle``: degrees, counter-clockwise as the image is shown (torchvision's sense); bilinear
+    resampling. ``centre`` minus half a tile must be whole pixels.
+    """
+    cx, cy = centre
+    turned = TF.rotate(image, angle, interpolation=InterpolationMode.BILINEAR, center=[float(cx), float(cy)])
+    return TF.crop(turned, int(round(cy - tile / 2)), int(round(cx - tile / 2)), tile, tile)
+
+
+def turn_outlines(outlines: np.ndarray, centre: tuple[float, float], angle: float, tile: int) -> np.ndarray:
+    """Envelopes (M, 4) xyxy in chip pixels of outlines (M, 4, 2) turned as :func:`turn_chip` turns the image."""
+    a = math.radians(angle)
+    d = np.asarray(outlines, dtype=np.float64).reshape(-1, 4, 2) - np.asarray(centre, dtype=np.float64)
+    x = d[..., 0] * math.cos(a) + d[..., 1] * math.sin(a) + tile / 2
+    y = -d[..., 0] * math.sin(a) + d[..., 1] * math.cos(a) + tile / 2
+    return np.stack([x.min(axis=1), y.min(axis=1), x.max(axis=1), y.max(axis=1)], axis=1)

@@ -8,6 +8,7 @@ is a pure function of ``(seed, index, epoch)`` so runs and resumes are reproduci
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from shapely.geometry.base import BaseGeometry
 from torch.utils.data import Dataset, Sampler
 
 from hem_bootstrap.config import DataConfig, ImageSet
-from hem_bootstrap.data.augment import ChipAugment
+from hem_bootstrap.data.augment import ChipAugment, turn_chip, turn_outlines, turned_side
 from hem_bootstrap.data.tiles import ReaderPool
 from hem_bootstrap.detections import PX_COLUMNS
 from hem_bootstrap.errors import DataError, TrainingError
@@ -37,7 +38,7 @@ from hem_bootstrap.geo.labels import (
 )
 from hem_bootstrap.geo.raster import RasterInfo, open_raster, valid_fraction
 from hem_bootstrap.geo.vrt import virtual_paths
-from hem_bootstrap.geo.windows import Window, tile_windows, window_around_box, window_inside
+from hem_bootstrap.geo.windows import Window, clip_to_window, tile_windows, window_around_box, window_inside
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,10 @@ class ChipDataset(Dataset):
     :func:`prepare_train_images`). With ``bank_loss_weight`` other than 1 every target carries
     :data:`LOSS_WEIGHT`: that weight for bank chips, 1 for the others. ``pool_background`` random
     background chips are drawn from each ``negative_images`` raster that is not a training image,
-    beside ``n_background`` per training image.
+    beside ``n_background`` per training image. With ``augment``, a ``rotate_any`` share of the
+    chips is turned by a random angle (0-90 degrees, before the flips and quarter turns) about its
+    window's centre, read from a window large enough to fill it, its boxes the envelopes of the
+    labels' turned outlines.
 
     Raises:
         TrainingError: no window of any image contains an object.
@@ -148,8 +152,10 @@ class ChipDataset(Dataset):
         accepted: PixelLabels | None = None,
         bank_loss_weight: float = 1.0,
         pool_background: int = 0,
+        rotate_any: float = 0.0,
     ) -> None:
         self.tile_size = int(tile_size)
+        self.rotate_any = float(rotate_any) if augment else 0.0
         self.bank_loss_weight = float(bank_loss_weight)
         self.data_cfg = data_cfg
         self.augment = ChipAugment() if augment else None
@@ -346,16 +352,39 @@ class ChipDataset(Dataset):
                 win = self.window(i, rng)
         return win, reader.read(win)[0]
 
+    def free_angle(self, i: int) -> float:
+        """The angle (degrees) item ``i`` is turned by at the current epoch; 0 for most chips, or all without ``rotate_any``."""
+        if self.rotate_any <= 0:
+            return 0.0
+        rng = self._rng(i, salt=1)  # its own stream: the windows and other draws do not change with the option
+        return float(rng.uniform(0.0, 90.0)) if rng.random() < self.rotate_any else 0.0
+
+    def _turned(self, i: int, win: Window, angle: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Item ``i``'s chip turned by ``angle`` about its window's centre, and its labels' turned outlines as boxes."""
+        im = self.images[self._img[i]]
+        t = self.tile_size
+        side = turned_side(t, angle)
+        cx, cy = win.col_off + t / 2, win.row_off + t / 2
+        big = window_inside(math.floor(cx - side / 2), math.floor(cy - side / 2), side, im.info.width, im.info.height)
+        image = torch.from_numpy(self._pool.get(im.path).read(big)[0])
+        chip = turn_chip(image, (cx - big.col_off, cy - big.row_off), angle, t)
+        outlines, labels = im.index.outlines_in(big)
+        clipped, vis = clip_to_window(turn_outlines(outlines, (cx, cy), angle, t), Window(0, 0, t, t, t, t))
+        keep = (vis >= self.data_cfg.min_visible_fraction) & (vis > 0)
+        return chip, torch.from_numpy(clipped[keep].astype(np.float32)), torch.from_numpy(labels[keep])
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rng = self._rng(i)
         win, image = self._read(i, rng)
-        tg = self.images[self._img[i]].index.targets(win)
-        img_t = torch.from_numpy(image)
-        boxes = torch.from_numpy(tg["boxes"]).reshape(-1, 4)
+        angle = self.free_angle(i)
+        if angle:
+            img_t, boxes, labels = self._turned(i, win, angle)
+        else:
+            tg = self.images[self._img[i]].index.targets(win)
+            img_t, boxes, labels = torch.from_numpy(image), torch.from_numpy(tg["boxes"]), torch.from_numpy(tg["labels"])
         if self.augment is not None:
-            img_t, boxes = self.augment(img_t, boxes, rng)
+            img_t, boxes = self.augment(img_t, boxes.reshape(-1, 4), rng)
         boxes = boxes.to(torch.float32).reshape(-1, 4)
-        labels = torch.from_numpy(tg["labels"])
         # a sliver thinner than float32 resolution collapses to zero size, which torchvision refuses
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         if not bool(keep.all()):

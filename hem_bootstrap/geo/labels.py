@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 CSV_COLUMNS = ("image", "xmin", "ymin", "xmax", "ymax", "label")
 _POLYGONS = {"Polygon", "MultiPolygon"}
 _POINTS = {"Point", "MultiPoint"}
+OUTLINE = "outline_px"
+"""Label frame column: the label's oriented outline, a (4, 2) array of raster-pixel corners."""
 MIN_SIDE_PX = 0.01
 """Labels thinner than this (pixels) are slivers, e.g. a line drawn as a polygon; they are dropped."""
 
@@ -120,23 +122,49 @@ def _pixel_boxes_from_geoms(
     return np.concatenate([px - half, px + half], axis=1)
 
 
-def _drop_degenerate(boxes_px: np.ndarray, ids: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Drop boxes without area (a zero-width polygon, a sliver under MIN_SIDE_PX) or with non-finite corners.
+def _usable(boxes_px: np.ndarray, path: Path) -> np.ndarray:
+    """Which boxes to keep: not without area (a zero-width polygon, a sliver under MIN_SIDE_PX) nor with non-finite corners.
 
-    A detector cannot learn from them (torchvision refuses zero-size target boxes), so they
+    A detector cannot learn from the others (torchvision refuses zero-size target boxes), so they
     are dropped with one warning instead of failing training later.
     """
     ok = np.isfinite(boxes_px).all(axis=1)
     ok &= (boxes_px[:, 2] - boxes_px[:, 0] >= MIN_SIDE_PX) & (boxes_px[:, 3] - boxes_px[:, 1] >= MIN_SIDE_PX)
     if not ok.all():
         log.warning("%s: %d label(s) without area or with invalid coordinates ignored", path, int((~ok).sum()))
-    return boxes_px[ok], ids[ok]
+    return ok
 
 
-def _frame(boxes_px: np.ndarray, ids: np.ndarray, data_cfg: DataConfig, info: RasterInfo) -> gpd.GeoDataFrame:
+def box_corners(boxes_px: np.ndarray) -> np.ndarray:
+    """(N, 4) xyxy boxes -> (N, 4, 2) corners (the outline of a label known only by its box)."""
+    b = np.asarray(boxes_px, dtype=np.float64).reshape(-1, 4)
+    xs, ys = b[:, [0, 2, 2, 0]], b[:, [1, 1, 3, 3]]
+    return np.stack([xs, ys], axis=2)
+
+
+def _pixel_outlines(geoms: gpd.GeoSeries, info: RasterInfo, boxes_px: np.ndarray, polygons: bool) -> np.ndarray:
+    """(N, 4, 2) raster-pixel corners of each label's minimum rotated rectangle (polygons), else of its box."""
+    out = box_corners(boxes_px)
+    if not polygons or len(geoms) == 0:
+        return out
+    rects = shapely.oriented_envelope(geoms.to_numpy())
+    four = (shapely.get_type_id(rects) == 3) & (shapely.get_num_coordinates(rects) == 5)  # a real rectangle
+    if four.any():
+        xy = shapely.get_coordinates(shapely.get_exterior_ring(rects[four])).reshape(-1, 5, 2)[:, :4]
+        inv = ~info.transform
+        px = inv.a * xy[..., 0] + inv.b * xy[..., 1] + inv.c
+        py = inv.d * xy[..., 0] + inv.e * xy[..., 1] + inv.f
+        out[four] = np.stack([px, py], axis=2)
+    return out
+
+
+def _frame(
+    boxes_px: np.ndarray, ids: np.ndarray, data_cfg: DataConfig, info: RasterInfo, outlines: np.ndarray | None = None
+) -> gpd.GeoDataFrame:
     map_boxes = pixel_to_map_boxes(boxes_px, info.transform)
+    outlines = box_corners(boxes_px) if outlines is None else outlines
     return gpd.GeoDataFrame(
-        {"label": ids.astype(np.int64), "class": [data_cfg.classes[i - 1] for i in ids]},
+        {"label": ids.astype(np.int64), "class": [data_cfg.classes[i - 1] for i in ids], OUTLINE: list(outlines)},
         geometry=shapely.box(map_boxes[:, 0], map_boxes[:, 1], map_boxes[:, 2], map_boxes[:, 3]),
         crs=info.crs if info.georeferenced else None,
     )
@@ -186,8 +214,8 @@ def _load_csv(path: Path, info: RasterInfo, data_cfg: DataConfig, image_name: st
         axis=1,
     )
     ids = _class_ids(table["label"], len(table), data_cfg, path)
-    boxes, ids = _drop_degenerate(boxes, ids, path)
-    return _keep_overlapping(_frame(boxes, ids, data_cfg, info), info, path)
+    ok = _usable(boxes, path)
+    return _keep_overlapping(_frame(boxes[ok], ids[ok], data_cfg, info), info, path)
 
 
 def _to_raster_crs(frame: gpd.GeoDataFrame, info: RasterInfo, path: Path, what: str = "label") -> gpd.GeoDataFrame:
@@ -220,8 +248,9 @@ def load_labels(
 ) -> gpd.GeoDataFrame:
     """Load labels for one raster as box polygons in its CRS.
 
-    Returns a GeoDataFrame with ``label`` (int64 1..K), ``class`` (str) and ``geometry``
-    (axis-aligned box). Labels off the raster are dropped; an empty file gives an empty frame.
+    Returns a GeoDataFrame with ``label`` (int64 1..K), ``class`` (str), ``geometry``
+    (axis-aligned box) and :data:`OUTLINE` (oriented outline in pixels). Labels off the raster
+    are dropped; an empty file gives an empty frame.
 
     Raises:
         DataError: missing/unreadable file, CRS mismatch, no overlap, unknown class or an
@@ -245,8 +274,10 @@ def load_labels(
     values = frame[data_cfg.class_field] if data_cfg.class_field in frame.columns else None
     ids = _class_ids(values, len(frame), data_cfg, p)
     boxes = _pixel_boxes_from_geoms(frame.geometry, info, data_cfg, p)
-    boxes, ids = _drop_degenerate(boxes, ids, p)
-    return _keep_overlapping(_frame(boxes, ids, data_cfg, info), info, p)
+    polygons = data_cfg.geometry != "point" and set(frame.geom_type.unique()) <= _POLYGONS
+    outlines = _pixel_outlines(frame.geometry, info, boxes, polygons)
+    ok = _usable(boxes, p)
+    return _keep_overlapping(_frame(boxes[ok], ids[ok], data_cfg, info, outlines[ok]), info, p)
 
 
 PixelLabels = dict[str, tuple[np.ndarray, np.ndarray]]
@@ -272,8 +303,12 @@ def with_pixel_labels(
     extra = _frame(boxes_px, np.asarray(ids, dtype=np.int64), data_cfg, info)
     if len(labels) == 0:
         return extra
-    return gpd.GeoDataFrame(pd.concat([labels[["label", "class", "geometry"]], extra], ignore_index=True),
-                            geometry="geometry", crs=extra.crs)
+    cols = ["label", "class", OUTLINE, "geometry"]
+    if OUTLINE not in labels.columns:
+        labels = labels.assign(**{OUTLINE: list(box_corners(map_to_pixel_boxes(labels.geometry.bounds.to_numpy(),
+                                                                                 info.transform)))})
+    return gpd.GeoDataFrame(pd.concat([labels[cols], extra[cols]], ignore_index=True), geometry="geometry",
+                            crs=extra.crs)
 
 
 def load_zones(path: str | Path, info: RasterInfo, what: str = "ignore zones") -> gpd.GeoDataFrame:
@@ -323,6 +358,10 @@ class LabelIndex:
         else:
             self._boxes = np.zeros((0, 4), np.float64)
             self._labels = np.zeros((0,), np.int64)
+        self._outlines = (
+            np.stack(list(labels[OUTLINE])).astype(np.float64).reshape(-1, 4, 2)
+            if len(labels) and OUTLINE in labels.columns else box_corners(self._boxes)
+        )
         self._tree = STRtree(shapely.box(*self._boxes.T)) if len(self._boxes) else None
         zones = ignore_zones if ignore_zones is not None and len(ignore_zones) else None
         self._zones = (
@@ -360,6 +399,11 @@ class LabelIndex:
         x0, y0 = window.col_off, window.row_off
         area = shapely.box(x0, y0, x0 + window.valid_width, y0 + window.valid_height)
         return np.sort(tree.query(area, predicate="intersects"))
+
+    def outlines_in(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """Oriented outlines (M, 4, 2) in image pixels and class ids (M,) of the labels touching ``window``."""
+        hits = self._query(self._tree, window)
+        return self._outlines[hits], self._labels[hits]
 
     def targets(self, window: Window) -> dict[str, np.ndarray]:
         """Targets of one window in tile pixels: ``boxes`` (N,4) f32, ``labels`` (N,) i64, ``ignore`` (M,4) f32."""
