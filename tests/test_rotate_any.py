@@ -129,3 +129,15 @@ def test_a_share_is_turned_and_the_other_chips_do_not_change(scene: tuple[Path, 
             assert torch.equal(x, y) and torch.equal(tx["boxes"], ty["boxes"])
     # without augmentation nothing is turned, whatever the share
     assert all(_dataset(scene, rotate_any=1.0, augment=False).free_angle(i) == 0 for i in range(len(plain)))
+
+
+def test_box_labels_are_never_turned_by_any_angle(
+    make_raster: Callable[..., Path], make_labels: Callable[..., Path], scene: tuple[Path, Path]
+) -> None:
+    boxes = np.array([[40, 50, 70, 62], [300, 310, 316, 340]], dtype=float)
+    raster = make_raster(name="boxes.tif", width=512, height=512, data=_paint(512))
+    boxed = _dataset((raster, make_labels(name="boxes.gpkg", boxes_px=boxes)), rotate_any=1.0)
+    assert not boxed.images[0].index.oriented and boxed.rotate_any == 0
+    assert all(boxed.free_angle(i) == 0 for i in range(len(boxed)))
+    turned = _dataset(scene, rotate_any=1.0)
+    assert turned.images[0].index.oriented and turned.rotate_any == 1.0

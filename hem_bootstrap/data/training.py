@@ -132,7 +132,8 @@ class ChipDataset(Dataset):
     beside ``n_background`` per training image. With ``augment``, a ``rotate_any`` share of the
     chips is turned by a random angle (0-90 degrees, before the flips and quarter turns) about its
     window's centre, read from a window large enough to fill it, its boxes the envelopes of the
-    labels' turned outlines.
+    labels' turned outlines; only where some training label has a turned outline (a polygon drawn
+    around a turned object): box labels would turn into loose boxes, so then no chip turns.
 
     Raises:
         TrainingError: no window of any image contains an object.
@@ -155,7 +156,7 @@ class ChipDataset(Dataset):
         rotate_any: float = 0.0,
     ) -> None:
         self.tile_size = int(tile_size)
-        self.rotate_any = float(rotate_any) if augment else 0.0
+        self.rotate_any = float(rotate_any) if augment and _oriented(images, rotate_any) else 0.0
         self.bank_loss_weight = float(bank_loss_weight)
         self.data_cfg = data_cfg
         self.augment = ChipAugment() if augment else None
@@ -393,6 +394,16 @@ class ChipDataset(Dataset):
         if self.bank_loss_weight != 1.0:
             target[LOSS_WEIGHT] = torch.tensor(self.bank_loss_weight if self.kinds[i] == KIND_NEG else 1.0)
         return img_t.contiguous(), target
+
+
+def _oriented(images: list[TrainImage], rotate_any: float) -> bool:
+    """Whether chips may turn by any angle: some training label has a turned outline (else all are boxes)."""
+    if rotate_any <= 0:
+        return False
+    if any(im.index.oriented for im in images):
+        return True
+    log.info("train.rotate_any: the training labels are boxes (no turned outline), so chips turn by quarter turns only")
+    return False
 
 
 def _origin_range(im: TrainImage, t: int) -> tuple[int, int, int, int]:

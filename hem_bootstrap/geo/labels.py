@@ -400,6 +400,21 @@ class LabelIndex:
         area = shapely.box(x0, y0, x0 + window.valid_width, y0 + window.valid_height)
         return np.sort(tree.query(area, predicate="intersects"))
 
+    @property
+    def oriented(self) -> bool:
+        """Whether some label's outline is turned against the pixel axes (polygons drawn around turned objects).
+
+        Labels given as boxes (a CSV, points, box polygons) carry no orientation: every outline is
+        its own box, and turning them by any angle would only make loose boxes.
+        """
+        o = self._outlines
+        if len(o) == 0:
+            return False
+        area = 0.5 * np.abs(np.einsum("ni,ni->n", o[:, :, 0], np.roll(o[:, :, 1], -1, axis=1))
+                            - np.einsum("ni,ni->n", o[:, :, 1], np.roll(o[:, :, 0], -1, axis=1)))
+        box = np.ptp(o[:, :, 0], axis=1) * np.ptp(o[:, :, 1], axis=1)
+        return bool((area < 0.98 * box).any())
+
     def outlines_in(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
         """Oriented outlines (M, 4, 2) in image pixels and class ids (M,) of the labels touching ``window``."""
         hits = self._query(self._tree, window)
