@@ -98,12 +98,11 @@ class TrainConfig(Section):
         None, gt=0, description="Peak learning rate of the fine-tuning rounds; None: train.lr.")
     augment: bool = Field(True, description="Flips, 90-degree rotations, mild colour jitter.")
     rotate_any: float = Field(
-        0.0, ge=0, le=1,
+        0.5, ge=0, le=1,
         description="With augment: share of training chips also turned by a random angle (0-90 degrees), their boxes "
         "the envelopes of the labels' turned outlines (a polygon label's minimum rotated rectangle). For imagery "
         "whose objects lie at a few angles (a street grid) while held-out imagery has others. Labels given as "
-        "boxes or points are their own outlines, and a turned box is looser than the object: use it with "
-        "polygon labels.",
+        "boxes or points carry no orientation: then no chip turns (a turned box is looser than its object).",
     )
     checkpoint_every: int = Field(100, gt=0, description="Steps between checkpoints.")
     ohem: bool = Field(False, description="Online hard example mining of RoIs (two-stage detectors).")
