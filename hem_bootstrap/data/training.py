@@ -360,14 +360,22 @@ class ChipDataset(Dataset):
         rng = self._rng(i, salt=1)  # its own stream: the windows and other draws do not change with the option
         return float(rng.uniform(0.0, 90.0)) if rng.random() < self.rotate_any else 0.0
 
-    def _turned(self, i: int, win: Window, angle: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Item ``i``'s chip turned by ``angle`` about its window's centre, and its labels' turned outlines as boxes."""
+    def _turned(self, i: int, win: Window, angle: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Item ``i``'s chip turned by ``angle`` about its window's centre, and its labels' turned outlines as boxes.
+
+        None when the larger window it is cut from cannot be read (a damaged part of the raster
+        next to a readable chip): the chip is then used unturned.
+        """
         im = self.images[self._img[i]]
         t = self.tile_size
         side = turned_side(t, angle)
         cx, cy = win.col_off + t / 2, win.row_off + t / 2
         big = window_inside(math.floor(cx - side / 2), math.floor(cy - side / 2), side, im.info.width, im.info.height)
-        image = torch.from_numpy(self._pool.get(im.path).read(big)[0])
+        try:
+            image = torch.from_numpy(self._pool.get(im.path).read(big)[0])
+        except DataError as err:
+            log.debug("chip %d not turned: %s", i, err)
+            return None
         chip = turn_chip(image, (cx - big.col_off, cy - big.row_off), angle, t)
         outlines, labels = im.index.outlines_in(big)
         clipped, vis = clip_to_window(turn_outlines(outlines, (cx, cy), angle, t), Window(0, 0, t, t, t, t))
@@ -377,9 +385,9 @@ class ChipDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rng = self._rng(i)
         win, image = self._read(i, rng)
-        angle = self.free_angle(i)
-        if angle:
-            img_t, boxes, labels = self._turned(i, win, angle)
+        turned = self._turned(i, win, angle) if (angle := self.free_angle(i)) else None
+        if turned is not None:
+            img_t, boxes, labels = turned
         else:
             tg = self.images[self._img[i]].index.targets(win)
             img_t, boxes, labels = torch.from_numpy(image), torch.from_numpy(tg["boxes"]), torch.from_numpy(tg["labels"])
