@@ -19,7 +19,8 @@ import pyogrio
 import torch
 
 from hem_bootstrap.config import EvaluateConfig, ExperimentConfig, TrainConfig
-from hem_bootstrap.data.training import ChipDataset, RatioBatchSampler, TrainImage, collate_chips
+from hem_bootstrap.data.sampling import RatioBatchSampler
+from hem_bootstrap.data.training import ChipDataset, TrainImage, collate_chips
 from hem_bootstrap.detections import Naming, empty_detections, read_detections, write_detections
 from hem_bootstrap.distributed import broadcast_from_rank0
 from hem_bootstrap.evaluate import EvalImage, evaluate, write_metrics

@@ -185,9 +185,9 @@ def trained_small_model(synth_scenes: Path, tmp_path_factory: pytest.TempPathFac
     import torch
 
     from hem_bootstrap.config import config_from_tree
+    from hem_bootstrap.data.sampling import RatioBatchSampler
     from hem_bootstrap.data.training import (
         ChipDataset,
-        RatioBatchSampler,
         collate_chips,
         prepare_train_images,
     )

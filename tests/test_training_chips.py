@@ -12,9 +12,9 @@ import torch
 
 from hem_bootstrap.config import DataConfig, ImageSet
 from hem_bootstrap.data.augment import ChipAugment
+from hem_bootstrap.data.sampling import RatioBatchSampler
 from hem_bootstrap.data.training import (
     ChipDataset,
-    RatioBatchSampler,
     TrainImage,
     collate_chips,
     prepare_train_images,

@@ -410,8 +410,7 @@ class LabelIndex:
         o = self._outlines
         if len(o) == 0:
             return False
-        area = 0.5 * np.abs(np.einsum("ni,ni->n", o[:, :, 0], np.roll(o[:, :, 1], -1, axis=1))
-                            - np.einsum("ni,ni->n", o[:, :, 1], np.roll(o[:, :, 0], -1, axis=1)))
+        area = shapely.area(shapely.polygons(o))
         box = np.ptp(o[:, :, 0], axis=1) * np.ptp(o[:, :, 1], axis=1)
         return bool((area < 0.98 * box).any())
 
