@@ -131,8 +131,9 @@ def test_step_window_skips_and_cycles_a_user_sampler() -> None:
         list(_StepWindow([], 0, 2))
 
 
-def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path: Path) -> None:
-    cfg = _cfg()
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path: Path, ema_decay: float) -> None:
+    cfg = _cfg(ema_decay=ema_decay)
     straight = _model(0)
     res = train(straight, Chips(), cfg, RUNTIME, 6, ckpt_path=tmp_path / "a.pt", progress=False)
     assert isinstance(res, TrainResult) and res.steps == 6 and len(res.losses) == 6
@@ -153,6 +154,29 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path: Path) -> Non
     # a finished run resumed again does nothing
     again = train(resumed, Chips(), cfg, RUNTIME, 6, ckpt_path=tmp_path / "b.pt", resume=True, progress=False)
     assert again.steps == 6 and again.seconds == 0.0
+
+
+def test_weight_average_blends_the_steps_with_its_warm_up() -> None:
+    """With ``ema_decay`` the model after 2 steps is the warmed-up blend of the weights after step 1 and 2."""
+    cfg = _cfg(schedule="constant", warmup_steps=0)
+    after = {}
+    for steps in (1, 2):  # each step's batch depends on (seed, step) only: step 1 of both runs is the same
+        model = _model(0)
+        train(model, Chips(), cfg, RUNTIME, steps, progress=False)
+        after[steps] = model.state_dict()
+    averaged = _model(0)
+    train(averaged, Chips(), _cfg(schedule="constant", warmup_steps=0, ema_decay=0.9), RUNTIME, 2, progress=False)
+    keep = min(0.9, 2 / 11)  # update 1 (the first is a copy): decay min(0.9, (1 + 1) / (10 + 1))
+    got = averaged.state_dict()
+    moved = 0
+    for k, v in got.items():
+        if not v.is_floating_point():
+            assert torch.equal(v, after[2][k]), k
+            continue
+        torch.testing.assert_close(v, keep * after[1][k] + (1 - keep) * after[2][k], msg=k)
+        moved += int(not torch.equal(after[1][k], after[2][k]))
+    assert moved > 10  # the steps did change the weights, so the blend is not trivially equal
+    assert not all(torch.equal(got[k], after[2][k]) for k in got)
 
 
 def test_checkpoint_holds_step_round_config_and_training_state(tmp_path: Path) -> None:

@@ -104,6 +104,12 @@ class TrainConfig(Section):
         "whose objects lie at a few angles (a street grid) while held-out imagery has others. Labels given as "
         "boxes or points carry no orientation: then no chip turns (a turned box is looser than its object).",
     )
+    ema_decay: float = Field(
+        0.0, ge=0, lt=1,
+        description="Decay of a moving average of the weights over each round's steps; the round's model is the "
+        "average (warm-up: update n uses min(decay, (1+n)/(10+n))). 0: off, the last step's weights. 0.99 averages "
+        "over roughly the last 100 steps.",
+    )
     checkpoint_every: int = Field(100, gt=0, description="Steps between checkpoints.")
     ohem: bool = Field(False, description="Online hard example mining of RoIs (two-stage detectors).")
     ohem_rois: int = Field(128, gt=0, description="OHEM: RoIs kept per image (highest loss after NMS).")

@@ -29,6 +29,7 @@ from hem_bootstrap.errors import TrainingError
 from hem_bootstrap.logs import Progress
 from hem_bootstrap.model.checkpoints import load_checkpoint, save_checkpoint
 from hem_bootstrap.model.device import amp_dtype, amp_enabled, resolve_device
+from hem_bootstrap.model.ema import WeightAverage
 
 log = logging.getLogger(__name__)
 
@@ -335,15 +336,15 @@ def _make_loader(
     )
 
 
-def _resume_state(
-    ckpt_path: Path | None, resume: bool, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any
-) -> tuple[int, list[float]]:
+def _resume_state(ckpt_path: Path | None, resume: bool, run: _Run) -> tuple[int, list[float]]:
     """Step to start from and the loss history, from the checkpoint when resuming."""
     if not (resume and ckpt_path is not None and Path(ckpt_path).is_file()):
         if resume:
             log.info("resume requested but no checkpoint at %s: training from step 0", ckpt_path)
         return 0, []
-    meta = load_checkpoint(Path(ckpt_path), model, optimizer, scheduler, scaler)
+    meta = load_checkpoint(Path(ckpt_path), run.model, run.optimizer, run.scheduler, run.scaler)
+    if run.ema is not None and meta["extra"].get("ema") is not None:
+        run.ema.load_state_dict(meta["extra"]["ema"])
     log.info("resuming from %s at step %d", ckpt_path, meta["step"])
     return int(meta["step"]), [float(x) for x in meta["extra"].get("losses", [])]
 
@@ -386,7 +387,7 @@ def train(
         TrainingError: empty dataset, or a non-finite loss (the step and loss parts named).
     """
     run = _start(model, train_cfg, runtime_cfg, steps, distributed)
-    start, losses = _resume_state(ckpt_path, resume, run.model, run.optimizer, run.scheduler, run.scaler)
+    start, losses = _resume_state(ckpt_path, resume, run)
     if start >= steps:
         return TrainResult(start, losses[-1] if losses else float("nan"), 0.0, 0.0, losses)
     seed = int(runtime_cfg.seed)
@@ -409,10 +410,14 @@ def train(
         loss, parts = train_one_step(net, batch, run.optimizer, scaler=run.scaler, grad_clip=train_cfg.grad_clip,
                                      autocast_dtype=run.autocast_dtype, device_type=run.device.type)
         run.scheduler.step()
+        if run.ema is not None:
+            run.ema.update(run.model)
         pending.add(step, loss, parts)
         chips += len(batch[0]) * run.world
         step += 1
         done = step == steps
+        if done and run.ema is not None:
+            run.ema.copy_to(run.model)  # the round's model is the average
         save_now = ckpt_path is not None and (step % train_cfg.checkpoint_every == 0 or done)
         shown: dict[str, float] = {}
         if len(pending.steps) >= sync_every or save_now or done:
@@ -440,13 +445,15 @@ class _Run:
     scheduler: Any
     scaler: Any
     autocast_dtype: torch.dtype | None
+    ema: WeightAverage | None = None
 
     def save(self, path: Path, step: int, round_idx: int, config: dict[str, Any] | None, losses: list[float],
              card: dict[str, Any] | None = None) -> None:
         """A checkpoint with everything a resume needs, and the model card."""
         save_checkpoint(path, self.model, self.optimizer, self.scheduler,
                         self.scaler if self.scaler.is_enabled() else None, step=step, round_idx=round_idx,
-                        config=config, extra={"losses": losses}, card=card)
+                        config=config, extra={"losses": losses, "ema": self.ema.state_dict() if self.ema else None},
+                        card=card)
 
 
 def _start(model: nn.Module, train_cfg: TrainConfig, runtime_cfg: RuntimeConfig, steps: int, distributed: bool) -> _Run:
@@ -463,4 +470,5 @@ def _start(model: nn.Module, train_cfg: TrainConfig, runtime_cfg: RuntimeConfig,
     optimizer = make_optimizer(model, train_cfg)
     scheduler = make_scheduler(optimizer, train_cfg, steps)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and ac_dtype == torch.float16)
-    return _Run(device, rank, world, model, optimizer, scheduler, scaler, ac_dtype)
+    ema = WeightAverage(model, train_cfg.ema_decay) if train_cfg.ema_decay > 0 else None
+    return _Run(device, rank, world, model, optimizer, scheduler, scaler, ac_dtype, ema)
