@@ -18,8 +18,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 
-def _decay_at(decay: float, n_averaged: Tensor | int) -> float:
-    n = int(n_averaged)
+def _decay_at(decay: float, n: int) -> float:
     return min(decay, (1 + n) / (10 + n))
 
 
@@ -28,17 +27,19 @@ class WeightAverage:
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = float(decay)
+        self._keep = 0.0  # this update's decay, set on the host (reading the count on a GPU would sync)
 
-        def blend(averaged: Tensor, current: Tensor, n_averaged: Tensor | int) -> Tensor:
+        def blend(averaged: Tensor, current: Tensor, _n_averaged: Tensor | int) -> Tensor:
             if not averaged.is_floating_point():
                 return current
-            return torch.lerp(averaged, current.to(averaged.dtype), 1.0 - _decay_at(self.decay, n_averaged))
+            return torch.lerp(averaged, current.to(averaged.dtype), 1.0 - self._keep)
 
         self.averaged = AveragedModel(model, avg_fn=blend, use_buffers=True)
         self.averaged.requires_grad_(False)
 
     def update(self, model: nn.Module) -> None:
         """Fold the model's current weights into the average."""
+        self._keep = _decay_at(self.decay, int(self.averaged.n_averaged))  # the count lives on the CPU
         self.averaged.update_parameters(model)
 
     def copy_to(self, model: nn.Module) -> None:
