@@ -137,6 +137,30 @@ def test_tiles_enter_at_their_own_size() -> None:
     assert torch.equal(tgt[0]["boxes"], targets[0]["boxes"])
 
 
+@pytest.mark.parametrize(
+    ("sizes", "divisible"),
+    [([(64, 64)] * 3, 32), ([(64, 64)] * 2, 1), ([(64, 64), (96, 64)], 32), ([(70, 70)] * 2, 32)],
+    ids=["equal", "equal-undivided", "mixed", "needs-padding"],
+)
+def test_tile_transform_equals_torchvisions_bit_for_bit(sizes: list[tuple[int, int]], divisible: int) -> None:
+    """The stacked fast path (equal tiles) and the fallback give torchvision's batch, sizes and targets exactly."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    g = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, h, w, generator=g) for h, w in sizes]
+    before = [im.clone() for im in images]
+    targets = [{"boxes": torch.tensor([[1.0, 2.0, 30.0, 20.0]]), "labels": torch.tensor([1])} for _ in sizes]
+    t = TileTransform(64, 64, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], size_divisible=divisible)
+    got, got_targets = t(images, targets)
+    want, want_targets = GeneralizedRCNNTransform.forward(t, images, targets)
+    assert torch.equal(got.tensors, want.tensors) and got.image_sizes == want.image_sizes
+    assert got_targets is not None and want_targets is not None
+    for a, b, given in zip(got_targets, want_targets, targets, strict=True):
+        assert a is not given and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a, b) for a, b in zip(images, before, strict=True))  # inputs untouched
+    assert t(images)[1] is None
+
+
 def test_small_fcos_levels_fit_small_objects() -> None:
     """Strides 4/8/16 with point sizes from anchor_sizes / 4 (never below the stride)."""
     model = build_detector(ModelConfig(anchor_sizes=[16, 32, 64]), 2, 256).eval()

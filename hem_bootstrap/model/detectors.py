@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+import torchvision
 from torch import Tensor, nn
 from torchvision.models import mobilenet_v3_large
 from torchvision.models.detection import (
@@ -35,6 +37,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBo
 from torchvision.models.detection.backbone_utils import mobilenet_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.fcos import FCOSHead
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.ssd import SSD
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
@@ -65,6 +68,30 @@ class TileTransform(GeneralizedRCNNTransform):
     ) -> tuple[Tensor, dict[str, Tensor] | None]:
         """Return the image and target unchanged."""
         return image, target
+
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> tuple[ImageList, list[dict[str, Tensor]] | None]:
+        """A batch of equal tiles (every scan and training batch) is stacked once and normalised in place.
+
+        torchvision normalises image by image into new tensors and then copies them into a padded
+        batch; with no padding to add, the same arithmetic on the stacked batch gives the same
+        bits with one allocation instead of ``2 * len(images) + 1``. Anything else (mixed sizes,
+        sizes that need padding, integer images, tracing for export) takes torchvision's path.
+        """
+        images = list(images)
+        shapes = {tuple(img.shape) for img in images}
+        if len(shapes) != 1 or torchvision._is_tracing() or not images[0].is_floating_point():
+            return super().forward(images, targets)
+        shape = shapes.pop()
+        if len(shape) != 3 or shape[1] % self.size_divisible or shape[2] % self.size_divisible:
+            return super().forward(images, targets)
+        batch = torch.stack(images)
+        mean = torch.as_tensor(self.image_mean, dtype=batch.dtype, device=batch.device)
+        std = torch.as_tensor(self.image_std, dtype=batch.dtype, device=batch.device)
+        batch.sub_(mean[None, :, None, None]).div_(std[None, :, None, None])
+        kept = [dict(t) for t in targets] if targets is not None else None  # callers' dicts stay theirs
+        return ImageList(batch, [(shape[1], shape[2])] * len(images)), kept
 
 
 def _tile_transform(
