@@ -107,8 +107,8 @@ class TrainConfig(Section):
     ema_decay: float = Field(
         0.0, ge=0, lt=1,
         description="Decay of a moving average of the weights over each round's steps; the round's model is the "
-        "average (warm-up: update n uses min(decay, (1+n)/(10+n))). 0: off, the last step's weights. 0.99 averages "
-        "over roughly the last 100 steps.",
+        "average (warm-up: update n uses min(decay, (1+n)/(10+n))). 0: off, the last step's weights. Once warmed "
+        "up, 0.99 averages over roughly the last 100 steps; a 120-step round ends averaging about its last 12.",
     )
     checkpoint_every: int = Field(100, gt=0, description="Steps between checkpoints.")
     ohem: bool = Field(False, description="Online hard example mining of RoIs (two-stage detectors).")
