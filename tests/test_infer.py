@@ -128,8 +128,10 @@ def test_object_across_seam_reported_once(scan, whole, synth_scenes: Path) -> No
     seams = [256, 448, 640]
     crossing = [i for i, b in enumerate(lab_px.tolist()) if any(b[0] < s < b[2] or b[1] < s < b[3] for s in seams)]
     assert len(crossing) >= 2, "the scene should have vehicles across tile seams"
-    t_conf = _px(tiled[tiled["score"] >= 0.5], transform)
-    w_conf = whole["boxes"][whole["scores"] >= 0.5].double()
+    # a briefly trained model is not sure of these vehicles, and how sure differs by CPU (best 0.49 and 0.24 on
+    # one Xeon, found at 0.5 on an EPYC): any box above 0.2 counts, in both runs alike
+    t_conf = _px(tiled[tiled["score"] >= 0.2], transform)
+    w_conf = whole["boxes"][whole["scores"] >= 0.2].double()
     found = 0
     for i in crossing:
         n_tiled = int((box_iou(lab_px[i : i + 1], t_conf)[0] >= 0.5).sum())

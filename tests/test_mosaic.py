@@ -51,8 +51,9 @@ def test_a_scene_cut_into_2x2_files_detects_as_the_whole_scene(synth_scenes: Pat
     assert whole.geometry.geom_equals_exact(mosaic.geometry, tolerance=1e-6).all()
     edge = open_raster(synth_scenes / "test.tif").transform @ (CUT, 0)
     line = shapely.LineString([(edge[0], -1e9), (edge[0], 1e9)])
-    assert int(mosaic[mosaic["score"] >= 0.3].geometry.crosses(line).sum()) > 0  # objects on the file edge, whole
-    # file by file (mosaic: off) the edge cuts them: no box crosses it
+    # boxes on the file edge, whole (at any score: how sure a briefly trained model is of them differs by CPU,
+    # best 0.30 on one Xeon); file by file (mosaic: off) the edge cuts them: no box crosses it at any score
+    assert int(mosaic.geometry.crosses(line).sum()) > 0
     tree = yaml.safe_load(cfg.read_text())
     tree["data"]["pool"] = [{"images": tiles, "mosaic": "off"}]
     cfg.write_text(yaml.safe_dump(tree))
