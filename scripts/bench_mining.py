@@ -27,7 +27,10 @@ windows hold a look-alike against the random arm's windows.
 
 Every run is kept under ``--work``; a finished run is never redone, so the sweep can be run in
 parts (one density or a few seeds at a time) and tabulated with ``--collect-only``. ``--set``
-applies a config change to every arm (the recipe under test) and ``--tag`` names it.
+applies a config change to every arm (the recipe under test) and ``--tag`` names it;
+``--against TAG`` also compares each arm with the same arm of another recipe's finished runs
+(same seeds and scenes), which tells whether a recipe that widens the gap between arms does so
+by helping the mined arm or by hurting its control.
 
 Example (the lowest density, 5 seeds; about 1 hour on 2 CPU cores):
     python scripts/bench_mining.py --densities 0.01 --seeds 31 32 33 34 35
@@ -209,6 +212,19 @@ def collect(run: Path, scenes: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def finished(work: Path, tag: str, dens: float, a: argparse.Namespace) -> dict[str, dict[int, list[dict[str, Any]]]]:
+    """Another tag's finished runs of ``a.seeds`` and ``a.arms`` at ``dens`` (``--against``), per arm and seed."""
+    runs = work / "runs" / tag / f"d{dens:g}"
+    if not runs.is_dir():
+        raise SystemExit(f"--against {tag}: no runs at density {dens:g} under {runs}")
+    out: dict[str, dict[int, list[dict[str, Any]]]] = {}
+    for arm in a.arms:
+        for seed in a.seeds:
+            if (runs / f"s{seed}_{arm}" / "table.txt").exists():
+                out.setdefault(arm, {})[seed] = collect(runs / f"s{seed}_{arm}", work / "scenes" / f"d{dens:g}_s{seed}")
+    return out
+
+
 def _older(m: dict[str, Any]) -> bool:
     """Were these metrics written before the away-from-objects log-average or the enclosing localisation count?"""
     if "log_avg_fp_away_per_km2" not in m or "fp_kinds_at_recall" not in m:
@@ -280,30 +296,36 @@ def mined_on_lookalikes(path: Path, scenes: Path) -> dict[str, float | None]:
 # ------------------------------------------------------------------------------------ tables
 
 
-def comparisons(results: dict[str, dict[int, list[dict[str, Any]]]], r: int) -> list[dict[str, Any]]:
-    """Each arm against ``random`` and ``none`` at round ``r``: paired differences with intervals."""
-    from hem_bootstrap.scoring.paired import paired_bootstrap
-
+def comparisons(results: dict[str, dict[int, list[dict[str, Any]]]], r: int,
+                against: tuple[str, dict[str, dict[int, list[dict[str, Any]]]]] | None = None) -> list[dict[str, Any]]:
+    """Each arm against ``random`` and ``none`` at round ``r``, and against the same arm of ``against``'s recipe."""
     out = []
     for arm in results:
         for ctl in ("random", "none"):
-            if ctl not in results or ctl == arm:
-                continue
-            row: dict[str, Any] = {"arm": arm, "control": ctl}
-            for metric in METRICS:
-                d = paired_bootstrap(_per_seed(results[arm], r, metric), _per_seed(results[ctl], r, metric))
-                row[metric] = None if d is None else d.__dict__
-            # the same as a ratio: FP counts are heavy-tailed (one hard scene can hold most of them), so the
-            # mean of per-scene log ratios is read beside the raw difference (same sign per pair)
-            d = paired_bootstrap(_per_seed(results[arm], r, "log_avg", log=True),
-                                 _per_seed(results[ctl], r, "log_avg", log=True))
-            row["log_avg_ratio"] = None if d is None else {**d.__dict__, **{k: math.exp(getattr(d, k))
-                                                                            for k in ("mean", "lo", "hi")}}
-            ap = paired_bootstrap({s: [_at(x, r)["ap50"]] for s, x in results[arm].items() if _at(x, r)},
-                                  {s: [_at(x, r)["ap50"]] for s, x in results[ctl].items() if _at(x, r)})
-            row["ap50"] = None if ap is None else ap.__dict__
-            out.append(row)
+            if ctl in results and ctl != arm:
+                out.append({"arm": arm, "control": ctl, **compare(results[arm], results[ctl], r)})
+        if against is not None and arm in against[1]:
+            out.append({"arm": arm, "control": f"{arm} ({against[0]})", **compare(results[arm], against[1][arm], r)})
     return out
+
+
+def compare(a: dict[int, list[dict[str, Any]]], b: dict[int, list[dict[str, Any]]], r: int) -> dict[str, Any]:
+    """Paired differences ``a - b`` at round ``r`` (same seeds, same scenes) with bootstrap intervals."""
+    from hem_bootstrap.scoring.paired import paired_bootstrap
+
+    row: dict[str, Any] = {}
+    for metric in METRICS:
+        d = paired_bootstrap(_per_seed(a, r, metric), _per_seed(b, r, metric))
+        row[metric] = None if d is None else d.__dict__
+    # the same as a ratio: FP counts are heavy-tailed (one hard scene can hold most of them), so the
+    # mean of per-scene log ratios is read beside the raw difference (same sign per pair)
+    d = paired_bootstrap(_per_seed(a, r, "log_avg", log=True), _per_seed(b, r, "log_avg", log=True))
+    row["log_avg_ratio"] = None if d is None else {**d.__dict__, **{k: math.exp(getattr(d, k))
+                                                                    for k in ("mean", "lo", "hi")}}
+    ap = paired_bootstrap({s: [_at(x, r)["ap50"]] for s, x in a.items() if _at(x, r)},
+                          {s: [_at(x, r)["ap50"]] for s, x in b.items() if _at(x, r)})
+    row["ap50"] = None if ap is None else ap.__dict__
+    return row
 
 
 def headroom(results: dict[str, dict[int, list[dict[str, Any]]]], r: int) -> dict[str, Any]:
@@ -351,7 +373,9 @@ def _ci(d: dict[str, Any] | None, fmt: str = ".3g", one: float = 0.0) -> str:
     return f"{d['mean']:{fmt}} [{d['lo']:{fmt}}, {d['hi']:{fmt}}]{mark} {d['seeds_lower']}/{d['n_seeds']}"
 
 
-def markdown(by_density: dict[str, dict[str, dict[int, list[dict[str, Any]]]]], rounds: int) -> tuple[str, dict]:
+def markdown(by_density: dict[str, dict[str, dict[int, list[dict[str, Any]]]]], rounds: int,
+             against: dict[str, tuple[str, dict[str, dict[int, list[dict[str, Any]]]]]] | None = None
+             ) -> tuple[str, dict]:
     lines, stats, rooms = [], {}, {}
     for dens, results in by_density.items():
         lines += [f"### look-alikes in {float(dens):.0%} of windows", "",
@@ -376,7 +400,7 @@ def markdown(by_density: dict[str, dict[str, dict[int, list[dict[str, Any]]]]], 
                              f"{_mean([x['val_threshold'] for x in xs])} | {_mean([x['new'] for x in xs])} | "
                              f"{_mean([x.get('box_on_lookalike') for x in xs])} / "
                              f"{_mean([x.get('window_with_lookalike') for x in xs])} |")
-        comp = comparisons(results, rounds)
+        comp = comparisons(results, rounds, (against or {}).get(dens))
         room = headroom(results, rounds)
         stats[dens], rooms[dens] = comp, room
         lines += ["", f"Round {rounds}, near-object floor / log-avg FP/km² (what removing every FP away from objects "
@@ -423,6 +447,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tag", default="default", help="name of the recipe (runs under WORK/runs/TAG)")
     p.add_argument("--round0-from", default=None, metavar="TAG",
                    help="reuse another tag's round-0 models (for changes that only act after round 0)")
+    p.add_argument("--against", default=None, metavar="TAG",
+                   help="also compare each arm with the same arm of another tag's finished runs (same seeds)")
     p.add_argument("--collect-only", action="store_true", help="tabulate finished runs, train nothing")
     p.add_argument("--work", default="bench_out/mining")
     p.add_argument("--out", default=None, help="JSON output (default: WORK/TAG.json; a .md beside it)")
@@ -438,6 +464,7 @@ def main() -> None:
           f"held-out: {a.test_scenes} scenes, {a.test_scenes * (a.test_size * a.gsd) ** 2 / 1e6:.2f} km²", flush=True)
     t0 = time.perf_counter()
     by_density: dict[str, dict[str, dict[int, list[dict[str, Any]]]]] = {}
+    against = {}
     for dens in a.densities:
         runs = work / "runs" / a.tag / f"d{dens:g}"
         a.round0_runs = work / "runs" / a.round0_from / f"d{dens:g}" if a.round0_from else None
@@ -455,7 +482,9 @@ def main() -> None:
                 if (run / "table.txt").exists():
                     results[arm][seed] = collect(run, scenes)
         by_density[f"{dens:g}"] = {arm: rows for arm, rows in results.items() if rows}
-    table, stats = markdown(by_density, a.rounds)
+        if a.against:
+            against[f"{dens:g}"] = (a.against, finished(work, a.against, dens, a))
+    table, stats = markdown(by_density, a.rounds, against)
     print(table)
     out.parent.mkdir(parents=True, exist_ok=True)
     args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}

@@ -57,6 +57,15 @@ def test_bench_mining_toy_sweep(tmp_path: Path) -> None:
     collected = _bench(tmp_path, "--arms", "none", "random", "topk", "dense", "--collect-only")
     assert collected.returncode == 0, collected.stderr[-2000:]
     assert set(json.loads((tmp_path / "default.json").read_text())["results"]["0.2"]) == set(arms)
+    # each arm against the same arm of another recipe (here the same runs: every difference is zero)
+    vs = _bench(tmp_path, "--arms", "random", "topk", "--collect-only", "--against", "default", "--out",
+                str(tmp_path / "vs.json"))
+    assert vs.returncode == 0, vs.stderr[-2000:]
+    same = {c["control"]: c for c in json.loads((tmp_path / "vs.json").read_text())["comparisons"]["0.2"]
+            if c["arm"] == "topk"}
+    assert same["topk (default)"]["ap50"]["mean"] == 0 and "random" in same
+    missing = _bench(tmp_path, "--collect-only", "--against", "nosuchtag")
+    assert missing.returncode != 0 and "--against nosuchtag: no runs" in missing.stderr
     # a round scored before metrics had the near-object floor is re-scored from its saved detections
     metrics = runs / "s1_none" / "round_001" / "metrics.json"
     m = json.loads(metrics.read_text())
