@@ -168,8 +168,20 @@ def run_arm(scenes: Path, runs: Path, seed: int, arm: str, a: argparse.Namespace
     (run / "manifest.json").write_text(json.dumps(manifest))
     shutil.copyfile(base / "config.resolved.yaml", run / "config.resolved.yaml")
     cfg = config_from_tree(config_tree(scenes, runs, run.name, arm, a), scenes)
+    _same_model(base, cfg.model.model_dump(mode="json"))
     run_experiment(cfg, resume=True, force=True, print_table=False)
     return run
+
+
+def _same_model(base: Path, model: dict[str, Any]) -> None:
+    """Refuse to fine-tune a round-0 model built otherwise (``--round0-from`` a tag run under other defaults)."""
+    from hem_bootstrap.loop import with_defaults
+
+    made = with_defaults(yaml.safe_load((base / "config.resolved.yaml").read_text()))["model"]
+    diff = [f"model.{k}: {made.get(k)!r} there, {v!r} here" for k, v in model.items() if made.get(k) != v]
+    if diff:
+        raise SystemExit(f"{base}: round 0 was built with another model ({'; '.join(diff)}); "
+                         "add --set for those keys or drop --round0-from")
 
 
 # ------------------------------------------------------------------------------------ collect

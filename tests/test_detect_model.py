@@ -191,3 +191,24 @@ def test_an_area_of_interest_limits_the_scan(run0: tuple[Path, Path], synth_scen
     code, _, err = _hem(capsys, "-q", "detect", model, image, "--aoi", str(tmp_path / "none.gpkg"),
                         "--out", str(tmp_path / "x.gpkg"))
     assert code == 2 and "--aoi" in err and "none.gpkg" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_model_file_from_before_model_width_keeps_width_one(run0: tuple[Path, Path], synth_scenes: Path,
+                                                              tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The default width grew to 1.5; a card without ``width`` describes a model of width 1 and still loads."""
+    from hem_bootstrap.config import apply_overrides, config_from_tree
+    from hem_bootstrap.model.card import model_card
+    from hem_bootstrap.model.detectors import build_detector
+
+    cfg_path, _ = run0
+    tree = apply_overrides(yaml.safe_load(cfg_path.read_text()), ["model.width=1.0"])
+    cfg = config_from_tree(tree, cfg_path.parent)
+    card = model_card(cfg, 0.15)
+    del card["model"]["width"]  # as written before the option existed
+    old = tmp_path / "old.pth"
+    torch.save(build_detector(cfg.model, cfg.num_classes, cfg.tiling.tile_size).state_dict(), old)
+    old.with_suffix(".json").write_text(json.dumps(card))
+    assert read_card(old)["model"]["width"] == 1.0
+    code, _, err = _hem(capsys, "-q", "detect", str(old), str(synth_scenes / "test.tif"),
+                        "--out", str(tmp_path / "old.gpkg"))
+    assert code == 0, err

@@ -226,7 +226,17 @@ def test_weights_mismatch_names_keys_and_shapes(tmp_path: Path) -> None:
     assert str(path) in msg
     assert "missing: backbone.fpn.layer_blocks.0.0.weight" in msg
     assert "unexpected: head.extra.weight" in msg
-    assert "head.classification_head.cls_logits.weight expected (2, 64, 3, 3) got (3, 64, 3, 3)" in msg
+    assert "head.classification_head.cls_logits.weight expected (2, 96, 3, 3) got (3, 96, 3, 3)" in msg
+    assert "model.width" not in msg  # keys differ too: not a width mismatch
+
+
+def test_a_model_of_another_width_is_named_as_such(tmp_path: Path) -> None:
+    """Weights of a width-1 small_fcos (the default before 1.5) into a default model: the error says model.width."""
+    path = tmp_path / "narrow.pth"
+    torch.save(build_detector(ModelConfig(width=1.0), 2, 256).state_dict(), path)
+    with pytest.raises(ModelError, match=r"shape mismatches: backbone\..*another model\.width.*set model\.width"):
+        build_detector(ModelConfig(weights=str(path)), 2, 256)
+    assert build_detector(ModelConfig(width=1.0, weights=str(path)), 2, 256) is not None
 
 
 def test_backbone_weights_fill_the_trunk_only(tmp_path: Path) -> None:

@@ -72,6 +72,11 @@ def test_a_run_saved_before_newer_settings_existed_resumes() -> None:
     assert breaking_changes(old, new)  # compared raw, the new keys look like changes
     assert breaking_changes(with_defaults(old), new) == []
     assert with_defaults({"data": {"nonsense": 1}}) == {"data": {"nonsense": 1}}
+    # model.width's default grew from 1 to 1.5: a run saved without the key was a width-1 model, so resuming it
+    # under the new default is a change to refuse, not a silent rebuild that its weights would not fit
+    del old["model"]["width"]
+    assert breaking_changes(with_defaults(old), new) == ["model.width"]
+    assert with_defaults(old)["model"]["width"] == 1.0
 
 
 def test_config_diff_and_breaking() -> None:

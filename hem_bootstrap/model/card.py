@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hem_bootstrap.config import ExperimentConfig, apply_overrides, config_from_tree
+from hem_bootstrap.config.model import LEGACY_WIDTH
 from hem_bootstrap.errors import ModelError
 from hem_bootstrap.geo.raster import RasterInfo
 from hem_bootstrap.model.checkpoints import read_torch_file
@@ -73,16 +74,25 @@ def read_card(path: Path) -> dict[str, Any]:
         if not isinstance(card, Mapping) or "model" not in card:
             raise ModelError(f"{beside}: a model card from an older hem-bootstrap (no 'model' section); export the "
                              "model again with `hem export-model RUN --out FILE`")
-        return dict(card)
+        return _with_width(dict(card))
     obj = read_torch_file(path, "model")
     card = obj.get("card") if isinstance(obj, Mapping) else None
     if isinstance(card, Mapping):
-        return dict(card)
+        return _with_width(dict(card))
     config = obj.get("config") if isinstance(obj, Mapping) else None
     if isinstance(config, Mapping):  # a checkpoint from before cards: its config has all but the GSD
-        return model_card(config_from_tree(dict(config), path.parent, str(path)), None)
+        tree = dict(config)
+        tree["model"] = {"width": LEGACY_WIDTH, **dict(tree.get("model") or {})}
+        return model_card(config_from_tree(tree, path.parent, str(path)), None)
     raise ModelError(f"{path}: no model card (neither {beside.name} beside it nor one inside); "
                      "export it with `hem export-model RUN --out FILE` or pass an experiment config")
+
+
+def _with_width(card: dict[str, Any]) -> dict[str, Any]:
+    """A card written before ``model.width`` existed describes a model of width 1, whatever the default is now."""
+    if isinstance(card.get("model"), Mapping) and "width" not in card["model"]:
+        card["model"] = {**card["model"], "width": LEGACY_WIDTH}
+    return card
 
 
 def config_for_model(path: Path, images: list[str], overrides: list[str] | None = None) -> tuple[ExperimentConfig, dict]:

@@ -87,7 +87,11 @@ def mismatch_message(
         for lbl, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes))
         if items
     ]
-    return f"{what} {path} do not fit the model; " + "; ".join(parts)
+    hint = ""
+    if shapes and not missing and not unexpected and any(k.startswith("backbone.") for k in shapes):
+        hint = ("; the same layers with other channel counts: a small_fcos / small_frcnn of another model.width? "
+                "(the default is 1.5 since it was measured; models made before are 1: set model.width)")
+    return f"{what} {path} do not fit the model; " + "; ".join(parts) + hint
 
 
 def _load_strict(module: nn.Module, state: Mapping[str, Tensor], path: Path, what: str) -> None:
