@@ -36,7 +36,9 @@ def loop_config(
         "train": {"steps": steps, "finetune_steps": steps // 2, "batch_size": 4, "background_chips": 4,
                   "warmup_steps": 2},
         "mining": {"strategies": [{"name": "per_image_cap", "k": k}], "review_above": review_above},
-        "model": {"score_floor": 0.01},
+        # width 1 (the default before 1.5) keeps these machinery tests as fast as they were; the default width
+        # is trained by the session fixture model (conftest.py) and built in test_detectors.py
+        "model": {"score_floor": 0.01, "width": 1.0},
         "rounds": {"name": name, "out_dir": str(folder / "runs"), "n_rounds": 1, "stop_if_no_new": False},
         "runtime": {"workers": 0, "batch_size": 4, "seed": 3},
     }
