@@ -27,18 +27,21 @@ def scene_data(scenes: Path) -> dict[str, Any]:
 
 
 def loop_config(
-    folder: Path, name: str, data: dict[str, Any], *, k: int = 20, review_above: float = 0.99, steps: int = 12
+    folder: Path, name: str, data: dict[str, Any], *, k: int = 20, review_above: float = 0.99, steps: int = 12,
+    width: float | None = 1.0,
 ) -> Path:
-    """A fast one-round loop config (tiny training, per-image-cap mining) written to ``folder/name.yaml``."""
+    """A fast one-round loop config (tiny training, per-image-cap mining) written to ``folder/name.yaml``.
+
+    ``width`` 1 (the default before 1.5) keeps these machinery tests as fast as they were; None leaves the
+    default, for configs that scan with the session fixture model (conftest.py), which has it.
+    """
     tree = {
         "data": data,
         "tiling": {"tile_size": 256, "overlap": 32},
         "train": {"steps": steps, "finetune_steps": steps // 2, "batch_size": 4, "background_chips": 4,
                   "warmup_steps": 2},
         "mining": {"strategies": [{"name": "per_image_cap", "k": k}], "review_above": review_above},
-        # width 1 (the default before 1.5) keeps these machinery tests as fast as they were; the default width
-        # is trained by the session fixture model (conftest.py) and built in test_detectors.py
-        "model": {"score_floor": 0.01, "width": 1.0},
+        "model": {"score_floor": 0.01, **({} if width is None else {"width": width})},
         "rounds": {"name": name, "out_dir": str(folder / "runs"), "n_rounds": 1, "stop_if_no_new": False},
         "runtime": {"workers": 0, "batch_size": 4, "seed": 3},
     }

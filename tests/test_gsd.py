@@ -40,7 +40,7 @@ def test_a_raster_at_twice_the_resolution_read_at_data_gsd_detects_alike(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HEM_CACHE_DIR", str(tmp_path / "cache"))
     fine = at_gsd(synth_scenes / "test.tif", tmp_path / "fine.tif", 2.0)  # 0.075 m, 1536 px
-    cfg = loop_config(tmp_path, "gsd", scene_data(synth_scenes))
+    cfg = loop_config(tmp_path, "gsd", scene_data(synth_scenes), width=None)
     _detect(capsys, cfg, trained_small_model, synth_scenes / "test.tif", tmp_path / "coarse.gpkg")
     err = _detect(capsys, cfg, trained_small_model, fine, tmp_path / "fine.gpkg", "--set", "data.gsd=0.15")
     assert "1 raster(s) read at data.gsd = 0.15 m: fine.tif 0.075 m" in err

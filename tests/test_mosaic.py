@@ -41,7 +41,7 @@ def test_a_scene_cut_into_2x2_files_detects_as_the_whole_scene(synth_scenes: Pat
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HEM_CACHE_DIR", str(tmp_path / "cache"))
     tiles = [str(p) for p in cut_into_files(synth_scenes / "test.tif", tmp_path / "tiles", CUT)]
-    cfg = loop_config(tmp_path, "mosaic", scene_data(synth_scenes))
+    cfg = loop_config(tmp_path, "mosaic", scene_data(synth_scenes), width=None)
     _detect(capsys, cfg, trained_small_model, [str(synth_scenes / "test.tif")], tmp_path / "whole.gpkg")
     err = _detect(capsys, cfg, trained_small_model, tiles, tmp_path / "mosaic.gpkg")
     assert "4 rasters are tiles of one mosaic (768 x 768 px" in err

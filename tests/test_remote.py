@@ -64,7 +64,7 @@ def test_a_cog_over_http_detects_like_the_local_file(cog_server: Served, synth_s
                                                      trained_small_model: Path, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     base, root, seen = cog_server
-    cfg = loop_config(tmp_path, "remote", scene_data(synth_scenes))
+    cfg = loop_config(tmp_path, "remote", scene_data(synth_scenes), width=None)
     code, err = _detect(capsys, cfg, trained_small_model, str(root / "test_cog.tif"), tmp_path / "local.gpkg")
     assert code == 0, err
     before = len(seen)
@@ -87,7 +87,7 @@ def test_a_missing_url_is_a_one_line_error_naming_it(cog_server: Served, synth_s
                                                      trained_small_model: Path, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     base, _, _ = cog_server
-    cfg = loop_config(tmp_path, "remote", scene_data(synth_scenes))
+    cfg = loop_config(tmp_path, "remote", scene_data(synth_scenes), width=None)
     code, err = _detect(capsys, cfg, trained_small_model, f"{base}/gone.tif", tmp_path / "x.gpkg")
     lines = err.strip().splitlines()
     assert code == 2 and lines[-1].startswith("error: ")
