@@ -159,6 +159,8 @@ def run_arm(scenes: Path, runs: Path, seed: int, arm: str, a: argparse.Namespace
     if (run / "table.txt").exists():
         check_made_with(run, a, RUN_KEYS)
         return run
+    cfg = config_from_tree(config_tree(scenes, runs, run.name, arm, a), scenes)
+    _same_model(base, cfg.model.model_dump(mode="json"))
     shutil.rmtree(run, ignore_errors=True)
     check_made_with(run, a, RUN_KEYS)
     shutil.copytree(base / "round_000", run / "round_000")
@@ -167,8 +169,6 @@ def run_arm(scenes: Path, runs: Path, seed: int, arm: str, a: argparse.Namespace
     manifest["rounds"] = [e for e in manifest["rounds"] if e["round"] == 0]
     (run / "manifest.json").write_text(json.dumps(manifest))
     shutil.copyfile(base / "config.resolved.yaml", run / "config.resolved.yaml")
-    cfg = config_from_tree(config_tree(scenes, runs, run.name, arm, a), scenes)
-    _same_model(base, cfg.model.model_dump(mode="json"))
     run_experiment(cfg, resume=True, force=True, print_table=False)
     return run
 

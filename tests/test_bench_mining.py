@@ -75,6 +75,12 @@ def test_bench_mining_toy_sweep(tmp_path: Path) -> None:
     rescored = json.loads((metrics.parent / "near_floor.json").read_text())
     for key in ("log_avg_fp_near_per_km2", "log_avg_fp_away_per_km2"):
         assert rescored[key] == pytest.approx(m[key])
+    # another tag's round 0 built with another model is refused before anything is written
+    narrow = _bench(tmp_path, "--arms", "random", "--tag", "narrow", "--round0-from", "default",
+                    "--set", "model.width=1.0")
+    assert narrow.returncode != 0 and "round 0 was built with another model" in narrow.stderr
+    assert "model.width: 1.5 there, 1.0 here" in narrow.stderr
+    assert not (tmp_path / "runs" / "narrow" / "d0.2" / "s1_random").exists()
     # the same folders with other settings are refused, not silently reused
     other = _bench(tmp_path, "--arms", "none", "--k", "3")
     assert other.returncode != 0 and "--k 4" in other.stderr and "--work or --tag" in other.stderr
