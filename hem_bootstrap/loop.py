@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from hem_bootstrap.config import ExperimentConfig, dump_config
-from hem_bootstrap.config.model import LEGACY_WIDTH
+from hem_bootstrap.config.model import with_legacy_width
 from hem_bootstrap.distributed import (
     any_rank,
     barrier,
@@ -85,10 +85,10 @@ def with_defaults(tree: dict[str, Any]) -> dict[str, Any]:
 
     A run started by an older version lacks the keys that came later; their defaults keep the
     old behaviour, so they are no change, except ``model.width``, whose default grew: a tree
-    without it is a model of :data:`LEGACY_WIDTH`. A tree the current schema refuses is compared as it is.
+    without it is a model of width 1. A tree the current schema refuses is compared as it is.
     """
-    if isinstance(tree.get("model"), dict) and "width" not in tree["model"]:
-        tree = {**tree, "model": {**tree["model"], "width": LEGACY_WIDTH}}
+    if isinstance(tree.get("model"), dict):
+        tree = {**tree, "model": with_legacy_width(tree["model"])}
     try:
         return ExperimentConfig.model_validate(tree).model_dump(mode="json")
     except ValueError:

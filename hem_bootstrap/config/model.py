@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -10,6 +11,11 @@ from hem_bootstrap.config.base import Section
 
 LEGACY_WIDTH = 1.0
 """``model.width`` of a model whose card or saved config predates the option (its channel counts)."""
+
+
+def with_legacy_width(model: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved ``model`` section (card or resolved config); without ``width`` it predates the option: width 1."""
+    return {"width": LEGACY_WIDTH, **model}
 
 
 class ModelConfig(Section):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hem_bootstrap.config import ExperimentConfig, apply_overrides, config_from_tree
-from hem_bootstrap.config.model import LEGACY_WIDTH
+from hem_bootstrap.config.model import with_legacy_width
 from hem_bootstrap.errors import ModelError
 from hem_bootstrap.geo.raster import RasterInfo
 from hem_bootstrap.model.checkpoints import read_torch_file
@@ -82,7 +82,7 @@ def read_card(path: Path) -> dict[str, Any]:
     config = obj.get("config") if isinstance(obj, Mapping) else None
     if isinstance(config, Mapping):  # a checkpoint from before cards: its config has all but the GSD
         tree = dict(config)
-        tree["model"] = {"width": LEGACY_WIDTH, **dict(tree.get("model") or {})}
+        tree["model"] = with_legacy_width(tree.get("model") or {})
         return model_card(config_from_tree(tree, path.parent, str(path)), None)
     raise ModelError(f"{path}: no model card (neither {beside.name} beside it nor one inside); "
                      "export it with `hem export-model RUN --out FILE` or pass an experiment config")
@@ -90,8 +90,8 @@ def read_card(path: Path) -> dict[str, Any]:
 
 def _with_width(card: dict[str, Any]) -> dict[str, Any]:
     """A card written before ``model.width`` existed describes a model of width 1, whatever the default is now."""
-    if isinstance(card.get("model"), Mapping) and "width" not in card["model"]:
-        card["model"] = {**card["model"], "width": LEGACY_WIDTH}
+    if isinstance(card.get("model"), Mapping):
+        card["model"] = with_legacy_width(card["model"])
     return card
 
 
