@@ -224,7 +224,7 @@ def collect(run: Path, scenes: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def finished(work: Path, tag: str, dens: float, a: argparse.Namespace) -> dict[str, dict[int, list[dict[str, Any]]]]:
+def tag_results(work: Path, tag: str, dens: float, a: argparse.Namespace) -> dict[str, dict[int, list[dict[str, Any]]]]:
     """Another tag's finished runs of ``a.seeds`` and ``a.arms`` at ``dens`` (``--against``), per arm and seed."""
     runs = work / "runs" / tag / f"d{dens:g}"
     if not runs.is_dir():
@@ -495,7 +495,7 @@ def main() -> None:
                     results[arm][seed] = collect(run, scenes)
         by_density[f"{dens:g}"] = {arm: rows for arm, rows in results.items() if rows}
         if a.against:
-            against[f"{dens:g}"] = (a.against, finished(work, a.against, dens, a))
+            against[f"{dens:g}"] = (a.against, tag_results(work, a.against, dens, a))
     table, stats = markdown(by_density, a.rounds, against)
     print(table)
     out.parent.mkdir(parents=True, exist_ok=True)
