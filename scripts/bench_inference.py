@@ -104,11 +104,13 @@ def _over_http(args: argparse.Namespace, raster: Path) -> dict:
 
 
 def _cfg(arch: str, batch: int, workers: int | None, tile: int, overlap: int, fast_path: str, threads: int | None,
-         amp: bool = True):
+         amp: bool = True, width: float | None = None):
     from hem_bootstrap.config import ExperimentConfig
 
     cfg = ExperimentConfig()
     cfg.model.arch = arch
+    if width is not None:
+        cfg.model.width = width
     cfg.model.score_floor = SCORE_FLOOR
     cfg.model.fast_path = fast_path  # type: ignore[assignment]
     cfg.runtime.batch_size = batch
@@ -119,6 +121,13 @@ def _cfg(arch: str, batch: int, workers: int | None, tile: int, overlap: int, fa
     cfg.tiling.tile_size = tile
     cfg.tiling.overlap = overlap
     return cfg
+
+
+def _card_width(weights: Path) -> float | None:
+    """The width a model file was trained at, from its card (a file from before widths: 1)."""
+    from hem_bootstrap.model.card import read_card
+
+    return read_card(weights)["model"].get("width")
 
 
 def _cuda() -> bool:
@@ -150,7 +159,7 @@ def child_end_to_end(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = _cfg(args.arch, args.batch, args.workers, args.tile, args.overlap, args.fast_path, args.threads,
-               args.amp == "on")
+               args.amp == "on", args.width)
     torch.manual_seed(0)
     model = build_detector(cfg.model, 2, args.tile)
     if args.weights:
@@ -185,7 +194,7 @@ def child_model_only(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = _cfg(args.arch, args.batch, 0, args.tile, args.overlap, args.fast_path, args.threads,
-               args.amp == "on")
+               args.amp == "on", args.width)
     torch.manual_seed(0)
     model = build_detector(cfg.model, 2, args.tile)
     if args.weights:
@@ -235,7 +244,7 @@ def child_sahi(args: argparse.Namespace) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = _cfg(args.arch, args.batch, 0, args.tile, args.overlap, "none", args.threads)
+    cfg = _cfg(args.arch, args.batch, 0, args.tile, args.overlap, "none", args.threads, width=args.width)
     torch.manual_seed(0)
     model = build_detector(cfg.model, 2, args.tile)
     if args.weights:
@@ -292,6 +301,8 @@ def _run_child(kind: str, args: argparse.Namespace, **extra: object) -> dict:
         cmd += ["--workers", str(args.workers)]
     if args.weights:
         cmd += ["--weights", args.weights]
+    if args.width is not None:
+        cmd += ["--width", str(args.width)]
     if extra.get("dump"):
         cmd += ["--dump", str(extra["dump"])]
     env = {**os.environ, **extra["env"]} if extra.get("env") else None  # type: ignore[dict-item]
@@ -379,6 +390,8 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[8192, 20000])
     p.add_argument("--arch", default="small_fcos")
     p.add_argument("--weights", default=None, help="checkpoint to load (e.g. a demo round's model.pt)")
+    p.add_argument("--width", type=float, default=None,
+                   help="model.width of small_fcos / small_frcnn (default: the --weights file's card, else the config default)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--workers", type=int, default=None,
                    help="reader processes of the scan (runtime.detect_workers; default: 0 on CPU, 2 on CUDA)")
@@ -408,9 +421,11 @@ def main() -> None:
         print(json.dumps(fn(args)))
         return
 
+    if args.width is None and args.weights:
+        args.width = _card_width(Path(args.weights))
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    results: dict = {"score_floor": args.score_floor, "arch": args.arch, "batch": args.batch, "workers": args.workers, "tile": args.tile,
+    results: dict = {"score_floor": args.score_floor, "arch": args.arch, "width": args.width, "batch": args.batch, "workers": args.workers, "tile": args.tile,
                      "overlap": args.overlap, "fast_path": args.fast_path, "amp": args.amp == "on", "cpu_count": os.cpu_count(),
                      "cuda": _cuda(), "gpu": _gpu_name(), "cpu": cpu_name(), "cpu_native_bf16": cpu_has_native_bf16(),
                      "sizes": {}}

@@ -1,0 +1,46 @@
+"""scripts/bench_inference.py builds the model its ``--weights`` file was trained as.
+
+A model file of another ``model.width`` than the default (every model made before width 1.5 became
+the default is width 1) must be benchmarked at its own width, read from its card, not refused
+for shape mismatches.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from hem_bootstrap.config import ExperimentConfig
+from hem_bootstrap.model.card import model_card
+from hem_bootstrap.model.checkpoints import save_checkpoint
+from hem_bootstrap.model.detectors import build_detector
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _width_one_model(path: Path) -> None:
+    cfg = ExperimentConfig()
+    cfg.model.width = 1.0
+    torch.manual_seed(0)
+    model = build_detector(cfg.model, cfg.num_classes, cfg.tiling.tile_size)
+    save_checkpoint(path, model, card=model_card(cfg, 0.15))
+
+
+def test_bench_inference_reads_the_width_of_its_weights(tmp_path: Path) -> None:
+    weights = tmp_path / "w1.pt"
+    _width_one_model(weights)
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_inference.py"), "--sizes", "512", "--weights", str(weights),
+         "--model-seconds", "0.5", "--fast-path", "none", "--data-dir", str(tmp_path / "rasters"), "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bench = json.loads(out.read_text())
+    assert bench["width"] == 1.0
+    row = bench["sizes"]["512"]
+    assert "error" not in row["end_to_end"] and "error" not in row["model_only"], row
+    assert row["end_to_end"]["tiles"] > 0 and row["ratio"] > 0
