@@ -202,7 +202,7 @@ def child_model_only(args: argparse.Namespace) -> dict:
 
         load_checkpoint(Path(args.weights), model)
     device = torch.device(cfg.runtime.device)
-    model = prepare_model(model, device, cfg.model, cfg.runtime, args.tile)  # calls apply its autocast
+    run = prepare_model(model, device, cfg.model, cfg.runtime, args.tile)  # calls apply its autocast
     # the same kind of tiles the scan sees: 128 windows spread evenly over the whole raster
     from hem_bootstrap.data.tiles import plan_tiles
     from hem_bootstrap.geo.raster import RasterReader
@@ -215,14 +215,14 @@ def child_model_only(args: argparse.Namespace) -> dict:
     read_ms = (time.perf_counter() - tr) / len(pick) * 1000
     batches = [torch.stack(tiles[i:i + args.batch]).to(device) for i in range(0, len(tiles) - args.batch + 1, args.batch)]
     n_tiles = 0
-    outs = []
+    outs: list[list[dict]] = []
     with torch.inference_mode():
-        model(list(batches[0]))  # warm-up (and compile)
+        run(list(batches[0]))  # warm-up (and compile)
         t0 = time.perf_counter()
         deadline = t0 + args.model_seconds
         while time.perf_counter() < deadline:
             for b in batches:
-                out = model(list(b))
+                out = run(list(b))
                 if len(outs) < 4:
                     outs.append([{k: v.float().cpu() for k, v in o.items()} for o in out])
                 n_tiles += len(b)
@@ -231,7 +231,7 @@ def child_model_only(args: argparse.Namespace) -> dict:
         secs = time.perf_counter() - t0
     torch.save(outs, args.dump) if args.dump else None
     return {"tiles": n_tiles, "seconds": secs, "tiles_per_s": n_tiles / secs, "peak_rss_mb": _peak_rss_mb(),
-            "read_ms_per_tile": read_ms, "fast_path_used": model.fast_path}
+            "read_ms_per_tile": read_ms, "fast_path_used": run.fast_path}
 
 
 def child_sahi(args: argparse.Namespace) -> dict:
