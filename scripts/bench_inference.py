@@ -11,6 +11,10 @@ fresh subprocess so peak RSS is the run's own:
   (measured before and after the scan, mean of the two);
 * their ratio, and peak RSS (the process and its DataLoader workers); ``wall_ratio`` also
   counts what follows the last tile (the R-tree and the rows still to write);
+* when the scan ran CPU model replicas (``runtime.cpu_replicas``, :mod:`hem_bootstrap.model.replicas`;
+  ``--replicas``, default ``auto``): the same scan with the model in the scan's process
+  (``end_to_end_in_process``, ``replicas_speedup``), and a second ceiling, the replicas' own:
+  as many single-threaded model-only runs at once, their rates summed (``ratio_vs_replica_ceiling``);
 * with ``--fast-paths``, the model-only ceiling of eager float32, channels_last, bf16,
   torch.compile and onnxruntime, and how far their detections differ;
 * with ``--compare-sahi`` (when ``sahi`` is importable), SAHI's sliced prediction with the same
@@ -167,6 +171,7 @@ def child_end_to_end(args: argparse.Namespace) -> dict:
 
         load_checkpoint(Path(args.weights), model)
     device = torch.device(cfg.runtime.device)
+    cfg.runtime.cpu_replicas = args.replicas
     stats = DetectStats()
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -180,7 +185,7 @@ def child_end_to_end(args: argparse.Namespace) -> dict:
         "tiles_per_s": stats.tiles_per_s, "detections": n, "model_seconds": stats.model_seconds,
         "wait_for_reads_seconds": stats.wait_seconds, "merge_seconds": stats.merge_seconds,
         "peak_rss_mb": _peak_rss_mb(), "reader_workers": detect_workers(cfg.runtime, device),
-        "fast_path_used": stats.fast_path,
+        "fast_path_used": stats.fast_path, "replicas": stats.replicas,
     }
 
 
@@ -291,12 +296,25 @@ def _agreement(ours_gpkg: Path, sahi_npy: Path, min_score: float = 0.3, iou: flo
 
 
 def _run_child(kind: str, args: argparse.Namespace, **extra: object) -> dict:
+    return _child_result(subprocess.Popen(_child_cmd(kind, args, **extra), stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True, env=_child_env(extra)))
+
+
+def _child_env(extra: dict) -> dict | None:
+    return {**os.environ, **extra["env"]} if extra.get("env") else None
+
+
+def _child_cmd(kind: str, args: argparse.Namespace, **extra: object) -> list[str]:
     cmd = [sys.executable, __file__, "--child", kind, "--raster", str(args.raster), "--arch", args.arch,
            "--batch", str(args.batch), "--tile", str(args.tile),
            "--overlap", str(args.overlap), "--fast-path", str(extra.get("fast_path", args.fast_path)),
            "--model-seconds", str(args.model_seconds), "--score-floor", str(args.score_floor), "--amp", args.amp]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
+    threads = extra.get("threads", args.threads)
+    if threads:
+        cmd += ["--threads", str(threads)]
+    replicas = extra.get("replicas", args.replicas)
+    if replicas is not None:
+        cmd += ["--replicas", str(replicas)]
     if args.workers is not None:
         cmd += ["--workers", str(args.workers)]
     if args.weights:
@@ -305,14 +323,52 @@ def _run_child(kind: str, args: argparse.Namespace, **extra: object) -> dict:
         cmd += ["--width", str(args.width)]
     if extra.get("dump"):
         cmd += ["--dump", str(extra["dump"])]
-    env = {**os.environ, **extra["env"]} if extra.get("env") else None  # type: ignore[dict-item]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-    if out.returncode < 0:
-        return {"error": f"killed by signal {-out.returncode} (SIGKILL: likely out of memory)"}
-    if out.returncode != 0:
-        lines = [ln for ln in out.stderr.strip().splitlines() if "WARNING" not in ln]
-        return {"error": lines[-1] if lines else f"exit {out.returncode}"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return cmd
+
+
+def _child_result(proc: subprocess.Popen) -> dict:
+    """A child's JSON line, or its error."""
+    stdout, stderr = proc.communicate()
+    if proc.returncode < 0:
+        return {"error": f"killed by signal {-proc.returncode} (SIGKILL: likely out of memory)"}
+    if proc.returncode != 0:
+        lines = [ln for ln in stderr.strip().splitlines() if "WARNING" not in ln]
+        return {"error": lines[-1] if lines else f"exit {proc.returncode}"}
+    return json.loads(stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def _replica_ceiling(args: argparse.Namespace, replicas: int, fast_path: str) -> dict:
+    """The replicas' own ceiling: ``replicas`` single-threaded (or thread-sharing) model-only runs at once,
+    on the fast path the scan ran."""
+    threads = max(1, (args.threads or _torch_threads()) // replicas)
+    procs = [subprocess.Popen(_child_cmd("model", args, threads=threads, fast_path=fast_path), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(replicas)]
+    runs = [_child_result(p) for p in procs]
+    bad = [r for r in runs if "tiles_per_s" not in r]
+    if bad:
+        return bad[0]
+    return {"replicas": replicas, "threads_each": threads, "tiles_per_s": sum(r["tiles_per_s"] for r in runs),
+            "runs_tiles_per_s": [r["tiles_per_s"] for r in runs]}
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _replica_rows(args: argparse.Namespace, e2e: dict) -> dict:
+    """With replicas: the scan in one process beside it, and the replicas' own ceiling."""
+    replicas = e2e.get("replicas") or 0
+    if not replicas:
+        return {}
+    row: dict = {"end_to_end_in_process": _run_child("e2e", args, replicas=0),
+                 "model_only_replicas": _replica_ceiling(args, replicas, e2e["fast_path_used"])}
+    if "tiles_per_s" in row["end_to_end_in_process"]:
+        row["replicas_speedup"] = e2e["tiles_per_s"] / row["end_to_end_in_process"]["tiles_per_s"]
+    if "tiles_per_s" in row["model_only_replicas"]:
+        row["ratio_vs_replica_ceiling"] = e2e["tiles_per_s"] / row["model_only_replicas"]["tiles_per_s"]
+    return row
 
 
 def _compare_outputs(a: Path, b: Path) -> dict:
@@ -398,6 +454,8 @@ def main() -> None:
     p.add_argument("--tile", type=int, default=256)
     p.add_argument("--overlap", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--replicas", type=int, default=None,
+                   help="runtime.cpu_replicas of the scan (default: auto; 0: the model in the scan's process)")
     p.add_argument("--fast-path", default="auto", choices=["auto", "none", "channels_last", "compile", "bf16", "onnxruntime"])
     p.add_argument("--fast-paths", action="store_true",
                    help="also compare eager / channels_last / compile / bf16 / onnxruntime")
@@ -425,7 +483,8 @@ def main() -> None:
         args.width = _card_width(Path(args.weights))
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    results: dict = {"score_floor": args.score_floor, "arch": args.arch, "width": args.width, "batch": args.batch, "workers": args.workers, "tile": args.tile,
+    results: dict = {"score_floor": args.score_floor, "arch": args.arch, "width": args.width, "batch": args.batch, "workers": args.workers,
+                     "replicas": args.replicas, "tile": args.tile,
                      "overlap": args.overlap, "fast_path": args.fast_path, "amp": args.amp == "on", "cpu_count": os.cpu_count(),
                      "cuda": _cuda(), "gpu": _gpu_name(), "cpu": cpu_name(), "cpu_native_bf16": cpu_has_native_bf16(),
                      "sizes": {}}
@@ -449,6 +508,8 @@ def main() -> None:
             # the scan's clock stops at its last tile; this one also counts the R-tree and the
             # rows still being written to the GeoPackage
             row["wall_ratio"] = e2e["wall_tiles_per_s"] / model["tiles_per_s"]
+        if "tiles_per_s" in e2e:
+            row.update(_replica_rows(args, e2e))
         if args.compare_sahi:
             row.update(_sahi_row(args, data_dir, size, e2e, ours_dump))
         if args.over_http:

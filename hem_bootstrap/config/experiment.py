@@ -23,6 +23,12 @@ class RuntimeConfig(Section):
         "model's threads already use every core and tiles read in its own process cost less than worker "
         "processes that compete with it (scripts/bench_inference.py).",
     )
+    cpu_replicas: int | None = Field(
+        None, ge=0,
+        description="Single-threaded model replicas of a scan on a CPU, each reading and running its own "
+        "batches (hem_bootstrap/model/replicas.py); None: one per torch thread (at most 8) for scans of 64 "
+        "tiles or more per replica; 0: the model runs in the scan's process on every thread.",
+    )
     batch_size: int = Field(8, gt=0, description="Tiles per inference batch.")
     prefetch: int = Field(4, gt=0, description="Batches prefetched per worker.")
     amp: bool = Field(True, description="Mixed precision on CUDA (ignored on CPU).")

@@ -59,10 +59,12 @@ def overlapping(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     An STRtree over ``b`` queried with ``a``'s boxes: axis-aligned boxes are their own
     envelopes, so the tree's envelope test is exact and no ``N x M`` matrix is built.
     """
+    same = a is b
     a, b = as_boxes(a), as_boxes(b)
     if len(a) == 0 or len(b) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    i, j = shapely.STRtree(shapely.box(*b.T)).query(shapely.box(*a.T))
+    tree = shapely.box(*b.T)
+    i, j = shapely.STRtree(tree).query(tree if same else shapely.box(*a.T))  # the boxes against themselves: built once
     return i.astype(np.int64), j.astype(np.int64)
 
 

@@ -1,0 +1,118 @@
+"""CPU scans by model replicas: single-threaded copies of the model, each reading and running its own batches.
+
+A model with N intra-op threads on N cores loses twice against the cores it holds: its threads
+wait for each other at every operator (two threads ran 1.7x one thread on a 2-core Xeon, not
+2x), and everything around the model (reading and decoding tiles, turning the ~70 candidate
+boxes per tile of a trained model into image pixels, the seam merge, the GeoPackage rows) runs
+on one core while the other spins. Replicas (forked DataLoader workers, one thread each)
+read their tiles and run the model on them, so every core stays on useful work; only the
+per-tile detections, a few kilobytes, come back to the scan's process, which merges and writes
+them in the gaps. Batches come back in plan order, so the merge sees exactly what an
+in-process scan sees. Measured in ``scripts/bench_inference.py`` (``--replicas``).
+
+Replicas run the eager torch paths (``none``, ``channels_last``, ``bf16``); ``compile`` and
+``onnxruntime`` keep state (compiled kernels, an onnxruntime thread pool) that a fork does not
+carry, so they run in the scan's process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from hem_bootstrap.config import RuntimeConfig
+from hem_bootstrap.data.tiles import collate_tiles
+from hem_bootstrap.errors import DataError
+
+REPLICA_PATHS = ("none", "channels_last", "bf16")
+"""Fast paths a forked replica can run (see :mod:`hem_bootstrap.model.precision`)."""
+MAX_AUTO_REPLICAS = 8
+"""``auto`` starts at most this many replicas; beyond, each replica gets several threads."""
+MIN_TILES_PER_REPLICA = 64
+"""``auto`` starts replicas only for scans of at least this many tiles per replica: a shorter scan
+ends before forked replicas have warmed up (their first batches build the model's kernels again)."""
+
+
+def replica_count(runtime: RuntimeConfig, device: torch.device, fast_path: str, n_tiles: int) -> int:
+    """How many replicas a scan runs: 0 runs the model in the scan's process.
+
+    ``runtime.cpu_replicas`` set: that many (0 or 1: none). Unset (``auto``): on a CPU, one per
+    intra-op thread (at most :data:`MAX_AUTO_REPLICAS`) when there are at least two, no reader
+    workers were asked for and the scan is long enough; never on CUDA, never for a fast path
+    a fork cannot carry, never where processes cannot be forked.
+    """
+    if device.type != "cpu" or fast_path not in REPLICA_PATHS or "fork" not in multiprocessing.get_all_start_methods():
+        return 0
+    if runtime.cpu_replicas is not None:
+        return runtime.cpu_replicas if runtime.cpu_replicas >= 2 else 0
+    if runtime.detect_workers:
+        return 0
+    want = min(torch.get_num_threads(), MAX_AUTO_REPLICAS)
+    return want if want >= 2 and n_tiles >= MIN_TILES_PER_REPLICA * want else 0
+
+
+class _InReplica(Dataset):
+    """What a replica fetches for a batch of tile indices: the tiles read, stacked and run; detections, not pixels.
+
+    A :class:`DataError` (a tile that cannot be read under ``data.on_bad_raster: fail``) comes
+    back as ``{"failed": message}`` and is raised again by the scan, as one line.
+    """
+
+    def __init__(self, tiles: Dataset, run_batch: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        self.tiles = tiles
+        self.run_batch = run_batch
+
+    def __len__(self) -> int:
+        return len(self.tiles)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.__getitems__([i])
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Any]:
+        try:
+            return self.run_batch(collate_tiles(self.tiles.__getitems__(indices)))  # type: ignore[attr-defined]
+        except DataError as err:
+            return {"failed": str(err)}
+
+
+def _as_is(batch: Any) -> Any:
+    """The collate step of a replica's loader: its dataset already returns a whole batch."""
+    return batch
+
+
+class _Threads:
+    """``worker_init_fn``: each replica's share of the intra-op threads."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+
+    def __call__(self, worker_id: int) -> None:
+        torch.set_num_threads(self.threads)
+
+
+def replica_loader(dataset: Dataset, batch_size: int, replicas: int, prefetch: int,
+                   run_batch: Callable[[dict[str, Any]], dict[str, Any]]) -> DataLoader:
+    """Batches of ``dataset`` run by ``replicas`` forked workers, in order; ``run_batch`` turns a
+    collated batch into what comes back (its detections, without the pixels)."""
+    threads = max(1, torch.get_num_threads() // replicas)
+    return DataLoader(
+        _InReplica(dataset, run_batch),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=replicas,
+        collate_fn=_as_is,
+        prefetch_factor=prefetch,
+        persistent_workers=False,
+        multiprocessing_context="fork",
+        worker_init_fn=_Threads(threads),
+    )
+
+
+def raise_failed(batch: dict[str, Any]) -> None:
+    """Raise a replica's read failure in the scan's process."""
+    if "failed" in batch:
+        raise DataError(batch["failed"])

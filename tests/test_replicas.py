@@ -1,0 +1,101 @@
+"""CPU model replicas: the same detections as the model in the scan's process, when they start, bad reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import rasterio
+import torch
+
+from hem_bootstrap.config import ExperimentConfig, RuntimeConfig
+from hem_bootstrap.errors import DataError
+from hem_bootstrap.model.checkpoints import load_checkpoint
+from hem_bootstrap.model.detectors import build_detector
+from hem_bootstrap.model.infer import DetectStats, detect
+from hem_bootstrap.model.replicas import MAX_AUTO_REPLICAS, MIN_TILES_PER_REPLICA, replica_count
+
+COLS = ["score", "label", "px_xmin", "px_ymin", "px_xmax", "px_ymax", "win_col", "win_row"]
+
+
+def _cfg(replicas: int | None, fast_path: str = "none") -> ExperimentConfig:
+    cfg = ExperimentConfig()
+    cfg.tiling.overlap = 64
+    cfg.runtime.workers = 0
+    cfg.runtime.batch_size = 4
+    cfg.runtime.device = "cpu"
+    cfg.runtime.cpu_replicas = replicas
+    cfg.model.fast_path = fast_path  # type: ignore[assignment]
+    return cfg
+
+
+def _scan(ckpt: Path, images: list[Path], cfg: ExperimentConfig, stats: DetectStats) -> pd.DataFrame:
+    model = build_detector(cfg.model, cfg.num_classes, cfg.tiling.tile_size)
+    load_checkpoint(ckpt, model)
+    frames = list(detect(model.eval(), images, cfg.data, cfg.tiling, cfg.model, cfg.runtime, torch.device("cpu"),
+                         stats=stats, progress=False))
+    return pd.concat(frames, ignore_index=True)
+
+
+@pytest.mark.parametrize("fast_path", ["none", "bf16"])
+def test_replicas_give_the_detections_of_the_scan_process(trained_small_model: Path, synth_scenes: Path,
+                                                         fast_path: str) -> None:
+    """Two single-threaded replicas over two rasters: the rows, in order, of the model run in the scan's process."""
+    images = [synth_scenes / "test.tif", synth_scenes / "pool.tif"]
+    here, there = DetectStats(), DetectStats()
+    ref = _scan(trained_small_model, images, _cfg(0, fast_path), here)
+    got = _scan(trained_small_model, images, _cfg(2, fast_path), there)
+    assert here.replicas == 0 and there.replicas == 2 and there.fast_path == fast_path
+    assert there.tiles_run == here.tiles_run == 32 and there.tiles_total == here.tiles_total
+    assert there.model_seconds > 0 and len(ref) > 20
+    assert got["image"].tolist() == ref["image"].tolist()
+    pd.testing.assert_frame_equal(got[COLS], ref[COLS], check_exact=False, rtol=1e-4, atol=1e-3)
+
+
+def test_when_replicas_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = RuntimeConfig()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    long_scan = MIN_TILES_PER_REPLICA * 4
+    assert replica_count(auto, cpu, "bf16", long_scan) == 4
+    assert replica_count(auto, cpu, "channels_last", long_scan - 1) == 0  # ends before replicas warm up
+    assert replica_count(auto, cuda, "channels_last", long_scan) == 0
+    for cannot_fork in ("compile", "onnxruntime"):
+        assert replica_count(auto, cpu, cannot_fork, long_scan) == 0
+    assert replica_count(auto.model_copy(update={"detect_workers": 2}), cpu, "none", long_scan) == 0
+    assert replica_count(auto.model_copy(update={"cpu_replicas": 3}), cpu, "none", 1) == 3  # asked for: always
+    assert replica_count(auto.model_copy(update={"cpu_replicas": 1}), cpu, "none", long_scan) == 0
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
+    assert replica_count(auto, cpu, "none", 10**6) == MAX_AUTO_REPLICAS
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert replica_count(auto, cpu, "none", 10**6) == 0
+
+
+def _truncated(path: Path) -> Path:
+    rgb = np.random.default_rng(0).integers(0, 255, (3, 512, 512), dtype=np.uint8)
+    with rasterio.open(path, "w", driver="GTiff", width=512, height=512, count=3, dtype="uint8", tiled=True,
+                       blockxsize=128, blockysize=128, compress="deflate", crs="EPSG:32633",
+                       transform=rasterio.transform.from_origin(500000, 5400000, 0.15, 0.15)) as dst:
+        dst.write(rgb)
+    with open(path, "r+b") as fh:  # the header opens, the last blocks fail mid-scan
+        fh.truncate(int(path.stat().st_size * 0.6))
+    return path
+
+
+def test_a_tile_a_replica_cannot_read(trained_small_model: Path, tmp_path: Path) -> None:
+    """on_bad_raster fail: one line naming the file, raised in the scan's process; skip: counted, the rest scanned."""
+    bad = _truncated(tmp_path / "cut.tif")
+    cfg = _cfg(2)
+    cfg.tiling.overlap = 0
+    cfg.data.on_bad_raster = "fail"
+    with pytest.raises(DataError) as err:
+        _scan(trained_small_model, [bad], cfg, DetectStats())
+    assert "cut.tif" in str(err.value) and "\n" not in str(err.value)
+    cfg.data.on_bad_raster = "skip"
+    stats = DetectStats()
+    list(detect(build_detector(cfg.model, cfg.num_classes, 256).eval(), [bad], cfg.data, cfg.tiling, cfg.model,
+                cfg.runtime, torch.device("cpu"), stats=stats, progress=False))
+    assert stats.replicas == 2 and stats.tiles_total == 4 and 0 < stats.tiles_skipped < 4
+    assert len(stats.bad_rasters) == 1 and "cut.tif" in stats.bad_rasters[0]
