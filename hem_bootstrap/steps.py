@@ -232,6 +232,7 @@ def scan(ctx: Context, model_path: Path, role: str, out: Path, aoi: Path | None 
         "seconds": round(stats.seconds, 1),
         "bad_rasters": stats.bad_rasters,
         "fast_path": stats.fast_path,
+        "replicas": stats.replicas,
     }
     return broadcast_from_rank0(summary, what=f"{role} scan summary")
 

@@ -22,6 +22,7 @@ import hashlib
 import importlib.util
 import io
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -124,18 +125,37 @@ class OnnxDetector:
     """
 
     def __init__(self, model: nn.Module, tile_size: int, threads: int | None = None) -> None:
+        self.model: Any = model.cpu().eval()
+        self._onnx = cached_onnx(self.model, tile_size)
+        self._threads = threads
+        self._session, self._pid = self._open(), os.getpid()
+        self._inherited: list[Any] = []
+        self.keys = [o.name for o in self._session.get_outputs()]
+        self._grids: dict[tuple[int, int], list[tuple[int, int]]] = {}
+
+    def _open(self) -> Any:
         import onnxruntime as ort
 
-        self.model: Any = model.cpu().eval()
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        opts.intra_op_num_threads = self._threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(cached_onnx(self.model, tile_size)), opts,
-                                            providers=["CPUExecutionProvider"])
-        self.keys = [o.name for o in self.session.get_outputs()]
-        self._grids: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        return ort.InferenceSession(str(self._onnx), opts, providers=["CPUExecutionProvider"])
+
+    @property
+    def session(self) -> Any:
+        """This process's onnxruntime session.
+
+        A forked process (a CPU scan's model replica, :mod:`hem_bootstrap.model.replicas`)
+        opens its own, with its own thread count: a fork does not carry the parent's thread
+        pool. The inherited session is kept, never used nor freed, since freeing it would
+        wait for threads that do not exist in the child.
+        """
+        if self._pid != os.getpid():
+            self._inherited.append(self._session)
+            self._session, self._pid = self._open(), os.getpid()
+        return self._session
 
     def _grid(self, height: int, width: int) -> list[tuple[int, int]]:
         """The pyramid's feature-map sizes for a padded input size (one backbone run per new size)."""

@@ -10,9 +10,10 @@ per-tile detections, a few kilobytes, come back to the scan's process, which mer
 them in the gaps. Batches come back in plan order, so the merge sees exactly what an
 in-process scan sees. Measured in ``scripts/bench_inference.py`` (``--replicas``).
 
-Replicas run the eager torch paths (``none``, ``channels_last``, ``bf16``); ``compile`` and
-``onnxruntime`` keep state (compiled kernels, an onnxruntime thread pool) that a fork does not
-carry, so they run in the scan's process.
+Replicas run the eager torch paths (``none``, ``channels_last``, ``bf16``) and ``onnxruntime``
+(each replica opens its own session, see :class:`~hem_bootstrap.model.onnx_path.OnnxDetector`);
+``compile`` runs in the scan's process: its generated kernels are built for the parent's
+OpenMP threads, which a fork does not carry.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from hem_bootstrap.config import RuntimeConfig
 from hem_bootstrap.data.tiles import collate_tiles
 from hem_bootstrap.errors import DataError
 
-REPLICA_PATHS = ("none", "channels_last", "bf16")
+REPLICA_PATHS = ("none", "channels_last", "bf16", "onnxruntime")
 """Fast paths a forked replica can run (see :mod:`hem_bootstrap.model.precision`)."""
 MAX_AUTO_REPLICAS = 8
 """``auto`` starts at most this many replicas; beyond, each replica gets several threads."""
