@@ -2,7 +2,8 @@
 
 A model file of another ``model.width`` than the default (every model made before width 1.5 became
 the default is width 1) must be benchmarked at its own width, read from its card, not refused
-for shape mismatches.
+for shape mismatches. With replicas it also scans with the model in the scan's process and
+measures the replicas' own ceiling.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def test_bench_inference_reads_the_width_of_its_weights(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench_inference.py"), "--sizes", "512", "--weights", str(weights),
-         "--model-seconds", "0.5", "--fast-path", "none", "--data-dir", str(tmp_path / "rasters"), "--out", str(out)],
+         "--model-seconds", "0.5", "--fast-path", "none", "--replicas", "2", "--data-dir", str(tmp_path / "rasters"), "--out", str(out)],
         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     bench = json.loads(out.read_text())
@@ -44,3 +45,8 @@ def test_bench_inference_reads_the_width_of_its_weights(tmp_path: Path) -> None:
     row = bench["sizes"]["512"]
     assert "error" not in row["end_to_end"] and "error" not in row["model_only"], row
     assert row["end_to_end"]["tiles"] > 0 and row["ratio"] > 0
+    here, there = row["end_to_end_in_process"], row["end_to_end"]
+    assert there["replicas"] == 2 and here["replicas"] == 0 and there["detections"] == here["detections"]
+    ceiling = row["model_only_replicas"]
+    assert ceiling["threads_each"] >= 1 and len(ceiling["runs_tiles_per_s"]) == 2, ceiling
+    assert row["ratio_vs_replica_ceiling"] > 0 and row["replicas_speedup"] > 0
