@@ -24,7 +24,9 @@ def fault_point(name: str) -> None:
     check the graceful stop; several points may be given, comma-separated. The crash-safety tests
     use it to stop a real ``hem run`` at a chosen step deterministically. Points: ``round{r}.{step}.start`` / ``round{r}.{step}.end`` (step files
     written, manifest not yet), ``bank.replace`` (bank written under its temporary name, not yet
-    renamed), ``train.batch`` (a training batch collated) and ``detect.tile`` (a tile read).
+    renamed), ``train.batch`` (a training batch collated) and ``detect.tile`` (a tile read; in a
+    CPU scan with model replicas, :mod:`hem_bootstrap.model.replicas`, that is in a replica, which
+    counts its own tiles; ``runtime.cpu_replicas: 0`` keeps the reads in the scan's process).
     Costs one environment lookup when unset.
     """
     wanted = os.environ.get(KILL_ENV)

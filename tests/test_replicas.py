@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import signal
 from pathlib import Path
+from types import FrameType
 
 import numpy as np
 import pandas as pd
@@ -11,11 +14,11 @@ import rasterio
 import torch
 
 from hem_bootstrap.config import ExperimentConfig, RuntimeConfig
-from hem_bootstrap.errors import DataError
+from hem_bootstrap.errors import DataError, ModelError
 from hem_bootstrap.model.checkpoints import load_checkpoint
 from hem_bootstrap.model.detectors import build_detector
 from hem_bootstrap.model.infer import DetectStats, detect
-from hem_bootstrap.model.replicas import MAX_AUTO_REPLICAS, MIN_TILES_PER_REPLICA, replica_count
+from hem_bootstrap.model.replicas import MAX_AUTO_REPLICAS, MIN_TILES_PER_REPLICA, raise_failed, replica_count
 
 COLS = ["score", "label", "px_xmin", "px_ymin", "px_xmax", "px_ymax", "win_col", "win_row"]
 
@@ -49,6 +52,7 @@ def test_replicas_give_the_detections_of_the_scan_process(trained_small_model: P
     got = _scan(trained_small_model, images, _cfg(2, fast_path), there)
     assert here.replicas == 0 and there.replicas == 2 and there.fast_path == fast_path
     assert there.tiles_run == here.tiles_run == 32 and there.tiles_total == here.tiles_total
+    assert there.tiles_skipped == here.tiles_skipped and there.bad_rasters == here.bad_rasters == []
     assert there.model_seconds > 0 and len(ref) > 20
     assert got["image"].tolist() == ref["image"].tolist()
     pd.testing.assert_frame_equal(got[COLS], ref[COLS], check_exact=False, rtol=1e-4, atol=1e-3)
@@ -99,3 +103,44 @@ def test_a_tile_a_replica_cannot_read(trained_small_model: Path, tmp_path: Path)
                 cfg.runtime, torch.device("cpu"), stats=stats, progress=False))
     assert stats.replicas == 2 and stats.tiles_total == 4 and 0 < stats.tiles_skipped < 4
     assert len(stats.bad_rasters) == 1 and "cut.tif" in stats.bad_rasters[0]
+
+
+def _too_long(signum: int, frame: FrameType | None) -> None:
+    raise TimeoutError("a scan with replicas hung")
+
+
+def test_replicas_of_a_parent_with_more_threads_do_not_hang(trained_small_model: Path, synth_scenes: Path) -> None:
+    """GNU OpenMP cannot open a parallel region of 2+ threads in a fork of a parent that ran one: one thread each."""
+    before = torch.get_num_threads()
+    old = signal.signal(signal.SIGALRM, _too_long)
+    try:
+        torch.set_num_threads(4)
+        torch.ones(4_000_000).mul(2).sum()  # the parent's OpenMP pool is now started
+        signal.alarm(240)
+        stats = DetectStats()
+        rows = _scan(trained_small_model, [synth_scenes / "test.tif"], _cfg(2), stats)
+        assert stats.replicas == 2 and stats.tiles_run == 16 and len(rows) > 10
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        torch.set_num_threads(before)
+
+
+def test_a_scan_stopped_early_stops_its_replicas(trained_small_model: Path, synth_scenes: Path) -> None:
+    cfg = _cfg(2)
+    model = build_detector(cfg.model, cfg.num_classes, cfg.tiling.tile_size)
+    load_checkpoint(trained_small_model, model)
+    frames = detect(model.eval(), [synth_scenes / "test.tif", synth_scenes / "pool.tif"], cfg.data, cfg.tiling,
+                    cfg.model, cfg.runtime, torch.device("cpu"), progress=False)
+    next(frames)
+    assert multiprocessing.active_children()  # the replicas, running ahead
+    frames.close()
+    assert not multiprocessing.active_children()
+
+
+def test_a_replica_error_is_raised_as_its_own_kind() -> None:
+    raise_failed({"detections": []})  # nothing failed
+    with pytest.raises(ModelError, match=r"^m.pt: no such model$"):
+        raise_failed({"failed": ("ModelError", "m.pt: no such model")})
+    with pytest.raises(DataError):
+        raise_failed({"failed": ("DataError", "cut.tif: unreadable")})

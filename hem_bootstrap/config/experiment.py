@@ -27,7 +27,8 @@ class RuntimeConfig(Section):
         None, ge=0,
         description="Single-threaded model replicas of a scan on a CPU, each reading and running its own "
         "batches (hem_bootstrap/model/replicas.py); None: one per torch thread (at most 8) for scans of 64 "
-        "tiles or more per replica; 0: the model runs in the scan's process on every thread.",
+        "tiles or more per replica, unless detect_workers is set; 0 or 1: the model runs in the scan's "
+        "process on every thread. Under torchrun: per rank.",
     )
     batch_size: int = Field(8, gt=0, description="Tiles per inference batch.")
     prefetch: int = Field(4, gt=0, description="Batches prefetched per worker.")

@@ -37,7 +37,7 @@ from hem_bootstrap.geo.windows import Window
 from hem_bootstrap.logs import Progress
 from hem_bootstrap.model.merge import BandMerger, RawDetections, cut_by_inner_edge, merge_whole
 from hem_bootstrap.model.precision import PreparedModel, prepare_model
-from hem_bootstrap.model.replicas import raise_failed, replica_count, replica_loader
+from hem_bootstrap.model.replicas import raise_failed, replica_count, replica_loader, stop_replicas
 from hem_bootstrap.remote import location
 
 log = logging.getLogger(__name__)
@@ -290,14 +290,23 @@ def scan_raw(
     if not plan.refs:
         return
     bar = Progress(plan.total_tiles, "detect", "tile", enabled=progress, every_s=runtime.log_every_s)
+    stats.replicas = replica_count(runtime, model.device, model.fast_path, len(plan.refs))
+    if stats.replicas:
+        log.info("detect: %d single-threaded model replicas", stats.replicas)
+    batches = _batches(plan, data_cfg, runtime, model, stats.replicas)
+    try:
+        yield from _scan_batches(batches, model, plan, stats, bar, bands)
+    finally:
+        stop_replicas(batches)
+    bar.close()
+
+
+def _scan_batches(batches: Iterator[Any], model: PreparedModel, plan: ScanPlan, stats: DetectStats, bar: Progress,
+                  bands: bool) -> Iterator[tuple[int, RawDetections, int | None]]:
+    """The body of :func:`scan_raw`: batches in, raw detections out, image by image (and band by band)."""
     current: int | None = None
     row: int | None = None
     raw = RawDetections()
-    stats.replicas = replica_count(runtime, model.device, model.fast_path, len(plan.refs))
-    if stats.replicas:
-        log.info("detect: %d model replicas of %d thread(s) each", stats.replicas,
-                 max(1, torch.get_num_threads() // stats.replicas))
-    batches = _batches(plan, data_cfg, runtime, model, stats.replicas)
     with torch.inference_mode():
         while True:
             tw = time.perf_counter()
@@ -319,7 +328,6 @@ def scan_raw(
                 current, row = idx, int(win.row_off)
                 if found is not None:
                     raw.add(*found)
-    bar.close()
     if current is not None:
         yield current, raw, None
 

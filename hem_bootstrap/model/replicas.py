@@ -19,32 +19,36 @@ OpenMP threads, which a fork does not carry.
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from hem_bootstrap import errors
 from hem_bootstrap.config import RuntimeConfig
 from hem_bootstrap.data.tiles import collate_tiles
-from hem_bootstrap.errors import DataError
+from hem_bootstrap.errors import HemError
 
 REPLICA_PATHS = ("none", "channels_last", "bf16", "onnxruntime")
 """Fast paths a forked replica can run (see :mod:`hem_bootstrap.model.precision`)."""
 MAX_AUTO_REPLICAS = 8
-"""``auto`` starts at most this many replicas; beyond, each replica gets several threads."""
+"""``auto`` starts at most this many replicas (``runtime.cpu_replicas`` asks for more)."""
 MIN_TILES_PER_REPLICA = 64
 """``auto`` starts replicas only for scans of at least this many tiles per replica: a shorter scan
 ends before forked replicas have warmed up (their first batches build the model's kernels again)."""
 
 
 def replica_count(runtime: RuntimeConfig, device: torch.device, fast_path: str, n_tiles: int) -> int:
-    """How many replicas a scan runs: 0 runs the model in the scan's process.
+    """How many replicas a scan runs (each with one thread): 0 runs the model in the scan's process.
 
     ``runtime.cpu_replicas`` set: that many (0 or 1: none). Unset (``auto``): on a CPU, one per
     intra-op thread (at most :data:`MAX_AUTO_REPLICAS`) when there are at least two, no reader
-    workers were asked for and the scan is long enough; never on CUDA, never for a fast path
-    a fork cannot carry, never where processes cannot be forked.
+    workers were asked for (``runtime.detect_workers``) and the scan is long enough; never on
+    CUDA, never for a fast path a fork cannot carry, never where processes cannot be forked.
+    Under torchrun this is per rank: ``auto`` sees the rank's threads (torchrun sets one per
+    process unless ``OMP_NUM_THREADS`` or ``runtime.threads`` says otherwise).
     """
     if device.type != "cpu" or fast_path not in REPLICA_PATHS or "fork" not in multiprocessing.get_all_start_methods():
         return 0
@@ -59,8 +63,10 @@ def replica_count(runtime: RuntimeConfig, device: torch.device, fast_path: str, 
 class _InReplica(Dataset):
     """What a replica fetches for a batch of tile indices: the tiles read, stacked and run; detections, not pixels.
 
-    A :class:`DataError` (a tile that cannot be read under ``data.on_bad_raster: fail``) comes
-    back as ``{"failed": message}`` and is raised again by the scan, as one line.
+    A :class:`~hem_bootstrap.errors.HemError` (a tile that cannot be read under
+    ``data.on_bad_raster: fail``, a model that does not load in the replica) comes back as
+    ``{"failed": (kind, message)}`` and is raised again, as the same kind, by the scan's process:
+    one line, as if the model had run there.
     """
 
     def __init__(self, tiles: Dataset, run_batch: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
@@ -76,8 +82,8 @@ class _InReplica(Dataset):
     def __getitems__(self, indices: list[int]) -> dict[str, Any]:
         try:
             return self.run_batch(collate_tiles(self.tiles.__getitems__(indices)))  # type: ignore[attr-defined]
-        except DataError as err:
-            return {"failed": str(err)}
+        except HemError as err:
+            return {"failed": (type(err).__name__, str(err))}
 
 
 def _as_is(batch: Any) -> Any:
@@ -85,21 +91,24 @@ def _as_is(batch: Any) -> Any:
     return batch
 
 
-class _Threads:
-    """``worker_init_fn``: each replica's share of the intra-op threads."""
+def _start_replica(worker_id: int) -> None:
+    """``worker_init_fn``: one intra-op thread, and stop signals left to the scan's process.
 
-    def __init__(self, threads: int) -> None:
-        self.threads = threads
-
-    def __call__(self, worker_id: int) -> None:
-        torch.set_num_threads(self.threads)
+    One thread, always: torch's GNU OpenMP is not fork-safe, so a forked process that opens a
+    parallel region of two or more threads after its parent has run one waits forever for
+    pool threads that do not exist in it. SIGINT and SIGTERM (a Ctrl-C or a scheduler's
+    stop reaches the whole process group) are the scan's process's to handle: it finishes
+    the step and stops its replicas (see ``loop.graceful_signals``).
+    """
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def replica_loader(dataset: Dataset, batch_size: int, replicas: int, prefetch: int,
                    run_batch: Callable[[dict[str, Any]], dict[str, Any]]) -> DataLoader:
-    """Batches of ``dataset`` run by ``replicas`` forked workers, in order; ``run_batch`` turns a
-    collated batch into what comes back (its detections, without the pixels)."""
-    threads = max(1, torch.get_num_threads() // replicas)
+    """Batches of ``dataset`` run by ``replicas`` forked single-threaded workers, in order;
+    ``run_batch`` turns a collated batch into what comes back (its detections, without the pixels)."""
     return DataLoader(
         _InReplica(dataset, run_batch),
         batch_size=batch_size,
@@ -109,11 +118,21 @@ def replica_loader(dataset: Dataset, batch_size: int, replicas: int, prefetch: i
         prefetch_factor=prefetch,
         persistent_workers=False,
         multiprocessing_context="fork",
-        worker_init_fn=_Threads(threads),
+        worker_init_fn=_start_replica,
     )
 
 
 def raise_failed(batch: dict[str, Any]) -> None:
-    """Raise a replica's read failure in the scan's process."""
+    """Raise a replica's failure in the scan's process, as the kind of error it was."""
     if "failed" in batch:
-        raise DataError(batch["failed"])
+        kind, message = batch["failed"]
+        cls = getattr(errors, kind, HemError)
+        raise (cls if isinstance(cls, type) and issubclass(cls, HemError) else HemError)(message)
+
+
+def stop_replicas(batches: Iterator[Any]) -> None:
+    """Stop a replica loader's workers now (a scan that ends early, by an error or a consumer that
+    stops reading, would otherwise keep them running ahead until the iterator is collected)."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if callable(shutdown):
+        shutdown()
