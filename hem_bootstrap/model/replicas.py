@@ -37,7 +37,9 @@ MAX_AUTO_REPLICAS = 8
 """``auto`` starts at most this many replicas (``runtime.cpu_replicas`` asks for more)."""
 MIN_TILES_PER_REPLICA = 64
 """``auto`` starts replicas only for scans of at least this many tiles per replica: a shorter scan
-ends before forked replicas have warmed up (their first batches build the model's kernels again)."""
+ends before forked replicas have warmed up (their first batches build the model's kernels again).
+Measured on a 2-core Xeon (bf16, width 1.5), two replicas against the model in the scan's process:
+25 tiles 0.36 s against 0.22-0.34 s, 81 tiles 0.77 s against 0.73 s, 196 tiles 1.57 s against 1.68 s."""
 
 
 def replica_count(runtime: RuntimeConfig, device: torch.device, fast_path: str, n_tiles: int) -> int:
