@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from types import FrameType
 
@@ -144,3 +146,30 @@ def test_a_replica_error_is_raised_as_its_own_kind() -> None:
         raise_failed({"failed": ("ModelError", "m.pt: no such model")})
     with pytest.raises(DataError):
         raise_failed({"failed": ("DataError", "cut.tif: unreadable")})
+
+
+ABANDONED = """
+import sys
+from pathlib import Path
+import torch
+from hem_bootstrap.config import ExperimentConfig
+from hem_bootstrap.model.checkpoints import load_checkpoint
+from hem_bootstrap.model.detectors import build_detector
+from hem_bootstrap.model.infer import detect
+
+cfg = ExperimentConfig()
+cfg.runtime.device, cfg.runtime.batch_size, cfg.runtime.cpu_replicas = "cpu", 2, 2
+model = build_detector(cfg.model, cfg.num_classes, cfg.tiling.tile_size)
+load_checkpoint(Path(sys.argv[1]), model)
+frames = detect(model.eval(), [Path(sys.argv[2])], cfg.data, cfg.tiling, cfg.model, cfg.runtime,
+                torch.device("cpu"), progress=False)
+next(frames)
+sys.exit(3)  # the scan is abandoned, its generator still alive when the interpreter exits
+"""
+
+
+def test_a_process_that_abandons_a_scan_still_exits(trained_small_model: Path, synth_scenes: Path) -> None:
+    """Replicas ignore SIGTERM, so multiprocessing's exit handler cannot stop them: ours stops them first."""
+    proc = subprocess.run([sys.executable, "-c", ABANDONED, str(trained_small_model), str(synth_scenes / "test.tif")],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 3, proc.stderr[-2000:]

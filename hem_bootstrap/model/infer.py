@@ -37,7 +37,7 @@ from hem_bootstrap.geo.windows import Window
 from hem_bootstrap.logs import Progress
 from hem_bootstrap.model.merge import BandMerger, RawDetections, cut_by_inner_edge, merge_whole
 from hem_bootstrap.model.precision import PreparedModel, prepare_model
-from hem_bootstrap.model.replicas import raise_failed, replica_count, replica_loader, stop_replicas
+from hem_bootstrap.model.replicas import raise_failed, replica_batches, replica_count, stop_replicas
 from hem_bootstrap.remote import location
 
 log = logging.getLogger(__name__)
@@ -177,8 +177,8 @@ def _batches(plan: ScanPlan, data_cfg: DataConfig, runtime: RuntimeConfig, model
     """
     if replicas:
         dataset = TileDataset(plan.paths, plan.refs, data_cfg)
-        return iter(replica_loader(dataset, runtime.batch_size, replicas, runtime.prefetch,
-                                   partial(_replica_batch, model, plan.infos)))
+        return replica_batches(dataset, runtime.batch_size, replicas, runtime.prefetch,
+                               partial(_replica_batch, model, plan.infos))
     device = model.device
     loader = _loader(plan, data_cfg, runtime, device)
     if detect_workers(runtime, device) > 0 or device.type != "cuda":

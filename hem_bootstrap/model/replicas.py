@@ -18,8 +18,10 @@ OpenMP threads, which a fork does not carry.
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import signal
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -107,10 +109,37 @@ def _start_replica(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def replica_loader(dataset: Dataset, batch_size: int, replicas: int, prefetch: int,
-                   run_batch: Callable[[dict[str, Any]], dict[str, Any]]) -> DataLoader:
+_RUNNING: weakref.WeakSet[Any] = weakref.WeakSet()
+"""Replica loaders' iterators not yet stopped, for :func:`_stop_at_exit`."""
+_AT_EXIT: list[bool] = []
+
+
+def _stop_at_exit() -> None:
+    """Stop every replica still running, before multiprocessing's own exit handler would.
+
+    Replicas ignore SIGTERM, so the ``terminate`` that handler sends to daemonic children
+    would not stop them and its ``join`` would wait forever: the case of a scan abandoned by
+    an exception (a Ctrl-C while rows are written) whose generator is still alive at exit.
+    """
+    for batches in list(_RUNNING):
+        stop_replicas(batches)
+
+
+def replica_batches(dataset: Dataset, batch_size: int, replicas: int, prefetch: int,
+                    run_batch: Callable[[dict[str, Any]], dict[str, Any]]) -> Iterator[Any]:
     """Batches of ``dataset`` run by ``replicas`` forked single-threaded workers, in order;
-    ``run_batch`` turns a collated batch into what comes back (its detections, without the pixels)."""
+    ``run_batch`` turns a collated batch into what comes back (its detections, without the pixels).
+    Stop them with :func:`stop_replicas` (at the latest, they are stopped at exit)."""
+    if not _AT_EXIT:  # registered after multiprocessing's handler, so it runs before it
+        atexit.register(_stop_at_exit)
+        _AT_EXIT.append(True)
+    batches = iter(_loader(dataset, batch_size, replicas, prefetch, run_batch))
+    _RUNNING.add(batches)
+    return batches
+
+
+def _loader(dataset: Dataset, batch_size: int, replicas: int, prefetch: int,
+            run_batch: Callable[[dict[str, Any]], dict[str, Any]]) -> DataLoader:
     return DataLoader(
         _InReplica(dataset, run_batch),
         batch_size=batch_size,
@@ -138,3 +167,4 @@ def stop_replicas(batches: Iterator[Any]) -> None:
     shutdown = getattr(batches, "_shutdown_workers", None)
     if callable(shutdown):
         shutdown()
+    _RUNNING.discard(batches)
