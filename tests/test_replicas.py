@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import rasterio
 import torch
+from torchvision.ops import box_iou
 
 from hem_bootstrap.config import ExperimentConfig, RuntimeConfig
 from hem_bootstrap.errors import DataError, ModelError
@@ -22,7 +23,7 @@ from hem_bootstrap.model.detectors import build_detector
 from hem_bootstrap.model.infer import DetectStats, detect
 from hem_bootstrap.model.replicas import MAX_AUTO_REPLICAS, MIN_TILES_PER_REPLICA, raise_failed, replica_count
 
-COLS = ["score", "label", "px_xmin", "px_ymin", "px_xmax", "px_ymax", "win_col", "win_row"]
+BOX = ["px_xmin", "px_ymin", "px_xmax", "px_ymax"]
 
 
 def _cfg(replicas: int | None, fast_path: str = "none") -> ExperimentConfig:
@@ -47,7 +48,12 @@ def _scan(ckpt: Path, images: list[Path], cfg: ExperimentConfig, stats: DetectSt
 @pytest.mark.parametrize("fast_path", ["none", "bf16", "onnxruntime"])
 def test_replicas_give_the_detections_of_the_scan_process(trained_small_model: Path, synth_scenes: Path,
                                                          fast_path: str) -> None:
-    """Two single-threaded replicas over two rasters: the rows, in order, of the model run in the scan's process."""
+    """Two single-threaded replicas over two rasters: the rows of the model run in the scan's process.
+
+    Compared row to row by box, not by position: one thread against two moves scores by float
+    rounding (3e-7 in float32, 1e-5 in bf16 on an AVX-512 bf16 Xeon), enough to swap the order of
+    two near-tied rows on some CPU.
+    """
     images = [synth_scenes / "test.tif", synth_scenes / "pool.tif"]
     here, there = DetectStats(), DetectStats()
     ref = _scan(trained_small_model, images, _cfg(0, fast_path), here)
@@ -56,8 +62,16 @@ def test_replicas_give_the_detections_of_the_scan_process(trained_small_model: P
     assert there.tiles_run == here.tiles_run == 32 and there.tiles_total == here.tiles_total
     assert there.tiles_skipped == here.tiles_skipped and there.bad_rasters == here.bad_rasters == []
     assert there.model_seconds > 0 and len(ref) > 20
-    assert got["image"].tolist() == ref["image"].tolist()
-    pd.testing.assert_frame_equal(got[COLS], ref[COLS], check_exact=False, rtol=1e-4, atol=1e-3)
+    for image in map(str, images):
+        a, b = ref[ref["image"] == image], got[got["image"] == image]
+        assert len(a) == len(b) > 0
+        iou = box_iou(torch.tensor(a[BOX].to_numpy()), torch.tensor(b[BOX].to_numpy()))
+        best, j = iou.max(dim=1)
+        assert float(best.min()) >= 0.999, best.min()
+        matched = b.iloc[j.numpy()]
+        assert (matched["label"].to_numpy() == a["label"].to_numpy()).all()
+        score_tol = 1e-3 if fast_path == "bf16" else 1e-4
+        assert np.abs(matched["score"].to_numpy() - a["score"].to_numpy()).max() <= score_tol
 
 
 def test_when_replicas_start(monkeypatch: pytest.MonkeyPatch) -> None:
