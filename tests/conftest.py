@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -16,8 +18,10 @@ import shapely
 from affine import Affine
 
 # measured fast-path choices (hem_bootstrap.model.precision) go to a cache of this session, shared
-# with the `hem` subprocesses the tests start, never to the user's ~/.cache
-os.environ.setdefault("HEM_CACHE_DIR", tempfile.mkdtemp(prefix="hem-test-cache-"))
+# with the `hem` subprocesses the tests start, never to the user's ~/.cache; removed when the session ends
+if "HEM_CACHE_DIR" not in os.environ:
+    os.environ["HEM_CACHE_DIR"] = tempfile.mkdtemp(prefix="hem-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["HEM_CACHE_DIR"], ignore_errors=True)
 
 @pytest.fixture(autouse=True)
 def _restore_logging() -> Iterator[None]:
