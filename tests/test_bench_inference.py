@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from hem_bootstrap.config import ExperimentConfig
@@ -50,3 +51,25 @@ def test_bench_inference_reads_the_width_of_its_weights(tmp_path: Path) -> None:
     ceiling = row["model_only_replicas"]
     assert ceiling["threads_each"] >= 1 and len(ceiling["runs_tiles_per_s"]) == 2, ceiling
     assert row["ratio_vs_replica_ceiling"] > 0 and row["replicas_speedup"] > 0
+
+
+@pytest.mark.slow  # about a minute (torch.compile among the paths): pytest -m slow
+def test_fast_path_table_has_agreement_and_a_roofline(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_inference.py"), "--sizes", "512", "--fast-paths", "--fast-path",
+         "none", "--replicas", "0", "--model-seconds", "0.3", "--data-dir", str(tmp_path / "rasters"), "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fast = json.loads(out.read_text())["fast_paths"]
+    roof = fast["roofline"]
+    # small_fcos at width 1.5 on 256 px tiles: about 5.4 GFLOP a tile, whatever the CPU
+    assert 4 < roof["gflop_per_tile"] < 7, roof
+    assert roof["peak_gflops_sgemm"] > 0 and roof["peak_gflops_conv"] > 0
+    eager = fast["none"]
+    assert eager["gflops"] == pytest.approx(eager["tiles_per_s"] * roof["gflop_per_tile"])
+    assert roof["float32_ceiling_vs_eager"] == pytest.approx(1 / eager["share_of_float32_peak"])
+    for mode in ("channels_last", "onnxruntime"):
+        row = fast[mode]
+        assert "error" not in row, row
+        assert row["agreement"]["detections_ref"] >= 0 and row["speedup_vs_eager"] > 0
