@@ -8,9 +8,12 @@ must not pay for importing torch, torchvision and GDAL (seconds) before they ans
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -354,9 +357,41 @@ def review_apply(
 # --------------------------------------------------------------------------- entry
 
 
+class _Terminated:
+    """Set when SIGTERM (Slurm's scancel or time limit, ``kill``) stopped the command."""
+
+    received = False
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C: ``finally`` blocks run, so no scratch file (``.OUT.PID.tmp.gpkg``) is left."""
+    _Terminated.received = True
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _unwind_on_sigterm() -> Iterator[None]:
+    """Take SIGTERM where nobody else has (``hem run`` sets its own graceful stop inside); put it back after."""
+    _Terminated.received = False
+    try:
+        old = signal.signal(signal.SIGTERM, _on_sigterm) if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else None
+    except ValueError:  # not the main thread (main() called from a thread)
+        old = None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the app, turning library errors into one line and exit code 2."""
-    args = sys.argv[1:] if argv is None else argv
+    """Console entry point: run the app, turning library errors into one line and exit code 2;
+    SIGTERM stops it like Ctrl-C (exit 143), removing its scratch files."""
+    with _unwind_on_sigterm():
+        _main(sys.argv[1:] if argv is None else argv)
+
+
+def _main(args: list[str]) -> None:
     debug = "--debug" in args
     try:
         code = app(args=args, standalone_mode=False)
@@ -390,8 +425,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _interrupted() -> None:
-    typer.echo("interrupted; a run continues from its last finished step with: hem run CONFIG --resume", err=True)
-    sys.exit(130)
+    what = "terminated (SIGTERM)" if _Terminated.received else "interrupted"
+    typer.echo(f"{what}; a run continues from its last finished step with: hem run CONFIG --resume", err=True)
+    sys.exit(143 if _Terminated.received else 130)
 
 
 if __name__ == "__main__":

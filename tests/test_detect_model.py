@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import geopandas as gpd
@@ -212,3 +215,18 @@ def test_a_model_file_from_before_model_width_keeps_width_one(run0: tuple[Path, 
     code, _, err = _hem(capsys, "-q", "detect", str(old), str(synth_scenes / "test.tif"),
                         "--out", str(tmp_path / "old.gpkg"))
     assert code == 0, err
+
+
+def test_sigterm_stops_detect_without_leaving_its_scratch_file(run0: tuple[Path, Path], synth_scenes: Path,
+                                                                tmp_path: Path) -> None:
+    """Slurm's scancel sends SIGTERM: `hem detect` unwinds like Ctrl-C, so its `.OUT.PID.tmp.gpkg` goes too."""
+    model = run0[1] / "round_000" / "model.pt"
+    out = tmp_path / "out.gpkg"
+    # 16 tiles a scene: the 20th is in the second scene, after the first scene's rows are in the scratch file
+    env = {**os.environ, "HEM_KILL_AT": "detect.tile#20:TERM"}
+    proc = subprocess.run([sys.executable, "-m", "hem_bootstrap.cli", "-q", "detect", str(model),
+                           str(synth_scenes / "pool.tif"), str(synth_scenes / "test.tif"), "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert "terminated (SIGTERM)" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
