@@ -388,10 +388,10 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turning library errors into one line and exit code 2;
     SIGTERM stops it like Ctrl-C (exit 143), removing its scratch files."""
     with _unwind_on_sigterm():
-        _main(sys.argv[1:] if argv is None else argv)
+        _run_app(sys.argv[1:] if argv is None else argv)
 
 
-def _main(args: list[str]) -> None:
+def _run_app(args: list[str]) -> None:
     debug = "--debug" in args
     try:
         code = app(args=args, standalone_mode=False)
