@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hem_bootstrap.model.precision import cpu_has_native_bf16, cpu_name
+from hem_bootstrap.model.precision import cpu_has_native_bf16, cpu_name, isa_limits
 
 
 def make_big_raster(path: Path, size: int, seed: int = 11) -> None:
@@ -549,8 +549,10 @@ def main() -> None:
                      "replicas": args.replicas, "tile": args.tile,
                      "overlap": args.overlap, "fast_path": args.fast_path, "amp": args.amp == "on", "cpu_count": os.cpu_count(),
                      "cuda": _cuda(), "gpu": _gpu_name(), "cpu": cpu_name(), "cpu_native_bf16": cpu_has_native_bf16(),
+                     "cpu_isa_limits": isa_limits(),
                      "sizes": {}}
-    print(f"CPU: {results['cpu']} (native bf16: {results['cpu_native_bf16']})")
+    limits = "".join(f", {k}={v}" for k, v in results["cpu_isa_limits"].items())
+    print(f"CPU: {results['cpu']} (native bf16: {results['cpu_native_bf16']}{limits})")
     for size in args.sizes:
         raster = data_dir / f"big_{size}.tif"
         t0 = time.perf_counter()

@@ -371,6 +371,26 @@ def test_auto_fast_path_is_measured_and_never_emulated_bf16(monkeypatch: pytest.
     assert timed[-1] == ["none", "channels_last", "onnxruntime", "bf16"]
 
 
+def test_onednn_held_below_bf16_means_no_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An AVX-512 CPU with oneDNN held to AVX2 (a stand-in for an AVX2 CPU) emulates bf16: `auto` must not time it,
+    and the limits are part of the choice's key and of the bench's report."""
+    from hem_bootstrap.config import ModelConfig
+    from hem_bootstrap.model import precision
+
+    model = build_detector(ModelConfig(), 2, 64)
+    for var in precision.ISA_LIMITS:
+        monkeypatch.delenv(var, raising=False)
+    key = precision._choice_key(model, ModelConfig(), 64, 4)
+    assert precision.isa_limits() == {}
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    assert not precision.cpu_has_native_bf16()
+    assert precision.isa_limits() == {"ONEDNN_MAX_CPU_ISA": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    assert precision._choice_key(model, ModelConfig(), 64, 4) != key
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # held, but not below bf16: the CPU decides
+    assert precision.cpu_has_native_bf16() == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def test_reader_workers_give_the_same_detections(scan, trained_small_model: Path, synth_scenes: Path) -> None:  # noqa: ANN001
     """Tiles read by DataLoader worker processes (as on CUDA) or in the model's process (CPU default) agree."""
     from hem_bootstrap.model.infer import detect_workers

@@ -74,11 +74,25 @@ _CHOICES: dict[str, str] = {}
 # ------------------------------------------------------------------------------ CPU facts
 
 
+ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+"""Environment variables that hold oneDNN, ATen and MKL to an older instruction set (e.g. AVX2 on an AVX-512 CPU)."""
+ONEDNN_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+"""``ONEDNN_MAX_CPU_ISA`` values under which oneDNN, which runs the convolutions, emulates bfloat16."""
+
+
 def cpu_has_native_bf16() -> bool:
-    """True when this CPU reports native bfloat16 (AVX512-BF16 or AMX), so bf16 can be fast, not emulated."""
+    """True when this CPU reports native bfloat16 (AVX512-BF16 or AMX) and ``ONEDNN_MAX_CPU_ISA`` does not hold
+    oneDNN below it, so bf16 can be fast, not emulated."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() in ONEDNN_WITHOUT_BF16:
+        return False
     cpu = getattr(torch, "cpu", None)
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def isa_limits() -> dict[str, str]:
+    """The ISA limits set in this environment (for cache keys and benchmark reports)."""
+    return {var: os.environ[var] for var in ISA_LIMITS if os.environ.get(var)}
 
 
 def cpu_name() -> str:
@@ -297,7 +311,7 @@ def _time_candidates(
 def _choice_key(model: nn.Module, model_cfg: ModelConfig, tile_size: int, batch: int) -> str:
     """What the choice depends on: the CPU and its ISA limits, torch, the model and its settings, tile, batch,
     threads, and whether onnxruntime is a candidate (installing it measures again)."""
-    env = ",".join(f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if k in os.environ)
+    env = ",".join(f"{k}={v}" for k, v in isa_limits().items())
     settings = json.dumps(model_cfg.model_dump(mode="json", exclude={"fast_path", "weights", "backbone_weights"}),
                           sort_keys=True)
     n_params = sum(p.numel() for p in model.parameters())
