@@ -402,7 +402,7 @@ def _run_app(args: list[str]) -> None:
         log_to_files_only(f"error: {err}")
         sys.exit(2)
     except KeyboardInterrupt:
-        _interrupted()
+        _interrupted(args)
     except typer.Exit as ex:
         sys.exit(ex.exit_code)
     except typer.Abort:
@@ -416,7 +416,7 @@ def _run_app(args: list[str]) -> None:
         raise
     # without standalone mode, typer turns Ctrl-C (KeyboardInterrupt) and typer.Exit into a return value
     if code == 130:
-        _interrupted()
+        _interrupted(args)
     if isinstance(code, int) and code:
         sys.exit(code)
     from hem_bootstrap.distributed import shutdown_distributed
@@ -424,9 +424,10 @@ def _run_app(args: list[str]) -> None:
     shutdown_distributed()  # under torchrun: leave the process group before the interpreter tears down
 
 
-def _interrupted() -> None:
+def _interrupted(args: list[str]) -> None:
     what = "terminated (SIGTERM)" if _Terminated.received else "interrupted"
-    typer.echo(f"{what}; a run continues from its last finished step with: hem run CONFIG --resume", err=True)
+    hint = "; a run continues from its last finished step with: hem run CONFIG --resume" if "run" in args else ""
+    typer.echo(what + hint, err=True)
     sys.exit(143 if _Terminated.received else 130)
 
 
