@@ -18,7 +18,7 @@ fresh subprocess so peak RSS is the run's own:
 * with ``--fast-paths``, the model-only ceiling of eager float32, channels_last, bf16,
   torch.compile and onnxruntime, and how far their detections differ; and a roofline: the model's
   float32 arithmetic per tile, each path's GFLOP/s as a share of this CPU's float32 peak (the
-  best of a large matrix product and a large 3x3 convolution), and ``float32_ceiling_vs_eager``,
+  best of a large matrix product and a large 3x3 convolution; ``scripts/roofline.py``), and ``float32_ceiling_vs_eager``,
   the most any float32 path could gain over eager float32 on this CPU;
 * with ``--compare-sahi`` (when ``sahi`` is importable), SAHI's sliced prediction with the same
   torchvision model, tile and overlap;
@@ -242,52 +242,14 @@ def child_model_only(args: argparse.Namespace) -> dict:
             "read_ms_per_tile": read_ms, "fast_path_used": run.fast_path}
 
 
-def child_roofline(args: argparse.Namespace) -> dict:
-    """The model's float32 arithmetic per tile, and the fastest float32 rate this CPU reaches (GFLOP/s).
-
-    The rate is the best of a large matrix product (MKL) and a large 3x3 convolution in
-    channels-last (oneDNN), the two kernels the dense part runs on; no float32 path can run the
-    model faster than its arithmetic at that rate.
-    """
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from hem_bootstrap.model.detectors import build_detector
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = _cfg(args.arch, args.batch, 0, args.tile, args.overlap, "none", args.threads, False, args.width)
-    model = build_detector(cfg.model, 2, args.tile).eval()
-    images = list(torch.rand(args.batch, 3, args.tile, args.tile))
-    with torch.inference_mode(), FlopCounterMode(display=False) as flops:
-        model(images)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    x = torch.randn(args.batch, 128, 64, 64).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(256, 128, 3, 3).contiguous(memory_format=torch.channels_last)
-    gemm = 2 * 2048**3 / _best_seconds(lambda: a @ b)
-    conv = 2 * x.shape[0] * 64 * 64 * 128 * 256 * 9 / _best_seconds(lambda: torch.nn.functional.conv2d(x, w, padding=1))
-    return {"gflop_per_tile": flops.get_total_flops() / args.batch / 1e9, "peak_gflops_sgemm": gemm / 1e9,
-            "peak_gflops_conv": conv / 1e9, "threads": torch.get_num_threads()}
-
-
-def _best_seconds(fn, rounds: int = 6) -> float:
-    """The fastest of ``rounds`` calls after one warm-up."""
-    import torch
-
-    best = float("inf")
-    with torch.inference_mode():
-        fn()
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def _roofline_rows(args: argparse.Namespace, fp: dict) -> dict:
     """Each path's achieved GFLOP/s against this CPU's float32 peak; ``float32_ceiling_vs_eager`` is the most
     any float32 path (the same detections) could gain over eager float32 here."""
-    roof = _run_child("roofline", args)
+    cmd = [sys.executable, str(Path(__file__).with_name("roofline.py")), "--arch", args.arch, "--batch", str(args.batch),
+           "--tile", str(args.tile)]
+    cmd += ["--width", str(args.width)] if args.width is not None else []
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    roof = _child_result(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     if "gflop_per_tile" not in roof:
         return roof
     peak = max(roof["peak_gflops_sgemm"], roof["peak_gflops_conv"])
@@ -537,7 +499,7 @@ def main() -> None:
     SCORE_FLOOR = args.score_floor
 
     if args.child:
-        fn = {"e2e": child_end_to_end, "model": child_model_only, "sahi": child_sahi, "roofline": child_roofline}[args.child]
+        fn = {"e2e": child_end_to_end, "model": child_model_only, "sahi": child_sahi}[args.child]
         print(json.dumps(fn(args)))
         return
 
