@@ -1,10 +1,11 @@
 """ONNX Runtime as a CPU fast path: the detector's dense part runs in onnxruntime, the rest stays torchvision's.
 
 The dense part is the backbone (trunk and pyramid) and the heads: on ``small_fcos`` 82 % of a
-CPU forward pass is convolution. On a 2-core AVX2 EPYC onnxruntime ran the dense part alone
-1.5-1.8x faster than eager PyTorch, and the whole model, torchvision's post-processing
-included, 1.26x (the README's "hot path per CPU" table), level with channels_last; ``auto``
-measures which wins on each machine. Normalisation and batching (``model.transform``), anchors, box
+CPU forward pass is convolution. On a 2-core AVX2 EPYC onnxruntime ran the dense part of the
+width-1 model alone 1.5-1.8x faster than eager PyTorch, and the whole model, torchvision's
+post-processing included, 1.26x (the README's "hot path per CPU" table), level with channels_last;
+at width 1.5 eager float32 already runs at ~0.8 of an AVX2 CPU's float32 peak, so no float32 path
+can gain more than ~1.3x there (``scripts/roofline.py``); ``auto`` measures which wins on each machine. Normalisation and batching (``model.transform``), anchors, box
 decoding, score floor and NMS (``model.postprocess_detections``) run exactly as in torchvision,
 on the outputs onnxruntime returns, so the detections equal eager float32's to float rounding
 (head outputs within about 1e-4).
