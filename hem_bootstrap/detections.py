@@ -32,7 +32,7 @@ from pyogrio.raw import write_arrow
 
 from hem_bootstrap.errors import DataError
 from hem_bootstrap.files import atomic_path, temp_path
-from hem_bootstrap.geo.frames import concat_in_crs, concat_native, distinct_crs
+from hem_bootstrap.geo.frames import concat_native, distinct_crs, write_geojson
 from hem_bootstrap.geo.raster import RasterInfo
 from hem_bootstrap.geo.windows import pixel_to_map_boxes
 
@@ -109,14 +109,18 @@ class Naming:
 
 def write_detections(
     frames: Iterator[gpd.GeoDataFrame], out: Path, layer: str = "detections", naming: Naming | None = None,
+    empty_crs: Any = None,
 ) -> tuple[int, list[str]]:
     """Stream detection frames into one file, written under a temporary name and renamed at the end.
 
     GeoPackage (``.gpkg``): one layer per CRS (``detections`` for the first CRS met,
     ``detections_<epsg>`` for others), appended frame by frame so memory stays flat.
-    GeoJSON (``.geojson``) and COCO (``.json``) are converted from a temporary GeoPackage.
+    GeoJSON (``.geojson``, in WGS 84 lon/lat, each row's CRS in ``src_crs``) and COCO (``.json``)
+    are converted from a temporary GeoPackage.
     With ``naming``, every row carries its ``class`` name next to the ``label`` id (an
     attribute in QGIS) and COCO files get named categories and each image's width and height.
+    ``empty_crs`` is the CRS of the one empty layer written when no frame arrives (nothing of the
+    rasters was scanned: outside the area of interest, no data), so that file opens in place too.
     Returns the number of rows and the layer names.
 
     Raises:
@@ -132,14 +136,15 @@ def write_detections(
     if naming is not None:
         frames = (_named(f, naming) for f in frames)
     try:
-        total, layers = _stream_gpkg(frames, scratch, layer, named=naming is not None)
+        total, layers = _stream_gpkg(frames, scratch, layer, named=naming is not None, empty_crs=empty_crs)
         if suffix == ".gpkg":
             os.replace(scratch, out)
         else:
             back = [gpd.read_file(scratch, layer=name) for name in layers]
             with atomic_path(out) as tmp:
                 if suffix == ".geojson":
-                    _geojson_frame(back, out).to_file(tmp, driver="GeoJSON")
+                    _check_geojson(back, out)
+                    write_geojson(back, tmp, out.stem)
                 else:
                     _write_coco(back, tmp, naming or Naming())
     finally:
@@ -153,7 +158,8 @@ def _named(frame: gpd.GeoDataFrame, naming: Naming) -> gpd.GeoDataFrame:
     return frame
 
 
-def _stream_gpkg(frames: Iterator[gpd.GeoDataFrame], path: Path, layer: str, named: bool = False) -> tuple[int, list[str]]:
+def _stream_gpkg(frames: Iterator[gpd.GeoDataFrame], path: Path, layer: str, named: bool = False,
+                 empty_crs: Any = None) -> tuple[int, list[str]]:
     """Write frames into a GeoPackage, one layer per CRS; returns rows and layer names.
 
     Each run of frames in one CRS (a scan gives a raster's frames in turn) is one GDAL write
@@ -167,9 +173,9 @@ def _stream_gpkg(frames: Iterator[gpd.GeoDataFrame], path: Path, layer: str, nam
         if key not in layers:
             layers[key] = layer if not layers else f"{layer}_{key.replace(':', '_').lower()}"
         total += _write_run(itertools.chain([first], run), path, layers[key], first.crs, named)  # noqa: B031 - read once
-    if not layers:  # no raster gave a frame, so there is no CRS to give
-        _write_run(iter(()), path, layer, None, named)
-        layers["pixel"] = layer
+    if not layers:  # no raster gave a frame: the caller's CRS, if any
+        _write_run(iter(()), path, layer, empty_crs, named)
+        layers["pixel" if empty_crs is None else str(empty_crs)] = layer
     return total, list(layers.values())
 
 
@@ -232,22 +238,16 @@ def _crs_key(frame: gpd.GeoDataFrame) -> str:
     return frame.crs.to_string() if frame.crs is not None else "pixel"
 
 
-def _geojson_frame(frames: list[gpd.GeoDataFrame], out: Path) -> gpd.GeoDataFrame:
-    """One frame for a GeoJSON file: as it is for one CRS; for several, all in WGS 84 (GeoJSON's own CRS).
-
-    Each row keeps its raster's CRS in ``src_crs``; pixel boxes stay in the ``px_*`` columns.
+def _check_geojson(frames: list[gpd.GeoDataFrame], out: Path) -> None:
+    """GeoJSON holds lon/lat or plain pixels, not both.
 
     Raises:
         DataError: pixel-space (not georeferenced) and georeferenced rows together.
     """
-    frames = [f for f in frames if len(f)] or frames[:1]
-    if len(distinct_crs(frames)) == 1:
-        return frames[0] if len(frames) == 1 else concat_native(frames)
-    if any(f.crs is None for f in frames):
+    frames = [f for f in frames if len(f)]
+    if len(distinct_crs(frames)) > 1 and any(f.crs is None for f in frames):
         raise DataError(f"{out}: detections of plain (not georeferenced) and georeferenced rasters cannot share "
                         "one GeoJSON file; write .gpkg (one layer per CRS) or .json (COCO)")
-    log.info("%s: detections in %d CRSs written in EPSG:4326 (each row's own CRS in src_crs)", out, len(frames))
-    return concat_in_crs(frames, "EPSG:4326")
 
 
 def _write_coco(frames: list[gpd.GeoDataFrame], out: Path, naming: Naming) -> None:

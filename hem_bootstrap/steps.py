@@ -223,7 +223,9 @@ def scan(ctx: Context, model_path: Path, role: str, out: Path, aoi: Path | None 
     )
     naming = Naming(tuple(ctx.cfg.data.classes), {location(r.path): (r.info.width, r.info.height)
                                                    for r in rasters if r.info is not None})
-    n = write_detections(frames, out, naming=naming)[0] if ctx.is_main else sum(len(f) for f in frames)  # others drive collectives
+    crs = next((r.info.crs for r in rasters if r.info is not None), None)  # of an empty file
+    n = (write_detections(frames, out, naming=naming, empty_crs=crs)[0] if ctx.is_main
+         else sum(len(f) for f in frames))  # others drive collectives
     summary = {
         "detections": n,
         "tiles": stats.tiles_total,
@@ -479,5 +481,5 @@ def step_evaluate(ctx: Context, r: int) -> dict[str, Any]:
 def save_empty_bank(ctx: Context) -> None:
     """Round 0's bank snapshot: empty, so round 1 mines from a file like every later round."""
     path = ctx.run.round_dir(0) / "bank.gpkg"
-    if not path.exists():
-        NegativeBank.load(path).save(path)
+    if not path.exists():  # in the pool's CRS (its first raster's), so even the empty file opens in place
+        NegativeBank(next((t.header().crs for t in ctx.data.readable("pool")), None)).save(path)

@@ -534,7 +534,8 @@ def test_disk_full_on_the_bank_keeps_finished_steps(scenes: Path, tmp_path: Path
                    "No space left on device", "finished steps are intact", "--resume")
     manifest = json.loads((run / "manifest.json").read_text())
     assert [sorted(e["steps"]) for e in manifest["rounds"]] == [["evaluate", "train"], ["detect"]]
-    assert len(gpd.read_file(run / "round_000" / "bank.gpkg", layer="negatives")) == 0  # round 0's bank, intact
+    bank0 = gpd.read_file(run / "round_000" / "bank.gpkg", layer="negatives")
+    assert len(bank0) == 0 and bank0.crs is not None  # round 0's bank, intact, and in the pool's CRS though empty
     assert not (run / "round_001" / "bank.gpkg").exists() and not (run / "bank.gpkg").exists()
     assert not [p for p in run.rglob(".*tmp*")]
     monkeypatch.undo()

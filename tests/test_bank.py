@@ -277,7 +277,8 @@ def test_export_geojson_and_coco(tmp_path: Path, make_raster: Callable[..., Path
     back = gpd.read_file(gj)
     assert len(back) == 2 and sorted(back["neg_id"].tolist()) == [1, 3]
     assert set(back["predicted_class"]) == {"1"}  # no class names given: the id as text
-    assert back.crs == CRS
+    assert back.crs.to_epsg() == 4326 and set(back["src_crs"]) == {CRS}  # RFC 7946 lon/lat; the bank's CRS kept
+    assert json.loads(gj.read_text())["name"] == "neg"  # named after the file
     assert bank.export(tmp_path / "all.geojson", "geojson", include_retired=True) == 3
 
     cj = tmp_path / "neg.json"

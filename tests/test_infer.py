@@ -162,13 +162,27 @@ def test_streaming_outputs(scan, tmp_path: Path) -> None:  # noqa: ANN001
     back = gpd.read_file(tmp_path / "d.gpkg", layer=layers[0])
     assert n == len(tiled) == len(back) and back.crs == tiled.crs
     write_detections(iter([tiled]), tmp_path / "d.geojson")
-    assert len(gpd.read_file(tmp_path / "d.geojson")) == len(tiled)
+    gj = gpd.read_file(tmp_path / "d.geojson")
+    assert len(gj) == len(tiled) and gj.crs.to_epsg() == 4326  # RFC 7946: lon/lat, whatever the raster's CRS
+    assert set(gj["src_crs"]) == {"EPSG:32633"}
+    assert gj.geometry.bounds["minx"].between(14, 16).all()  # UTM 33N's central meridian is 15 deg E
+    doc = json.loads((tmp_path / "d.geojson").read_text())
+    assert doc["name"] == "d" and "crs" not in doc  # the layer is named after the file, not its scratch copy
     write_detections(iter([tiled]), tmp_path / "d.json")
     coco = json.loads((tmp_path / "d.json").read_text())
     assert len(coco["annotations"]) == len(tiled)
     with pytest.raises(DataError, match="unsupported output format"):
         write_detections(iter([tiled]), tmp_path / "d.csv")
     assert not list(tmp_path.glob(".*tmp*"))  # nothing half-written left behind
+
+
+def test_an_output_with_no_frames_still_has_its_crs(tmp_path: Path) -> None:
+    """Nothing scanned (an empty area of interest, a raster of nodata): the empty file still opens in place."""
+    _, layers = write_detections(iter(()), tmp_path / "e.gpkg", empty_crs=rasterio.crs.CRS.from_epsg(32633))
+    back = gpd.read_file(tmp_path / "e.gpkg", layer=layers[0])
+    assert len(back) == 0 and back.crs.to_epsg() == 32633
+    _, layers = write_detections(iter(()), tmp_path / "plain.gpkg")  # plain images: no CRS to give
+    assert gpd.read_file(tmp_path / "plain.gpkg", layer=layers[0]).crs is None
 
 
 def test_bf16_fast_path_keeps_detections(scan, trained_small_model: Path, synth_scenes: Path) -> None:  # noqa: ANN001

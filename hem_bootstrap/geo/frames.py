@@ -9,15 +9,21 @@ concatenated (geopandas refuses to guess a common CRS). Two ways out, for two us
   evaluation).
 * :func:`concat_in_crs`: every row reprojected to one CRS, its own kept in ``src_crs``; for
   frames written as one layer or merged across images (mined negatives, the bank).
+
+:func:`write_geojson` writes any of them as GeoJSON the way RFC 7946 and web maps expect: in
+lon/lat (WGS 84), each row's own CRS in ``src_crs``.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import geopandas as gpd
 import pandas as pd
+import pyogrio
 import pyproj
 
 
@@ -69,3 +75,20 @@ def concat_in_crs(frames: Sequence[gpd.GeoDataFrame], crs: Any) -> gpd.GeoDataFr
             f = f.to_crs(target)
         moved.append(f.set_crs(None, allow_override=True))
     return gpd.GeoDataFrame(pd.concat(moved, ignore_index=True), geometry="geometry", crs=target)
+
+
+def write_geojson(frames: Sequence[gpd.GeoDataFrame], path: Path, name: str) -> None:
+    """Write ``frames`` as one GeoJSON FeatureCollection called ``name``, in WGS 84 lon/lat (RFC 7946).
+
+    Each row keeps its raster's CRS in ``src_crs`` (pixel boxes stay in their ``px_*`` columns).
+    Frames without a CRS (plain images) are written in their pixel coordinates, as GeoJSON
+    without a CRS; they cannot share a file with georeferenced ones (the caller checks).
+    """
+    frames = [f for f in frames if len(f)] or list(frames[:1])
+    georeferenced = [f for f in frames if f.crs is not None]
+    frame = concat_in_crs(georeferenced, "EPSG:4326") if georeferenced else concat_native(frames)
+    options = {"RFC7946": "YES"} if georeferenced else {}
+    with warnings.catch_warnings():  # plain images have no CRS to give
+        warnings.filterwarnings("ignore", message="'crs' was not provided")
+        pyogrio.write_dataframe(frame, path, driver="GeoJSON", layer=name, geometry_type="Polygon",
+                                layer_options=options)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,12 +10,12 @@ from typing import Any
 import geopandas as gpd
 import numpy as np
 import pandas as pd
-import pyogrio
 import shapely
 
 from hem_bootstrap.detections import PX_COLUMNS
 from hem_bootstrap.errors import DataError, HemError
 from hem_bootstrap.files import atomic_path
+from hem_bootstrap.geo.frames import write_geojson
 from hem_bootstrap.geo.raster import open_raster
 from hem_bootstrap.geo.windows import map_to_pixel_boxes
 from hem_bootstrap.mining.rows import class_names
@@ -42,16 +41,10 @@ def export_rows(rows: gpd.GeoDataFrame, path: Path, fmt: str, rasters: Mapping[s
     rows = rows.assign(predicted_class=class_names(rows, tuple(classes)))
     with atomic_path(Path(path)) as tmp:
         if fmt == "geojson":
-            _write_geojson(rows, tmp)
+            write_geojson([rows], tmp, Path(path).stem)
         else:
             tmp.write_text(json.dumps(_coco(rows, rasters), indent=1))
     return int(len(rows))
-
-
-def _write_geojson(rows: gpd.GeoDataFrame, path: Path) -> None:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="'crs' was not provided")
-        pyogrio.write_dataframe(rows, path, driver="GeoJSON", geometry_type="Polygon")
 
 
 def _coco(rows: gpd.GeoDataFrame, rasters: Mapping[str, Any] | None) -> dict[str, Any]:
