@@ -25,6 +25,8 @@ from hem_bootstrap.geo.boxes import overlapping, paired_iou
 from hem_bootstrap.geo.labels import PixelLabels, load_labels, load_zones, pixel_labels_of, with_pixel_labels
 from hem_bootstrap.geo.raster import RasterInfo, open_raster
 from hem_bootstrap.geo.vrt import virtual_paths
+from hem_bootstrap.model.detectors import build_detector
+from hem_bootstrap.model.hard_mining import apply_loss_options
 from hem_bootstrap.remote import apply_gdal_options, exists
 
 log = logging.getLogger(__name__)
@@ -176,7 +178,8 @@ def check_inputs(cfg: ExperimentConfig, roles: tuple[str, ...] = ROLES) -> Input
         DataError: no training imagery, no image matched, an image listed twice or in both
             the held-out set and the pool/train sets, a missing or unreadable file, a set with
             no readable raster, a band that does not exist, bad labels.
-        ModelError: a weights file that does not exist.
+        ModelError: a weights file that does not exist; with ``train`` in ``roles``, what
+            :func:`check_training` finds.
     """
     apply_gdal_options(cfg.runtime.gdal)  # before the first raster opens
     if "train" in roles and not cfg.data.train:
@@ -200,7 +203,36 @@ def check_inputs(cfg: ExperimentConfig, roles: tuple[str, ...] = ROLES) -> Input
         value = getattr(cfg.model, key)
         if value is not None and not Path(value).is_file():
             raise ModelError(f"model.{key}: {value} not found; give a local .pth/.pt file")
-    return Inputs(rasters)
+    inputs = Inputs(rasters)
+    if "train" in roles:
+        check_training(cfg, inputs)
+    return inputs
+
+
+def check_training(cfg: ExperimentConfig, inputs: Inputs) -> None:
+    """What training needs, checked before anything is written: labelled objects, and a model the config builds.
+
+    The detector is built once as round 0 will build it (weights read and fitted, stages frozen,
+    loss options applied), so weights of another arch, a corrupt file or an option the arch
+    cannot take fail here, in seconds, not after the run directory exists. A class of
+    ``data.classes`` without a single training label is a warning: its AP can only be 0.
+
+    Raises:
+        DataError: the training label files hold no object of ``data.classes``.
+        ModelError: weights that do not read or fit, options the arch cannot take.
+    """
+    counts = np.zeros(cfg.num_classes, np.int64)
+    for r in inputs.readable("train"):
+        if r.labels is not None and len(r.labels):
+            counts += np.bincount(r.labels["label"].to_numpy(np.int64), minlength=cfg.num_classes)[: cfg.num_classes]
+    if not counts[1:].any():
+        files = sorted({str(s.labels) for s in cfg.data.train if s.labels is not None}) or ["none given"]
+        raise DataError(f"data.train labels ({', '.join(files)}): no object of data.classes {list(cfg.data.classes)} "
+                        "on the training images; a detector needs labelled objects to learn from")
+    for name, n in zip(cfg.data.classes, counts[1:], strict=True):
+        if n == 0:
+            log.warning("data.classes: no training label of class %r; it cannot be learnt and its AP will be 0", name)
+    apply_loss_options(build_detector(cfg.model, cfg.num_classes, cfg.tiling.tile_size), cfg.model, cfg.train)
 
 
 def _warn_mixed_gsd(rasters: list[RasterInput]) -> None:

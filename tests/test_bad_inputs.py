@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -369,13 +370,33 @@ def test_wrong_weights_file(scenes: Path, tmp_path: Path, hem: Hem) -> None:
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a torch file")
     cfg = write_config(scenes, tmp_path, name="junk", model={"weights": str(junk)})
-    one_line_error(hem("run", str(cfg)), "junk.pth")
+    for _ in range(2):  # the same error again: no half-made run directory hides it behind "a run exists"
+        one_line_error(hem("run", str(cfg)), "junk.pth")
+    assert not (tmp_path / "runs").exists()  # found before anything was written
+
+
+def test_option_the_arch_cannot_take(scenes: Path, tmp_path: Path, hem: Hem) -> None:
+    cfg = write_config(scenes, tmp_path, model={"arch": "small_frcnn"}, train={"bank_loss_weight": 0.5})
+    one_line_error(hem("run", str(cfg)), "train.bank_loss_weight = 0.5", "FasterRCNN")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_empty_training_labels(scenes: Path, tmp_path: Path, hem: Hem) -> None:
     path = write_labels(tmp_path / "empty.gpkg", [], [])
     cfg = write_config(scenes, tmp_path, data={"train": [iset(scenes, "train", labels=str(path))]})
-    one_line_error(hem("run", str(cfg)), "positive")
+    one_line_error(hem("run", str(cfg)), "empty.gpkg", "no object of data.classes ['vehicle']")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_class_without_training_labels_is_a_warning(scenes: Path, tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    from hem_bootstrap.config import load_config
+    from hem_bootstrap.inputs import check_inputs
+
+    cfg = load_config(write_config(scenes, tmp_path, data={"classes": ["vehicle", "van"]}))
+    with caplog.at_level(logging.WARNING, logger="hem_bootstrap.inputs"):
+        check_inputs(cfg, ("train",))
+    assert "no training label of class 'van'" in caplog.text
 
 
 def test_pixel_csv_without_columns(scenes: Path, tmp_path: Path, hem: Hem) -> None:
