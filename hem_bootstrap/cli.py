@@ -155,16 +155,17 @@ def train(
     config: ConfigArg,
     round_: Annotated[int, typer.Option("--round", help="Round whose training set to use (bank as of then).")] = 0,
     resume: Annotated[bool, typer.Option(help="Resume from the round's checkpoint.")] = False,
+    force: Annotated[bool, typer.Option(help="Train a round again whose model the run already trained.")] = False,
     set_: SetOpt = None,
 ) -> None:
-    """Train the detector on positives plus the run's current bank negatives.
+    """Train one round's detector on positives plus the run's bank negatives as of that round.
 
     Example: hem train configs/demo.yaml --round 1
     """
     from hem_bootstrap.commands import train_round_cli
 
     cfg = _load(config, set_)
-    path = train_round_cli(cfg, round_idx=round_, resume=resume)
+    path = train_round_cli(cfg, round_idx=round_, resume=resume, force=force)
     _echo(f"model: {path}")
 
 

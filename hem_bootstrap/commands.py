@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
@@ -30,6 +31,8 @@ from hem_bootstrap.model.checkpoints import export_model
 from hem_bootstrap.remote import exists, location, shown
 from hem_bootstrap.rundir import RunDir
 from hem_bootstrap.steps import STEPS_ROUND, STEPS_ROUND0, evaluate_model, scan, step_train
+
+log = logging.getLogger(__name__)
 
 EVALUATE_KEYS = ("ap50", "ap", "score_threshold", "precision", "recall", "f1", "fp_per_km2", "fp_per_km2_at_recall",
                  "log_avg_fp_per_km2", "recall_at_fp_per_km2", "fp_on_distractors_share", "n_gt", "n_det", "area_km2",
@@ -92,15 +95,24 @@ def _check_model(model: Path) -> Path:
     return model
 
 
-def train_round_cli(cfg: ExperimentConfig, round_idx: int, resume: bool) -> Path:
+def train_round_cli(cfg: ExperimentConfig, round_idx: int, resume: bool, force: bool = False) -> Path:
     """``hem train``: train one round's model with the run's bank as of that round.
 
+    A round whose training the manifest records as done is not trained again without
+    ``force``: its metrics and every later round were made with the model it would replace.
+
     Raises:
-        RunError: that round has no bank snapshot yet.
+        RunError: that round has no bank snapshot yet, or its model is trained and ``force`` is not set.
     """
     run = _run_of(cfg)
     if round_idx > 0 and not (run.round_dir(round_idx) / "bank.gpkg").exists():
         raise RunError(f"{run.path}: round {round_idx} has no bank yet; run `hem round` or mine first")
+    if run.exists() and "train" in RunDir.round_entry(run.load_manifest(), round_idx)["steps"]:
+        if not force:
+            raise RunError(f"{run.path}: round {round_idx}'s model is already trained and the run's later steps were "
+                           "made with it; --force replaces it anyway, or set rounds.name for a new run")
+        log.warning("%s: replacing round %d's trained model; its metrics and later rounds still describe the "
+                    "old one", run.path, round_idx)
     inputs = check_inputs(cfg, ("train", "pool"))
     init_distributed(cfg.runtime)
     ctx = make_context(cfg, run, inputs)

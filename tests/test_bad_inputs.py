@@ -11,6 +11,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -470,6 +471,22 @@ def unreadable_tiles(folder: Path) -> int:
 def test_run_exists_without_resume(fine_run: tuple[Path, Path], hem: Hem) -> None:
     cfg, _ = fine_run
     one_line_error(hem("run", str(cfg)), "a run of this name exists", "--resume")
+
+
+def test_train_refuses_to_replace_a_trained_round(fine_run: tuple[Path, Path], tmp_path: Path, hem: Hem) -> None:
+    cfg, run = fine_run
+    copy = tmp_path / "runs" / "fine"
+    shutil.copytree(run, copy)
+    cfg_copy = tmp_path / "fine.yaml"
+    tree = yaml.safe_load(cfg.read_text())
+    tree["rounds"]["out_dir"] = str(tmp_path / "runs")
+    cfg_copy.write_text(yaml.safe_dump(tree))
+    before = (copy / "round_001" / "model.pt").read_bytes()
+    one_line_error(hem("train", str(cfg_copy), "--round", "1"), "round 1's model is already trained", "--force")
+    assert (copy / "round_001" / "model.pt").read_bytes() == before
+    code, _, err = hem("train", str(cfg_copy), "--round", "1", "--force")
+    assert code == 0 and "replacing round 1's trained model" in err, err
+    assert (copy / "round_001" / "model.pt").read_bytes() != before
 
 
 def test_resume_with_changed_config(fine_run: tuple[Path, Path], hem: Hem) -> None:
