@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hem_bootstrap.config import ExperimentConfig, describe_defaults, load_config
+from hem_bootstrap.config import ExperimentConfig, ImageSet, describe_defaults, load_config
 from hem_bootstrap.errors import ConfigError
 
 
@@ -130,6 +130,10 @@ def test_describe_defaults_lists_every_section() -> None:
     for section in ExperimentConfig.model_fields:
         assert f"\n{section}:" in "\n" + text
     assert "tile_size: 256" in text
+    for key in ImageSet.model_fields:  # the keys of an image set entry, spelled out once
+        assert f"#   {key}:" in text or f"# - {key}:" in text, key
+    assert "# each entry as in data.train" in text and "# - name:  # (required)" in text
+    assert ExperimentConfig(**yaml.safe_load(text)) == ExperimentConfig()  # still a config that loads
 
 
 def test_demo_config_validates() -> None:

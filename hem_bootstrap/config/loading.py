@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -164,15 +164,19 @@ def dump_config(cfg: ExperimentConfig) -> str:
 def describe_defaults() -> str:
     """Every key with its default and help, as commented YAML."""
     lines: list[str] = []
+    described: dict[type, str] = {}  # list item models already spelled out, and where
 
-    def walk(model: type[BaseModel], indent: int) -> None:
+    def walk(model: type[BaseModel], indent: int, prefix: str = "", comment: str = "") -> None:
         for name, field in model.model_fields.items():
             ann = field.annotation
             pad = "  " * indent
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 doc = (ann.__doc__ or "").strip().splitlines()[0] if ann.__doc__ else ""
                 lines.append(f"{pad}{name}:  # {doc}")
-                walk(ann, indent + 1)
+                walk(ann, indent + 1, f"{prefix}{name}.")
+                continue
+            if field.is_required():
+                lines.append(f"{pad}{comment}{name}:  # (required) {field.description or ''}")
                 continue
             if field.default_factory is not None:
                 default = field.default_factory()  # type: ignore[call-arg]
@@ -188,7 +192,23 @@ def describe_defaults() -> str:
             if text.endswith("\n...") or text.endswith("..."):
                 text = text.replace("\n...", "").replace("...", "").strip()
             help_ = field.description or ""
-            lines.append(f"{pad}{name}: {text}  # {help_}")
+            lines.append(f"{pad}{comment}{name}: {text}  # {help_}")
+            _describe_items(ann, indent, f"{prefix}{name}")
+
+    def _describe_items(ann: Any, indent: int, key: str) -> None:
+        """The keys of a list's items (image sets), as a commented example entry; once per item type."""
+        args = get_args(ann) if get_origin(ann) is list else ()
+        item = args[0] if args else None
+        if not (isinstance(item, type) and issubclass(item, BaseModel)):
+            return
+        if item in described:
+            lines.append(f"{'  ' * (indent + 1)}# each entry as in {described[item]}")
+            return
+        described[item] = key
+        lines.append(f"{'  ' * (indent + 1)}# each entry ({item.__name__}):")
+        first = len(lines)
+        walk(item, indent + 1, f"{key}[].", comment="#   ")
+        lines[first] = lines[first].replace("#   ", "# - ", 1)
 
     walk(ExperimentConfig, 0)
     return "\n".join(lines) + "\n"
