@@ -33,7 +33,7 @@ LOG_EVERY_S = 30.0
 
 _FORMAT = "%(levelname)s %(name)s: %(message)s"
 _FILE_FORMAT = "%(asctime)s " + _FORMAT
-_NOISY = ("pyogrio", "rasterio", "fiona", "matplotlib", "PIL")
+_NOISY = ("pyogrio", "rasterio", "fiona", "matplotlib", "PIL", "faster_coco_eval")
 
 
 def configure_logging(level: int, log_file: Path | None = None) -> None:

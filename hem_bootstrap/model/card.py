@@ -121,5 +121,5 @@ def check_gsd(raster: str, raster_gsd: float | None, model_gsd: float | None) ->
     off = raster_gsd / model_gsd - 1
     if abs(off) > GSD_TOLERANCE:
         log.warning("%s: ground resolution %.3g m, the model was trained at %.3g m (%+.0f %%); objects appear at "
-                    "another size than it learned; --set data.gsd=%.3g reads it at the model's", raster, raster_gsd,
+                    "another size than it learned; --set data.gsd=%.3g resamples it to the model's resolution", raster, raster_gsd,
                     model_gsd, 100 * off, model_gsd)
