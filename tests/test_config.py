@@ -139,3 +139,14 @@ def test_describe_defaults_lists_every_section() -> None:
 def test_demo_config_validates() -> None:
     cfg = load_config(Path(__file__).parent.parent / "configs" / "demo.yaml")
     assert cfg.data.train and cfg.data.pool and cfg.data.test
+
+
+def test_every_bundled_config_validates_and_builds_its_model() -> None:
+    from hem_bootstrap.model.detectors import build_detector
+
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert len(configs) >= 2
+    for path in configs:
+        cfg = load_config(path, ["model.weights=null", "model.backbone_weights=null"])  # weights are the user's
+        assert all(p.exists() for s in cfg.data.train for p in s.resolved_images()), path
+        build_detector(cfg.model, cfg.num_classes, cfg.tiling.tile_size)
