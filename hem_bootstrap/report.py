@@ -473,10 +473,36 @@ def plot_compare(names: list[str], tables: list[list[dict[str, Any]]], path: Pat
     return _save(fig, path)
 
 
+#: The settings that define what a run was measured on: runs that differ in one are not comparable.
+MEASURED_ON = (("data", "test"), ("data", "val"), ("data", "classes"), ("evaluate", None))
+
+
+def _not_comparable(dirs: list[Path], names: list[str]) -> list[str]:
+    """One line per setting of :data:`MEASURED_ON` in which the runs differ (held-out imagery, classes, metrics)."""
+    trees = []
+    for d in dirs:
+        try:
+            trees.append(yaml.safe_load((d / "config.resolved.yaml").read_text()) or {})
+        except (OSError, yaml.YAMLError):
+            trees.append(None)
+    lines = [f"{n}: no readable config.resolved.yaml; cannot tell what it was measured on"
+             for n, t in zip(names, trees, strict=True) if t is None]
+    known = [(n, t) for n, t in zip(names, trees, strict=True) if t is not None]
+    for section, key in MEASURED_ON:
+        values = [(n, t.get(section, {}) if key is None else t.get(section, {}).get(key)) for n, t in known]
+        if any(v != values[0][1] for _, v in values[1:]):
+            what = section if key is None else f"{section}.{key}"
+            lines.append(f"{what} differs ({', '.join(n for n, v in values if v != values[0][1])} against "
+                         f"{values[0][0]}): their figures were measured on different things")
+    return lines
+
+
 def compare_runs(run_dirs: list[Path], out_dir: Path | None = None) -> str:
     """Side-by-side metrics of several runs: per round, then last and best round of each.
 
-    With ``out_dir`` also writes ``compare.png`` (AP@0.5 and FP/km² per round per run) there.
+    Runs held out on different imagery, classes or evaluation settings are named in a warning
+    (and at the top of the text): their figures do not compare. With ``out_dir`` also writes
+    ``compare.png`` (AP@0.5 and FP/km² per round per run) there.
 
     Raises:
         RunError: no run given, or one is not a readable run directory.
@@ -486,11 +512,16 @@ def compare_runs(run_dirs: list[Path], out_dir: Path | None = None) -> str:
     dirs = [Path(p) for p in run_dirs]
     names = _run_names(dirs)
     tables = [round_table(p) for p in dirs]
+    differences = _not_comparable(dirs, names) if len(dirs) > 1 else []
+    for line in differences:
+        log.warning("compare: %s", line)
     text = "\n\n".join(
         [
+            *(["NOT COMPARABLE:\n" + "\n".join(f"  {line}" for line in differences)] if differences else []),
             "Per round (held-out):",
             _per_round_table(names, tables),
-            "Last and best round (best = highest AP@0.5):",
+            "Last and best round (best = highest held-out AP@0.5, picked on the test scenes themselves, so "
+            "optimistic; judge recipes by last):",
             _summary_table(names, tables),
         ]
     )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import geopandas as gpd
 import matplotlib.image as mpimg
 import pytest
+import yaml
 import shapely
 
 from hem_bootstrap.config import EvaluateConfig
@@ -56,8 +58,11 @@ def _metrics(raster: Path, n_fp: int) -> dict:
 def make_run(tmp_path: Path, make_raster: Callable[..., Path]) -> Callable[..., Path]:
     """Factory: a run directory with rounds whose FP counts are given; round 1 has mined negatives."""
 
-    def factory(name: str, fps_by_round: list[int], unfinished: bool = False) -> Path:
+    def factory(name: str, fps_by_round: list[int], unfinished: bool = False, test: str = "/data/test.tif") -> Path:
         run = tmp_path / name
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.resolved.yaml").write_text(yaml.safe_dump(
+            {"data": {"test": [{"images": [test]}], "classes": ["vehicle"]}, "evaluate": {"iou": 0.5}}))
         raster = make_raster(name=f"{name}.tif", width=128, height=128)
         rounds = []
         for r, n_fp in enumerate(fps_by_round):
@@ -155,6 +160,21 @@ def test_compare_runs(make_run: Callable[..., Path], tmp_path: Path) -> None:
     assert summary[("hem", "best")][2] == "2" and summary[("hem", "best")][3] == "1.000"
     _valid_png(tmp_path / "cmp" / "compare.png")
     assert "plot:" not in compare_runs([a, b], None)
+    assert "NOT COMPARABLE" not in text
+
+
+def test_compare_names_runs_measured_on_other_imagery(make_run: Callable[..., Path],
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    a = make_run("a", [3, 1])
+    b = make_run("b", [3, 2])
+    c = make_run("c", [2, 0], test="/data/other_test.tif")
+    with caplog.at_level(logging.WARNING, logger="hem_bootstrap.report"):
+        text = compare_runs([a, b, c])
+    head = text.split("Per round")[0]
+    assert "NOT COMPARABLE" in head and "data.test differs (c against a)" in head
+    assert "data.test differs" in caplog.text
+    (b / "config.resolved.yaml").unlink()
+    assert "b: no readable config.resolved.yaml" in compare_runs([a, b])
 
 
 def test_not_a_run_directory(tmp_path: Path) -> None:
