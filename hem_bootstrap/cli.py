@@ -21,6 +21,7 @@ import typer
 
 from hem_bootstrap.config import ExperimentConfig, describe_defaults, dump_config, load_config
 from hem_bootstrap.errors import ConfigError, HemError
+from hem_bootstrap.files import check_output
 from hem_bootstrap.logs import attach_log_file, configure_logging, log_to_files_only
 
 app = typer.Typer(
@@ -142,7 +143,7 @@ def synth(
         epsg=epsg,
         vehicle_classes=vehicle_classes,
     )
-    paths = write_scene(out_dir, spec, name=name, compress=compress)
+    paths = write_scene(check_output(out_dir, "synth", folder=True), spec, name=name, compress=compress)
     for key, p in paths.items():
         _echo(f"{key}: {p}")
 
@@ -290,7 +291,7 @@ def compare(
     """
     from hem_bootstrap.report import compare_runs
 
-    _echo(compare_runs(run_dirs, out))
+    _echo(compare_runs(run_dirs, None if out is None else check_output(out, "--out", folder=True)))
 
 
 @app.command("export-model")

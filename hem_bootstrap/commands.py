@@ -13,14 +13,14 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import geopandas as gpd
 import yaml
 
 from hem_bootstrap.config import ExperimentConfig, ImageSet, load_config
 from hem_bootstrap.distributed import broadcast_from_rank0, init_distributed
 from hem_bootstrap.errors import DataError, HemError, RunError
 from hem_bootstrap.evaluate import write_metrics
-from hem_bootstrap.files import atomic_write_bytes
+from hem_bootstrap.files import atomic_write_bytes, check_output
+from hem_bootstrap.geo.labels import read_vector
 from hem_bootstrap.geo.raster import open_raster
 from hem_bootstrap.inputs import check_inputs
 from hem_bootstrap.loop import make_context
@@ -105,7 +105,9 @@ def train_round_cli(cfg: ExperimentConfig, round_idx: int, resume: bool, force: 
         RunError: that round has no bank snapshot yet, or its model is trained and ``force`` is not set.
     """
     run = _run_of(cfg)
-    if round_idx > 0 and not (run.round_dir(round_idx) / "bank.gpkg").exists():
+    if round_idx < 0:
+        raise RunError(f"--round {round_idx}: expected a round number >= 0")
+    if round_idx > 0 and not (run.round_path(round_idx) / "bank.gpkg").exists():
         raise RunError(f"{run.path}: round {round_idx} has no bank yet; run `hem round` or mine first")
     if run.exists() and "train" in RunDir.round_entry(run.load_manifest(), round_idx)["steps"]:
         if not force:
@@ -161,6 +163,7 @@ def _check_images(images: list[str]) -> list[str]:
 
 
 def _detect(cfg: ExperimentConfig, model: Path, out: Path, gsd_m: float | None, aoi: Path | None) -> str:
+    check_output(out, "--out")
     if aoi is not None and not Path(aoi).is_file():
         raise DataError(f"--aoi {aoi}: file not found")
     init_distributed(cfg.runtime)
@@ -176,6 +179,8 @@ def _detect(cfg: ExperimentConfig, model: Path, out: Path, gsd_m: float | None, 
 
 def evaluate_cli(cfg: ExperimentConfig, model: Path, out: Path | None) -> str:
     """``hem evaluate``: metrics of a model on the held-out set (JSON text of the main ones)."""
+    if out is not None:
+        check_output(out, "--out")
     inputs = check_inputs(cfg, ("val", "test"))
     init_distributed(cfg.runtime)
     ctx = make_context(cfg, _run_of(cfg), inputs)
@@ -207,8 +212,12 @@ def export_model_cli(run_dir: Path, out: Path, round_idx: int | None, fmt: str =
     if r not in trained:
         raise RunError(f"{run_dir}: round {r} has no trained model; trained rounds: {trained}")
     cfg_path = run.path / "config.resolved.yaml"
+    if not cfg_path.is_file():
+        raise RunError(f"{cfg_path}: missing; the run's config is needed for the model card")
+    for path in (out, Path(out).with_suffix(".json"), *([Path(out).with_suffix(".onnx")] if fmt == "onnx" else [])):
+        check_output(path, "--out")
     cfg_tree = yaml.safe_load(cfg_path.read_text())
-    metrics_path = run.round_dir(r) / "metrics.json"
+    metrics_path = run.round_path(r) / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
     if Path(out).suffix.lower() == ".json":
         raise RunError(f"--out {out}: the model card is written beside the weights as NAME.json; give the weights "
@@ -278,6 +287,7 @@ def bank_stats_text(run_dir: Path) -> str:
 
 def bank_export_cli(run_dir: Path, out: Path, fmt: str) -> str:
     """``hem bank export``: GeoJSON or COCO of the active negatives."""
+    check_output(out, "--out")
     bank = _bank_of(run_dir)
     rasters = {}
     for im in sorted(set(bank.active()["image"])) if len(bank.active()) else []:
@@ -301,9 +311,7 @@ def review_apply_cli(run_dir: Path, decisions: Path) -> str:
         RunError: the run has no bank snapshot yet, or another process holds it.
     """
     run = RunDir(Path(run_dir))
-    if not Path(decisions).is_file():
-        raise DataError(f"{decisions}: decisions file not found")
-    frame = gpd.read_file(decisions)
+    frame = read_vector(Path(decisions), "decisions file")
     with run.locked():
         manifest = run.load_manifest()
         snapshot = latest_snapshot(run.path, manifest)

@@ -24,6 +24,31 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HEM_CACHE_DIR") or Path.home() / ".cache" / "hem-bootstrap")
 
 
+def check_output(out: Path, what: str, folder: bool = False) -> Path:
+    """An output path a command may write: not a directory (or, with ``folder``, not a file), and never one of a
+    run's own files (``bank.gpkg``, ``round_NNN/model.pt``, ...), which a stray ``--out`` would replace.
+
+    Raises:
+        RunError: naming ``out``, ``what`` it was for and what was expected.
+    """
+    out = Path(out)
+    if folder and out.exists() and not out.is_dir():
+        raise RunError(f"{what} {out}: a file is in the way; expected a folder (or a new name)")
+    if not folder and out.is_dir():
+        raise RunError(f"{what} {out}: is a directory; expected a file name")
+    if out.is_file():
+        parent = out.resolve().parent
+        for run in (parent, parent.parent):
+            inside_round = parent != run or parent.name.startswith("round_")
+            if (run / "manifest.json").is_file() and (inside_round or out.name in RUN_FILES):
+                raise RunError(f"{what} {out}: a file of the run {run}; write the output elsewhere")
+    return out
+
+
+RUN_FILES = ("manifest.json", "config.resolved.yaml", "bank.gpkg", "review_positives.gpkg", "table.txt")
+"""The files at the top of a run directory (each round's folder is the run's whole)."""
+
+
 def temp_path(target: Path, suffix: str = "") -> Path:
     """The temporary name for ``target`` in this process (``suffix``: e.g. ``.gpkg`` for GDAL's driver)."""
     target = Path(target)

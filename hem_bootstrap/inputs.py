@@ -22,7 +22,14 @@ from hem_bootstrap.errors import DataError, ModelError
 from hem_bootstrap.geo.aoi import zones_in_pixels
 from hem_bootstrap.geo.area import EvaluatedArea, evaluated_area
 from hem_bootstrap.geo.boxes import overlapping, paired_iou
-from hem_bootstrap.geo.labels import PixelLabels, load_labels, load_zones, pixel_labels_of, with_pixel_labels
+from hem_bootstrap.geo.labels import (
+    PixelLabels,
+    load_labels,
+    load_zones,
+    pixel_labels_of,
+    read_vector,
+    with_pixel_labels,
+)
 from hem_bootstrap.geo.raster import RasterInfo, open_raster
 from hem_bootstrap.geo.vrt import virtual_paths
 from hem_bootstrap.model.detectors import build_detector
@@ -314,12 +321,7 @@ def read_overlay(path: str | Path, info: RasterInfo) -> gpd.GeoDataFrame:
     Raises:
         DataError: the file does not exist.
     """
-    if not Path(path).is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        frame = gpd.read_file(path)
-    except Exception as err:  # noqa: BLE001 - any OGR failure means the file is not a vector file
-        raise DataError(f"{path}: not a readable vector file ({type(err).__name__}: {err})") from None
+    frame = read_vector(Path(path), "file")
     if info.georeferenced and frame.crs is not None and frame.crs != info.crs:
         frame = frame.to_crs(info.crs)
     return frame

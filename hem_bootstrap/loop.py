@@ -40,11 +40,12 @@ from hem_bootstrap.files import atomic_write_text
 from hem_bootstrap.inputs import check_inputs
 from hem_bootstrap.model.device import resolve_device, seed_everything
 from hem_bootstrap.report import format_table, round_table
-from hem_bootstrap.rundir import RunDir
+from hem_bootstrap.rundir import LOCK, RunDir
 from hem_bootstrap.steps import (
     STEPS_ROUND,
     STEPS_ROUND0,
     Context,
+    load_model,
     save_empty_bank,
     step_detect,
     step_evaluate,
@@ -240,6 +241,15 @@ def prepare_run(
         RunError: the run exists without ``--resume``, or its config changed in a way that matters.
     """
     run = RunDir(Path(cfg.rounds.out_dir) / cfg.rounds.name)
+    if resume and fresh:
+        raise RunError("--resume and --fresh: choose one (continue the run, or delete it and start over)")
+    if run.path.exists() and not run.path.is_dir():
+        raise RunError(f"{run.path}: a file is in the way of the run directory (rounds.out_dir / rounds.name)")
+    first = {LOCK, "config.resolved.yaml"}  # what a start killed before its manifest leaves
+    if not run.exists() and run.path.is_dir() and any(p.name not in first and not p.name.startswith(".")
+                                                      for p in run.path.iterdir()):
+        raise RunError(f"{run.path}: the folder exists and holds no run (no manifest.json); move it away or set "
+                       "rounds.name (hem deletes only run directories)")
     if run.exists() and fresh:
         run.acquire()
         run.release()
@@ -256,7 +266,21 @@ def prepare_run(
         if broken and not force:
             shown = ", ".join(broken[:6]) + (" ..." if len(broken) > 6 else "")
             raise RunError(f"{run.path}: config changed since the run started ({shown}); use --force to continue")
+        if broken:
+            _check_checkpoints_fit(cfg, run, manifest)
     return run, manifest
+
+
+def _check_checkpoints_fit(cfg: ExperimentConfig, run: RunDir, manifest: dict[str, Any]) -> None:
+    """A forced config change must still load the run's last trained model, or nothing is written.
+
+    Raises:
+        ModelError: that checkpoint does not fit the model the changed config builds.
+    """
+    trained = [e["round"] for e in manifest["rounds"] if "train" in e.get("steps", {})]
+    ckpt = run.round_path(max(trained)) / "model.pt" if trained else None
+    if ckpt is not None and ckpt.is_file():
+        load_model(cfg, ckpt)
 
 
 def _start(ctx: Context, manifest: dict[str, Any], config_path: Path | None) -> None:

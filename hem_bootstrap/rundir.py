@@ -32,9 +32,13 @@ class RunDir:
     # ------------------------------------------------------------------ paths
     def round_dir(self, r: int) -> Path:
         """``round_XXX`` folder of round ``r`` (created)."""
-        d = self.path / f"round_{r:03d}"
+        d = self.round_path(r)
         d.mkdir(parents=True, exist_ok=True)
         return d
+
+    def round_path(self, r: int) -> Path:
+        """``round_XXX`` folder of round ``r``, not created (to look, not to write)."""
+        return self.path / f"round_{r:03d}"
 
     @property
     def manifest_path(self) -> Path:
@@ -54,9 +58,14 @@ class RunDir:
         if not self.manifest_path.is_file():
             return {"rounds": [], "bad_rasters": [], "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         try:
-            return json.loads(self.manifest_path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            manifest = json.loads(self.manifest_path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
             raise RunError(f"{self.manifest_path}: unreadable manifest ({err}); the run cannot be resumed") from None
+        if not (isinstance(manifest, dict) and isinstance(manifest.get("rounds"), list)
+                and all(isinstance(e, dict) and isinstance(e.get("round"), int) for e in manifest["rounds"])):
+            raise RunError(f"{self.manifest_path}: not a hem manifest (expected an object whose 'rounds' lists "
+                           "{round, steps} entries); the run cannot be read")
+        return manifest
 
     def save_manifest(self, manifest: dict[str, Any]) -> None:
         """Write the manifest atomically."""

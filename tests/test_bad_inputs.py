@@ -157,6 +157,14 @@ CONFIG_CASES = [
     ("bad YAML", "train: [steps: 3\n", ["not valid YAML at line"]),
     ("not a mapping", "- train\n- test\n", ["expected a mapping of sections, got list"]),
     ("on_bad_raster value", "data:\n  on_bad_raster: ignore\n", ["data.on_bad_raster", "'ignore'"]),
+    # rounds.name is a folder --fresh deletes: never the out_dir itself or somewhere else
+    ("empty run name", "rounds:\n  name: ''\n", ["rounds.name = ''", "plain folder name"]),
+    ("run name with a path", "rounds:\n  name: ../elsewhere\n", ["rounds.name = '../elsewhere'"]),
+    ("a class twice", "data:\n  classes: [car, car]\n", ["data.classes", "distinct"]),
+    ("percentiles reversed", "data:\n  percentiles: [98, 2]\n", ["data.percentiles", "low < high"]),
+    ("no anchor size", "model:\n  anchor_sizes: []\n", ["model.anchor_sizes", ">= 1 px"]),
+    ("recall above 1", "evaluate:\n  fixed_recalls: [2]\n", ["evaluate.fixed_recalls", "(0, 1]"]),
+    ("infinite lr", "train:\n  lr: .inf\n", ["train.lr", "finite"]),
 ]
 
 
@@ -170,6 +178,8 @@ def test_config_errors(case: str, text: str, needles: list[str], tmp_path: Path,
 
 def test_missing_config_file(tmp_path: Path, hem: Hem) -> None:
     one_line_error(hem("run", str(tmp_path / "nope.yaml")), "nope.yaml: config file not found")
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00t")
+    one_line_error(hem("config", "validate", str(tmp_path / "bin.yaml")), "bin.yaml: not a UTF-8 text file")
 
 
 def test_bad_override(tmp_path: Path, hem: Hem) -> None:
@@ -474,19 +484,65 @@ def test_run_exists_without_resume(fine_run: tuple[Path, Path], hem: Hem) -> Non
 
 
 def test_train_refuses_to_replace_a_trained_round(fine_run: tuple[Path, Path], tmp_path: Path, hem: Hem) -> None:
-    cfg, run = fine_run
-    copy = tmp_path / "runs" / "fine"
-    shutil.copytree(run, copy)
-    cfg_copy = tmp_path / "fine.yaml"
-    tree = yaml.safe_load(cfg.read_text())
-    tree["rounds"]["out_dir"] = str(tmp_path / "runs")
-    cfg_copy.write_text(yaml.safe_dump(tree))
+    cfg_copy, copy = _copy_run(fine_run, tmp_path)
     before = (copy / "round_001" / "model.pt").read_bytes()
     one_line_error(hem("train", str(cfg_copy), "--round", "1"), "round 1's model is already trained", "--force")
     assert (copy / "round_001" / "model.pt").read_bytes() == before
     code, _, err = hem("train", str(cfg_copy), "--round", "1", "--force")
     assert code == 0 and "replacing round 1's trained model" in err, err
     assert (copy / "round_001" / "model.pt").read_bytes() != before
+
+
+def _copy_run(fine_run: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the finished run (and its config) to damage."""
+    cfg, run = fine_run
+    copy = tmp_path / "runs" / "fine"
+    shutil.copytree(run, copy)
+    tree = yaml.safe_load(cfg.read_text())
+    tree["rounds"]["out_dir"] = str(tmp_path / "runs")
+    (tmp_path / "fine.yaml").write_text(yaml.safe_dump(tree))
+    return tmp_path / "fine.yaml", copy
+
+
+def test_nothing_of_a_run_is_lost_to_a_stray_option(fine_run: tuple[Path, Path], tmp_path: Path, hem: Hem) -> None:
+    cfg, run = _copy_run(fine_run, tmp_path)
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    model = str(run / "round_001" / "model.pt")
+    one_line_error(hem("run", str(cfg), "--resume", "--fresh"), "--resume and --fresh: choose one")
+    one_line_error(hem("bank", "export", str(run), "--out", str(run / "bank.gpkg")), "a file of the run")
+    one_line_error(hem("detect", model, str(tmp_path.parent), "--out", str(run / "bank.gpkg")), "a file of the run")
+    one_line_error(hem("export-model", str(run), "--out", model), "a file of the run")
+    one_line_error(hem("export-model", str(run), "--out", str(tmp_path)), "is a directory")
+    one_line_error(hem("train", str(cfg), "--round", "-1"), "--round -1: expected a round number >= 0")
+    one_line_error(hem("round", str(cfg), "--run", str(run), "--force", "--set", "model.arch=small_frcnn"),
+                   "model.pt", "do not fit")  # a forced change the trained model cannot take: nothing written
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == files
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("round_")) == ["round_000", "round_001"]
+
+
+def test_a_folder_that_holds_no_run_is_never_adopted(scenes: Path, tmp_path: Path, hem: Hem) -> None:
+    cfg = write_config(scenes, tmp_path, name="taken")
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    (tmp_path / "runs" / "taken" / "bank.gpkg").write_text("someone's file")
+    for extra in ([], ["--fresh"]):
+        one_line_error(hem("run", str(cfg), *extra), "holds no run (no manifest.json)")
+    assert (tmp_path / "runs" / "taken" / "bank.gpkg").read_text() == "someone's file"
+
+
+def test_a_manifest_of_another_shape(fine_run: tuple[Path, Path], tmp_path: Path, hem: Hem) -> None:
+    _, run = _copy_run(fine_run, tmp_path)
+    for text in ("[]", "{}", '{"rounds": [1]}'):
+        (run / "manifest.json").write_text(text)
+        one_line_error(hem("status", str(run)), "manifest.json: not a hem manifest")
+        one_line_error(hem("export-model", str(run), "--out", str(tmp_path / "m.pth")), "not a hem manifest")
+
+
+def test_bad_review_decisions(fine_run: tuple[Path, Path], tmp_path: Path, hem: Hem) -> None:
+    _, run = _copy_run(fine_run, tmp_path)
+    (tmp_path / "junk.gpkg").write_bytes(b"not a vector file at all")
+    one_line_error(hem("review", "apply", str(run), str(tmp_path / "junk.gpkg")), "junk.gpkg: not a readable vector")
+    pd.DataFrame({"review_id": ["zzz"], "decision": ["negative"]}).to_csv(tmp_path / "d.csv", index=False)
+    one_line_error(hem("review", "apply", str(run), str(tmp_path / "d.csv")), "review_id = 'zzz'", "expected")
 
 
 def test_resume_with_changed_config(fine_run: tuple[Path, Path], hem: Hem) -> None:

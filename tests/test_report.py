@@ -10,8 +10,8 @@ from pathlib import Path
 import geopandas as gpd
 import matplotlib.image as mpimg
 import pytest
-import yaml
 import shapely
+import yaml
 
 from hem_bootstrap.config import EvaluateConfig
 from hem_bootstrap.errors import RunError

@@ -101,6 +101,20 @@ class DataConfig(Section):
             raise ValueError(f"bands must be 1-based indexes >= 1, got {v}")
         return v
 
+    @field_validator("classes")
+    @classmethod
+    def _classes_distinct(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) < len(v) or any(not c.strip() for c in v):
+            raise ValueError(f"expected distinct, non-empty class names, got {v}")
+        return v
+
+    @field_validator("percentiles")
+    @classmethod
+    def _percentiles_rise(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] < v[1] <= 100:
+            raise ValueError(f"expected [low, high] with 0 <= low < high <= 100, got {list(v)}")
+        return v
+
 
 class TilingConfig(Section):
     """How large rasters are cut into tiles."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from hem_bootstrap.config.base import Section
 
@@ -88,6 +88,14 @@ class RoundsConfig(Section):
     stop_if_no_new: bool = Field(True, description="Stop when a round mines no new negative.")
     patience: int | None = Field(None, gt=0, description="Stop after this many rounds without held-out gain.")
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        # the run directory is out_dir/name, and --fresh deletes it: never out_dir itself or a folder elsewhere
+        if not v or v in (".", "..") or "/" in v or "\\" in v or v != v.strip():
+            raise ValueError(f"expected a plain folder name (no '/', not empty, '.' or '..'), got {v!r}")
+        return v
+
 
 class EvaluateConfig(Section):
     """Held-out evaluation."""
@@ -96,6 +104,20 @@ class EvaluateConfig(Section):
     score_threshold: float = Field(0.5, ge=0, le=1, description="Operating threshold.")
     fixed_recalls: list[float] = Field(default_factory=lambda: [0.8, 0.9], description="Report FP/km2 here.")
     fixed_fp_per_km2: list[float] = Field(default_factory=lambda: [10.0, 100.0], description="Report recall here.")
+
+    @field_validator("fixed_recalls")
+    @classmethod
+    def _recalls(cls, v: list[float]) -> list[float]:
+        if any(not 0 < r <= 1 for r in v):
+            raise ValueError(f"expected recalls in (0, 1], got {v}")
+        return v
+
+    @field_validator("fixed_fp_per_km2")
+    @classmethod
+    def _rates(cls, v: list[float]) -> list[float]:
+        if any(not 0 < r < float("inf") for r in v):
+            raise ValueError(f"expected false positives per km² > 0, got {v}")
+        return v
     calibrate_recall: float = Field(
         0.8, gt=0, le=1,
         description="With data.val: the operating threshold of each round is the highest score reaching this "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from hem_bootstrap.config.base import Section
 
@@ -38,6 +38,13 @@ class ModelConfig(Section):
     anchor_sizes: list[int] = Field(
         default_factory=lambda: [16, 32, 64], description="Anchor / object sizes in pixels, per FPN level."
     )
+
+    @field_validator("anchor_sizes")
+    @classmethod
+    def _sizes_positive(cls, v: list[int]) -> list[int]:
+        if not v or any(a < 1 for a in v):
+            raise ValueError(f"expected one or more sizes >= 1 px, got {v}")
+        return v
     detections_per_img: int = Field(100, gt=0, description="Maximum detections per tile.")
     score_floor: float = Field(0.05, ge=0, le=1, description="Detections below this score are dropped.")
     nms_iou: float = Field(
@@ -69,7 +76,7 @@ class TrainConfig(Section):
     """The training engine."""
 
     optimizer: Literal["sgd", "adamw"] = Field("adamw", description="Optimizer.")
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False, description="Peak learning rate.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     weight_decay: float = Field(1e-4, ge=0, description="Weight decay.")
     steps: int = Field(300, gt=0, description="Optimizer steps in round 0.")

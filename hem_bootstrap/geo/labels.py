@@ -37,10 +37,15 @@ MIN_SIDE_PX = 0.01
 # --------------------------------------------------------------------------- reading
 
 
-def _read_vector(path: Path) -> gpd.GeoDataFrame:
-    """Read any OGR vector or a GeoParquet file into a GeoDataFrame."""
-    if not path.exists():
-        raise DataError(f"{path}: label file not found")
+def read_vector(path: Path, what: str = "label file") -> gpd.GeoDataFrame:
+    """Read any OGR vector or a GeoParquet file into a GeoDataFrame.
+
+    Raises:
+        DataError: one line: ``path`` (``what`` it is) not found, or not a readable vector file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found")
     try:
         if path.suffix.lower() in (".parquet", ".geoparquet"):
             return gpd.read_parquet(path)
@@ -261,7 +266,7 @@ def load_labels(
         raise DataError(f"{p}: label file not found")
     if p.suffix.lower() == ".csv":
         return _load_csv(p, info, data_cfg, image_name)
-    frame = _read_vector(p)
+    frame = read_vector(p)
     if frame.empty:
         return _empty(info)
     dropped = frame.geometry.isna() | frame.geometry.is_empty
@@ -314,7 +319,7 @@ def with_pixel_labels(
 def load_zones(path: str | Path, info: RasterInfo, what: str = "ignore zones") -> gpd.GeoDataFrame:
     """Polygons (ignore zones where labels are incomplete, or an area of interest), reprojected to the raster CRS."""
     p = Path(path)
-    frame = _read_vector(p)
+    frame = read_vector(p)
     if frame.empty:
         return gpd.GeoDataFrame(geometry=[], crs=info.crs if info.georeferenced else None)
     frame = frame[~(frame.geometry.isna() | frame.geometry.is_empty).to_numpy()]

@@ -252,7 +252,12 @@ def _parse_decisions(decisions: pd.DataFrame, bank: NegativeBank) -> dict[int, s
     known = set(bank.review_frame["review_id"].tolist())
     out: dict[int, str] = {}
     for i, (rid, raw) in enumerate(zip(decisions["review_id"], decisions["decision"], strict=True)):
-        if pd.isna(rid) or int(rid) not in known:
+        try:
+            rid = int(rid)
+        except (TypeError, ValueError):
+            raise DataError(f"review decisions row {i}: review_id = {rid!r}, expected a review_id number of the "
+                            "review layer") from None
+        if rid not in known:
             raise DataError(f"review decisions row {i}: review_id = {rid!r} is not in the review layer")
         value = "" if raw is None or (isinstance(raw, float) and np.isnan(raw)) else str(raw).strip().lower()
         if value == "":
