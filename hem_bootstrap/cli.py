@@ -410,10 +410,12 @@ def _run_app(args: list[str]) -> None:
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(1)
-    except Exception as err:  # usage errors from typer's click layer carry show() and exit_code
-        show = getattr(err, "show", None)
-        if callable(show) and hasattr(err, "exit_code"):
-            show()
+    except Exception as err:  # usage errors from typer's click layer: one line, as every other error
+        message = getattr(err, "format_message", None)
+        if callable(message) and hasattr(err, "exit_code"):
+            ctx = getattr(err, "ctx", None)
+            where = ctx.command_path if ctx is not None else "hem"
+            typer.echo(f"error: {where}: {message()} (see '{where} --help')", err=True)
             sys.exit(2)
         raise
     # without standalone mode, typer turns Ctrl-C (KeyboardInterrupt) and typer.Exit into a return value

@@ -16,6 +16,7 @@ from typing import Any
 import geopandas as gpd
 import numpy as np
 import pyogrio
+import shapely
 import torch
 
 from hem_bootstrap.config import EvaluateConfig, ExperimentConfig, TrainConfig
@@ -240,10 +241,20 @@ def scan(ctx: Context, model_path: Path, role: str, out: Path, aoi: Path | None 
 
 
 def _areas_of_interest(rasters: list[RasterInput], aoi: Path | None) -> dict[Path, Any]:
-    """Each readable raster's area of interest in pixels: ``aoi`` (``--aoi``) when given, else its image set's."""
-    areas = {r.path: aoi_in_pixels(aoi, r.header()) if aoi is not None else r.aoi_pixels()
-             for r in rasters if r.readable}
-    return {path: area for path, area in areas.items() if area is not None}
+    """Each readable raster's area of interest in pixels: ``aoi`` (``--aoi``) when given, else its image set's.
+
+    An area that misses a raster altogether (often a CRS mix-up) is named in a warning: nothing of it is scanned.
+    """
+    areas = {}
+    for r in (r for r in rasters if r.readable):
+        area = aoi_in_pixels(aoi, r.header()) if aoi is not None else r.aoi_pixels()
+        if area is None:
+            continue
+        if not area.intersects(shapely.box(0, 0, r.header().width, r.header().height)):
+            log.warning("%s: the area of interest (%s) does not touch this raster; nothing of it is scanned "
+                        "(is its CRS right?)", location(r.path), aoi if aoi is not None else "the image set's aoi")
+        areas[r.path] = area
+    return areas
 
 
 def step_detect(ctx: Context, r: int) -> dict[str, Any]:

@@ -106,3 +106,22 @@ def test_bad_aoi_files_are_one_line_errors(synth_scenes: Path, tmp_path: Path) -
     with pytest.raises(DataError, match=r"nocrs\.gpkg: data\.test aoi file has no CRS"):
         check_inputs(_config(synth_scenes, image, tmp_path / "nocrs.gpkg"), ("train", "test"))
     assert np.isfinite(info.area_km2())
+
+
+def test_an_area_that_misses_the_raster_is_named_in_a_warning(synth_scenes: Path, tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    from hem_bootstrap.steps import _areas_of_interest
+
+    image = synth_scenes / "test.tif"
+    info = open_raster(image)
+    far = shapely.box(info.bounds[0] - 5000, info.bounds[1] - 5000, info.bounds[0] - 4000, info.bounds[1] - 4000)
+    gpd.GeoDataFrame(geometry=[far], crs=info.crs).to_file(tmp_path / "far.gpkg")
+    rasters = check_inputs(_config(synth_scenes, image, None), ("test",)).of("test")
+    with caplog.at_level("WARNING", logger="hem_bootstrap.steps"):
+        areas = _areas_of_interest(rasters, tmp_path / "far.gpkg")
+    assert not areas[image].intersects(shapely.box(0, 0, info.width, info.height))  # kept: nothing is scanned
+    assert "test.tif: the area of interest" in caplog.text and "does not touch this raster" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hem_bootstrap.steps"):
+        _areas_of_interest(rasters, None)
+    assert "does not touch" not in caplog.text
