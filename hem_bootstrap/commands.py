@@ -311,7 +311,7 @@ def review_apply_cli(run_dir: Path, decisions: Path) -> str:
         RunError: the run has no bank snapshot yet, or another process holds it.
     """
     run = RunDir(Path(run_dir))
-    frame = read_vector(Path(decisions), "decisions file")
+    frame = read_vector(Path(decisions), "decisions file", prefer="review")
     with run.locked():
         manifest = run.load_manifest()
         snapshot = latest_snapshot(run.path, manifest)

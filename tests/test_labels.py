@@ -62,6 +62,20 @@ def test_geojson_input(make_raster: Callable[..., Path], make_labels: Callable[.
     np.testing.assert_allclose(got, [[10, 10, 20, 20]], atol=1e-6)
 
 
+def test_a_geopackage_of_several_layers_reads_its_first_with_one_warning(
+    make_raster: Callable[..., Path], make_labels: Callable[..., Path], tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    info = open_raster(make_raster())
+    gpkg = make_labels(name="l.gpkg", boxes_px=np.array([[10, 10, 20, 20], [30, 30, 40, 40]]))
+    gpd.read_file(gpkg).iloc[:1].to_file(gpkg, layer="drafts")  # a second layer in the same file
+    with caplog.at_level(logging.WARNING, logger="hem_bootstrap.geo.labels"):
+        assert len(load_labels(gpkg, info, DataConfig())) == 2
+        assert len(load_labels(gpkg, info, DataConfig())) == 2  # the same file again: no second warning
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "2 layers" in lines[0] and "drafts" in lines[0] and "\n" not in lines[0]
+
+
 def test_geoparquet_input(
     make_raster: Callable[..., Path], make_labels: Callable[..., Path], tmp_path: Path
 ) -> None:

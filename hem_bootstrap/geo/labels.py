@@ -15,6 +15,7 @@ from typing import Any
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pyogrio
 import shapely
 from shapely import STRtree
 
@@ -37,8 +38,14 @@ MIN_SIDE_PX = 0.01
 # --------------------------------------------------------------------------- reading
 
 
-def read_vector(path: Path, what: str = "label file") -> gpd.GeoDataFrame:
+_LAYER_WARNED: set[tuple[Path, str | None]] = set()
+
+
+def read_vector(path: Path, what: str = "label file", prefer: str | None = None) -> gpd.GeoDataFrame:
     """Read any OGR vector or a GeoParquet file into a GeoDataFrame.
+
+    A file of several layers (a GeoPackage) gives ``prefer`` when it has that layer, else its
+    first, named in a one-line warning.
 
     Raises:
         DataError: one line: ``path`` (``what`` it is) not found, or not a readable vector file.
@@ -49,7 +56,12 @@ def read_vector(path: Path, what: str = "label file") -> gpd.GeoDataFrame:
     try:
         if path.suffix.lower() in (".parquet", ".geoparquet"):
             return gpd.read_parquet(path)
-        return gpd.read_file(path)
+        layers = [str(name) for name, _ in pyogrio.list_layers(path)]
+        layer = prefer if prefer in layers else layers[0] if layers else None
+        if len(layers) > 1 and (path, layer) not in _LAYER_WARNED:  # once: a label file may serve many rasters
+            _LAYER_WARNED.add((path, layer))
+            log.warning("%s: %d layers (%s); %s read from layer %r", path, len(layers), ", ".join(layers), what, layer)
+        return gpd.read_file(path, layer=layer)
     except Exception as err:  # noqa: BLE001 - pyogrio/arrow raise many types; report one line
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DataError(f"{path}: not a readable vector file: {msg}") from None
