@@ -275,6 +275,8 @@ def _run_classes(run: RunDir) -> list[str]:
 
 def _bank_of(run_dir: Path) -> NegativeBank:
     path = Path(run_dir) / "bank.gpkg"
+    if not (Path(run_dir) / "manifest.json").is_file():
+        raise RunError(f"{run_dir}: not a run directory (no manifest.json)")
     if not path.is_file():
         raise RunError(f"{run_dir}: no bank.gpkg (has round 1 been mined?)")
     return NegativeBank.load(path)

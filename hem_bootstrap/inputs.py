@@ -209,7 +209,8 @@ def check_inputs(cfg: ExperimentConfig, roles: tuple[str, ...] = ROLES) -> Input
     for key in ("weights", "backbone_weights"):
         value = getattr(cfg.model, key)
         if value is not None and not Path(value).is_file():
-            raise ModelError(f"model.{key}: {value} not found; give a local .pth/.pt file")
+            found = "is a directory" if Path(value).is_dir() else "not found"
+            raise ModelError(f"model.{key}: {value} {found}; give a local .pth/.pt file")
     inputs = Inputs(rasters)
     if "train" in roles:
         check_training(cfg, inputs)

@@ -32,8 +32,11 @@ _SHOWN_KEYS = 5
 def read_torch_file(path: Path, what: str) -> Any:
     """``torch.load`` a local file with clear errors; never downloads."""
     if not path.is_file():
+        found = "is a directory, expected a file" if path.is_dir() else "file not found"
+        if what == "checkpoint":  # a run's own model.pt: the round was not trained (or the file was moved)
+            raise ModelError(f"{what} {path}: {found}")
         raise ModelError(
-            f"{what} {path}: file not found; nothing is downloaded, put the file there "
+            f"{what} {path}: {found}; nothing is downloaded, put the file there "
             f"(torchvision's pretrained weights live in {TORCH_HUB_CACHE} once fetched elsewhere)"
         )
     try:
