@@ -155,6 +155,7 @@ CONFIG_CASES = [
     ("unknown strategy", "mining:\n  strategies: [{name: best}]\n", ["mining.strategies.0.name", "'best'"]),
     ("strategy missing param", "mining:\n  strategies: [{name: threshold}]\n", ["needs threshold"]),
     ("bad YAML", "train: [steps: 3\n", ["not valid YAML at line"]),
+    ("key twice", "train:\n  steps: 3\ntrain:\n  lr: 0.1\n", ["at line 3: key 'train' appears twice"]),
     ("not a mapping", "- train\n- test\n", ["expected a mapping of sections, got list"]),
     ("on_bad_raster value", "data:\n  on_bad_raster: ignore\n", ["data.on_bad_raster", "'ignore'"]),
     # rounds.name is a folder --fresh deletes: never the out_dir itself or somewhere else
