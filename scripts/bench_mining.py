@@ -334,9 +334,10 @@ def compare(a: dict[int, list[dict[str, Any]]], b: dict[int, list[dict[str, Any]
     d = paired_bootstrap(_per_seed(a, r, "log_avg", log=True), _per_seed(b, r, "log_avg", log=True))
     row["log_avg_ratio"] = None if d is None else {**d.__dict__, **{k: math.exp(getattr(d, k))
                                                                     for k in ("mean", "lo", "hi")}}
-    ap = paired_bootstrap({s: [_at(x, r)["ap50"]] for s, x in a.items() if _at(x, r)},
-                          {s: [_at(x, r)["ap50"]] for s, x in b.items() if _at(x, r)})
-    row["ap50"] = None if ap is None else ap.__dict__
+    for key in ("ap50", "op_recall", "op_fp_km2"):  # one pooled value per seed
+        d = paired_bootstrap({s: [_at(x, r)[key]] for s, x in a.items() if _at(x, r)},
+                             {s: [_at(x, r)[key]] for s, x in b.items() if _at(x, r)})
+        row[key] = None if d is None else d.__dict__
     return row
 
 
@@ -385,6 +386,13 @@ def _ci(d: dict[str, Any] | None, fmt: str = ".3g", one: float = 0.0) -> str:
     return f"{d['mean']:{fmt}} [{d['lo']:{fmt}}, {d['hi']:{fmt}}]{mark} {d['seeds_lower']}/{d['n_seeds']}"
 
 
+def _seed_level(d: dict[str, Any] | None, fmt: str = ".3g") -> str:
+    """The seed-level readings beside the bootstrap: Student t interval of the seed means, exact sign-test p."""
+    if d is None or d.get("t_lo") is None:
+        return "n/a"
+    return f"[{d['t_lo']:{fmt}}, {d['t_hi']:{fmt}}], p = {d['sign_p']:.3g}"
+
+
 def markdown(by_density: dict[str, dict[str, dict[int, list[dict[str, Any]]]]], rounds: int,
              against: dict[str, tuple[str, dict[str, dict[int, list[dict[str, Any]]]]]] | None = None
              ) -> tuple[str, dict]:
@@ -392,9 +400,9 @@ def markdown(by_density: dict[str, dict[str, dict[int, list[dict[str, Any]]]]], 
     for dens, results in by_density.items():
         lines += [f"### look-alikes in {float(dens):.0%} of windows", "",
                   "| arm | round | AP@0.5 | log-avg FP/km² (R 0.5-0.9) | near-object floor | FP/km² @R0.8 | FP/km² @R0.9 "
-                  "| FP kinds @R0.8 (look-alike/background/dup/loc (loc enclosing its object)) | TP score median | val thr | added "
-                  "| added boxes on / chips with a look-alike |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| FP kinds @R0.8 (look-alike/background/dup/loc (loc enclosing its object)) | TP score median | val thr "
+                  "| recall / FP/km² at val thr | added | added boxes on / chips with a look-alike |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for arm, by_seed in results.items():
             for r in range(rounds + 1):
                 xs = [x for x in (_at(rows, r) for rows in by_seed.values()) if x is not None]
@@ -409,7 +417,9 @@ def markdown(by_density: dict[str, dict[str, dict[int, list[dict[str, Any]]]]], 
                              f"{_mean([x.get('floor') for x in xs])} | "
                              f"{_mean([x['r0.8'] for x in xs])} | {_mean([x['r0.9'] for x in xs])} | {k} | "
                              f"{_mean([(x['tp_scores'] or {}).get('0.5') for x in xs])} | "
-                             f"{_mean([x['val_threshold'] for x in xs])} | {_mean([x['new'] for x in xs])} | "
+                             f"{_mean([x['val_threshold'] for x in xs])} | "
+                             f"{_mean([x.get('op_recall') for x in xs])} / {_mean([x.get('op_fp_km2') for x in xs])} | "
+                             f"{_mean([x['new'] for x in xs])} | "
                              f"{_mean([x.get('box_on_lookalike') for x in xs])} / "
                              f"{_mean([x.get('window_with_lookalike') for x in xs])} |")
         comp = comparisons(results, rounds, (against or {}).get(dens))
@@ -420,12 +430,18 @@ def markdown(by_density: dict[str, dict[str, dict[int, list[dict[str, Any]]]]], 
                   + "; ".join(f"{arm} {_ci(d, '.2f', 1.0).rsplit(' ', 1)[0]}" for arm, d in room.items())]
         lines += ["", f"Round {rounds}, paired difference arm - control: mean [95 % bootstrap interval over seeds "
                   "and scenes], then the seeds whose mean favours the arm; **below**: the interval lies below zero "
-                  "(for the ratio: below 1):", "",
-                  "| arm | control | log-avg FP/km² | ratio of log-avg FP/km² | log-avg FP/km² away from objects "
-                  "| FP/km² @R0.8 | FP/km² @R0.9 | AP@0.5 |",
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {c['arm']} | {c['control']} | {_ci(c['log_avg'])} | {_ci(c['log_avg_ratio'], '.2f', 1.0)} | "
-                  f"{_ci(c['away'])} | {_ci(c['r0.8'])} | {_ci(c['r0.9'])} | {_ci(c['ap50'], '.3f')} |" for c in comp]
+                  "(for the ratio: below 1). Beside the log-average, the seed-level readings (a percentile bootstrap "
+                  "over few seeds is narrow): the Student t 95 % interval of the seed means and the exact sign-test p. "
+                  "'at val thr': recall and FP/km² on the test scenes at the threshold chosen on validation (the "
+                  "operating point a user deploys; the recall-matched columns choose theirs on the test scenes):", "",
+                  "| arm | control | log-avg FP/km² | seed-level t interval, sign p | ratio of log-avg FP/km² "
+                  "| log-avg FP/km² away from objects | FP/km² @R0.8 | FP/km² @R0.9 | recall at val thr "
+                  "| FP/km² at val thr | AP@0.5 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {c['arm']} | {c['control']} | {_ci(c['log_avg'])} | {_seed_level(c['log_avg'])} | "
+                  f"{_ci(c['log_avg_ratio'], '.2f', 1.0)} | {_ci(c['away'])} | {_ci(c['r0.8'])} | {_ci(c['r0.9'])} | "
+                  f"{_ci(c.get('op_recall'), '.3f')} | {_ci(c.get('op_fp_km2'))} | {_ci(c['ap50'], '.3f')} |"
+                  for c in comp]
         lines.append("")
     lines.append("Means over seeds (* = some seeds never reached that recall); FP/km² over the test scenes "
                  "together; intervals over per-scene values.")

@@ -45,7 +45,10 @@ def test_bench_mining_toy_sweep(tmp_path: Path) -> None:
     assert all(len(x["scenes"]["away"]) == 2 for x in r1.values())
     comp = {(c["arm"], c["control"]) for c in out["comparisons"]["0.2"]}
     assert ("topk", "random") in comp and ("topk", "none") in comp
-    assert "paired difference" in (tmp_path / "default.md").read_text()
+    md = (tmp_path / "default.md").read_text()
+    assert "paired difference" in md and "seed-level t interval, sign p" in md and "recall at val thr" in md
+    topk = next(c for c in out["comparisons"]["0.2"] if (c["arm"], c["control"]) == ("topk", "random"))
+    assert topk["op_recall"]["n_seeds"] == 1 and topk["log_avg"]["sign_p"] is not None  # the operating point, paired
     # finished runs are kept: a second call trains nothing; a run without its table is redone, alone
     runs = tmp_path / "runs" / "default" / "d0.2"
     stamps = {p.name: (p / "manifest.json").stat().st_mtime_ns for p in runs.iterdir()}

@@ -42,3 +42,15 @@ def test_spread_between_seeds_widens_the_interval() -> None:
     d = paired_bootstrap(a, b, n_boot=4000)
     assert d is not None and d.lo < 0 < d.hi  # a flat bootstrap over the 15 pairs would not be this wide
     assert d.hi - d.lo > 20 and (d.seeds_lower, d.a_lower) == (3, 9)
+
+
+def test_seed_level_readings_beside_the_bootstrap() -> None:
+    """The replication's per-seed means (README): 5 of 5 below zero is p = 0.0625, and the t interval reaches zero."""
+    b = {s: [10.0] for s in range(5)}
+    a = {s: [10.0 + d] for s, d in enumerate([-1.08, -9.1, -3.43, -6.0, -0.6])}
+    d = paired_bootstrap(a, b, n_boot=2000)
+    assert d is not None and d.seeds_lower == 5 and d.sign_p == pytest.approx(0.0625)
+    assert d.t_lo == pytest.approx(-8.45, abs=0.01) and d.t_hi == pytest.approx(0.36, abs=0.01)
+    assert d.hi < 0 < d.t_hi  # the percentile bootstrap over 5 seeds is the narrower reading
+    one = paired_bootstrap({1: [3.0]}, {1: [1.0]}, n_boot=100)
+    assert one is not None and (one.t_lo, one.t_hi, one.sign_p) == (None, None, 1.0)
