@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,10 +39,9 @@ def check_output(out: Path, what: str, folder: bool = False) -> Path:
         raise RunError(f"{what} {out}: is a directory; expected a file name")
     if out.is_file():
         parent = out.resolve().parent
-        for run in (parent, parent.parent):
-            inside_round = parent != run or parent.name.startswith("round_")
-            if (run / "manifest.json").is_file() and (inside_round or out.name in RUN_FILES):
-                raise RunError(f"{what} {out}: a file of the run {run}; write the output elsewhere")
+        run = parent.parent if re.fullmatch(r"round_\d{3,}", parent.name) else parent
+        if (run / "manifest.json").is_file() and (run != parent or out.name in RUN_FILES):
+            raise RunError(f"{what} {out}: a file of the run {run}; write the output elsewhere")
     return out
 
 

@@ -24,8 +24,7 @@ from typing import Any
 import torch
 import yaml
 
-from hem_bootstrap.config import ExperimentConfig, dump_config
-from hem_bootstrap.config.model import with_legacy_width
+from hem_bootstrap.config import ExperimentConfig, dump_config, with_defaults
 from hem_bootstrap.distributed import (
     any_rank,
     barrier,
@@ -40,7 +39,7 @@ from hem_bootstrap.files import atomic_write_text
 from hem_bootstrap.inputs import check_inputs
 from hem_bootstrap.model.device import resolve_device, seed_everything
 from hem_bootstrap.report import format_table, round_table
-from hem_bootstrap.rundir import LOCK, RunDir
+from hem_bootstrap.rundir import RunDir
 from hem_bootstrap.steps import (
     STEPS_ROUND,
     STEPS_ROUND0,
@@ -79,21 +78,6 @@ def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ between two resolved config trees."""
     a, b = _flatten(old), _flatten(new)
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-
-
-def with_defaults(tree: dict[str, Any]) -> dict[str, Any]:
-    """A saved resolved config with the settings added since it was written at their defaults.
-
-    A run started by an older version lacks the keys that came later; their defaults keep the
-    old behaviour, so they are no change, except ``model.width``, whose default grew: a tree
-    without it is a model of width 1. A tree the current schema refuses is compared as it is.
-    """
-    if isinstance(tree.get("model"), dict):
-        tree = {**tree, "model": with_legacy_width(tree["model"])}
-    try:
-        return ExperimentConfig.model_validate(tree).model_dump(mode="json")
-    except ValueError:
-        return tree
 
 
 def breaking_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -245,11 +229,9 @@ def prepare_run(
         raise RunError("--resume and --fresh: choose one (continue the run, or delete it and start over)")
     if run.path.exists() and not run.path.is_dir():
         raise RunError(f"{run.path}: a file is in the way of the run directory (rounds.out_dir / rounds.name)")
-    first = {LOCK, "config.resolved.yaml"}  # what a start killed before its manifest leaves
-    if not run.exists() and run.path.is_dir() and any(p.name not in first and not p.name.startswith(".")
-                                                      for p in run.path.iterdir()):
-        raise RunError(f"{run.path}: the folder exists and holds no run (no manifest.json); move it away or set "
-                       "rounds.name (hem deletes only run directories)")
+    if not run.exists() and _results_of_another_run(run.path):
+        raise RunError(f"{run.path}: the folder holds results (a bank, a round's metrics) but no manifest.json, so "
+                       "no run hem could resume; move it away or set rounds.name (hem deletes only run directories)")
     if run.exists() and fresh:
         run.acquire()
         run.release()
@@ -269,6 +251,18 @@ def prepare_run(
         if broken:
             _check_checkpoints_fit(cfg, run, manifest)
     return run, manifest
+
+
+def _results_of_another_run(folder: Path) -> bool:
+    """Whether a folder without a manifest holds what a run leaves (a bank, a round's metrics or bank).
+
+    A log file, the lock, the config or ``hem train``'s round-0 model are no results: a run may start there.
+    """
+    if not folder.is_dir():
+        return False
+    rounds = [p for p in folder.glob("round_*") if p.is_dir()]
+    return any((folder / name).exists() for name in ("bank.gpkg", "review_positives.gpkg")) or any(
+        (r / name).exists() for r in rounds for name in ("metrics.json", "bank.gpkg", "detections.gpkg"))
 
 
 def _check_checkpoints_fit(cfg: ExperimentConfig, run: RunDir, manifest: dict[str, Any]) -> None:
@@ -374,7 +368,7 @@ def run_one_more_round(cfg: ExperimentConfig, run_dir: Path, *, force: bool = Fa
     Raises:
         RunError: ``run_dir`` holds no run.
     """
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()  # "." names no folder
     if not (run_dir / "manifest.json").is_file():
         raise RunError(f"{run_dir}: no manifest.json; start the run with `hem run CONFIG` first")
     cfg.rounds.out_dir = str(run_dir.parent)

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from hem_bootstrap.config import DataConfig
+from hem_bootstrap.config import DataConfig, with_defaults
 from hem_bootstrap.detections import PX_COLUMNS
 from hem_bootstrap.errors import HemError, RunError
 from hem_bootstrap.files import atomic_path, atomic_write_text
@@ -479,10 +479,10 @@ MEASURED_ON = (("data", "test"), ("data", "val"), ("data", "classes"), ("evaluat
 
 def _not_comparable(dirs: list[Path], names: list[str]) -> list[str]:
     """One line per setting of :data:`MEASURED_ON` in which the runs differ (held-out imagery, classes, metrics)."""
-    trees = []
+    trees: list[dict[str, Any] | None] = []
     for d in dirs:
         try:
-            trees.append(yaml.safe_load((d / "config.resolved.yaml").read_text()) or {})
+            trees.append(with_defaults(yaml.safe_load((d / "config.resolved.yaml").read_text()) or {}))
         except (OSError, yaml.YAMLError):
             trees.append(None)
     lines = [f"{n}: no readable config.resolved.yaml; cannot tell what it was measured on"

@@ -526,8 +526,16 @@ def test_a_folder_that_holds_no_run_is_never_adopted(scenes: Path, tmp_path: Pat
     (tmp_path / "runs" / "taken").mkdir(parents=True)
     (tmp_path / "runs" / "taken" / "bank.gpkg").write_text("someone's file")
     for extra in ([], ["--fresh"]):
-        one_line_error(hem("run", str(cfg), *extra), "holds no run (no manifest.json)")
+        one_line_error(hem("run", str(cfg), *extra), "holds results", "but no manifest.json")
     assert (tmp_path / "runs" / "taken" / "bank.gpkg").read_text() == "someone's file"
+
+
+def test_round_of_the_run_in_the_current_folder(fine_run: tuple[Path, Path], tmp_path: Path, hem: Hem,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg, run = _copy_run(fine_run, tmp_path)
+    monkeypatch.chdir(run)  # --run . names the folder it stands in
+    one_line_error(hem("round", str(cfg), "--run", ".", "--set", "train.steps=3"),
+                   "config changed since the run started (train.steps)")
 
 
 def test_a_manifest_of_another_shape(fine_run: tuple[Path, Path], tmp_path: Path, hem: Hem) -> None:

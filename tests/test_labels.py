@@ -76,6 +76,17 @@ def test_a_geopackage_of_several_layers_reads_its_first_with_one_warning(
     assert len(lines) == 1 and "2 layers" in lines[0] and "drafts" in lines[0] and "\n" not in lines[0]
 
 
+def test_a_folder_dataset_reads(make_raster: Callable[..., Path], make_labels: Callable[..., Path],
+                                tmp_path: Path) -> None:
+    """OGR datasets that are folders (a folder of shapefiles; a FileGDB alike) read as labels."""
+    info = open_raster(make_raster())
+    gpkg = make_labels(name="l.gpkg", boxes_px=np.array([[10, 10, 20, 20]]))
+    folder = tmp_path / "shapes"
+    folder.mkdir()
+    gpd.read_file(gpkg).to_file(folder / "labels.shp")
+    assert len(load_labels(folder, info, DataConfig())) == 1
+
+
 def test_geoparquet_input(
     make_raster: Callable[..., Path], make_labels: Callable[..., Path], tmp_path: Path
 ) -> None:

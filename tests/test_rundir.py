@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from hem_bootstrap.config import ExperimentConfig
+from hem_bootstrap.config import ExperimentConfig, with_defaults
 from hem_bootstrap.errors import RunError
-from hem_bootstrap.files import atomic_write_json, atomic_write_text
-from hem_bootstrap.loop import breaking_changes, config_diff, with_defaults
+from hem_bootstrap.files import atomic_write_json, atomic_write_text, check_output
+from hem_bootstrap.loop import breaking_changes, config_diff, prepare_run
 from hem_bootstrap.rundir import RunDir
 
 
@@ -84,3 +84,39 @@ def test_config_diff_and_breaking() -> None:
     new = {"data": {"bands": [1, 2, 4]}, "rounds": {"n_rounds": 5}, "runtime": {"workers": 0, "seed": 1}}
     assert config_diff(old, new) == ["data.bands", "rounds.n_rounds", "runtime.seed", "runtime.workers"]
     assert breaking_changes(old, new) == ["data.bands", "runtime.seed"]
+
+
+def test_an_output_never_replaces_a_file_of_a_run(tmp_path: Path) -> None:
+    run = tmp_path / "runs" / "x"
+    (run / "round_001").mkdir(parents=True)
+    (run / "exports").mkdir()
+    for f in ("manifest.json", "bank.gpkg", "round_001/model.pt", "exports/neg.geojson", "mine.geojson"):
+        (run / f).write_text("{}")
+    for f in ("bank.gpkg", "round_001/model.pt", "manifest.json"):
+        with pytest.raises(RunError, match=f"--out {run / f}: a file of the run"):
+            check_output(run / f, "--out")
+    for f in ("exports/neg.geojson", "mine.geojson", "round_002/model.pt"):  # the user's own exports, new files
+        assert check_output(run / f, "--out") == run / f
+    (tmp_path / "proj" / "sub").mkdir(parents=True)  # a manifest.json of something else two levels up
+    (tmp_path / "proj" / "manifest.json").write_text("{}")
+    (tmp_path / "proj" / "sub" / "d.gpkg").write_text("x")
+    assert check_output(tmp_path / "proj" / "sub" / "d.gpkg", "--out")
+    with pytest.raises(RunError, match="is a directory"):
+        check_output(run, "--out")
+    with pytest.raises(RunError, match="a file is in the way"):
+        check_output(run / "mine.geojson", "synth", folder=True)
+
+
+def test_a_folder_without_a_manifest_starts_a_run_unless_it_holds_results(tmp_path: Path) -> None:
+    cfg = ExperimentConfig.model_validate({"rounds": {"name": "x", "out_dir": str(tmp_path)}})
+    folder = tmp_path / "x"
+    (folder / "round_000").mkdir(parents=True)
+    (folder / "hem.log").write_text("a --log-file inside the run folder\n")
+    (folder / "round_000" / "model.pt").write_bytes(b"hem train's model before the run")
+    run, manifest = prepare_run(cfg, resume=False, fresh=False, force=False, config_path=None)
+    assert run.path == folder and manifest["rounds"] == []
+    (folder / "round_000" / "metrics.json").write_text("{}")  # a round's results: another run's leftovers
+    for fresh in (False, True):
+        with pytest.raises(RunError, match="holds results .* but no manifest.json"):
+            prepare_run(cfg, resume=False, fresh=fresh, force=False, config_path=None)
+    assert (folder / "round_000" / "model.pt").exists()  # never deleted

@@ -14,6 +14,7 @@ from hem_bootstrap.config.loading import (
     dump_config,
     format_validation_error,
     load_config,
+    with_defaults,
 )
 from hem_bootstrap.config.mining import BankConfig, EvaluateConfig, MiningConfig, RoundsConfig, StrategySpec
 from hem_bootstrap.config.model import ModelConfig, TrainConfig
@@ -21,5 +22,5 @@ from hem_bootstrap.config.model import ModelConfig, TrainConfig
 __all__ = [
     "BankConfig", "DataConfig", "EvaluateConfig", "ExperimentConfig", "ImageSet", "MiningConfig", "ModelConfig",
     "RoundsConfig", "RuntimeConfig", "StrategySpec", "TilingConfig", "TrainConfig", "apply_overrides",
-    "config_from_tree", "describe_defaults", "dump_config", "format_validation_error", "load_config",
+    "config_from_tree", "describe_defaults", "dump_config", "format_validation_error", "load_config", "with_defaults",
 ]

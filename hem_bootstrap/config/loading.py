@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from hem_bootstrap.config.experiment import ExperimentConfig
+from hem_bootstrap.config.model import with_legacy_width
 from hem_bootstrap.errors import ConfigError
 from hem_bootstrap.remote import is_remote
 
@@ -172,6 +173,21 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"key {key!r} appears twice in one section", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def with_defaults(tree: dict[str, Any]) -> dict[str, Any]:
+    """A saved resolved config with the settings added since it was written at their defaults.
+
+    A run started by an older version lacks the keys that came later; their defaults keep the
+    old behaviour, so they are no change, except ``model.width``, whose default grew: a tree
+    without it is a model of width 1. A tree the current schema refuses is compared as it is.
+    """
+    if isinstance(tree.get("model"), dict):
+        tree = {**tree, "model": with_legacy_width(tree["model"])}
+    try:
+        return ExperimentConfig.model_validate(tree).model_dump(mode="json")
+    except ValueError:
+        return tree
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

@@ -115,8 +115,8 @@ class EvaluateConfig(Section):
     @field_validator("fixed_fp_per_km2")
     @classmethod
     def _rates(cls, v: list[float]) -> list[float]:
-        if any(not 0 < r < float("inf") for r in v):
-            raise ValueError(f"expected false positives per km² > 0, got {v}")
+        if any(not 0 <= r < float("inf") for r in v):
+            raise ValueError(f"expected false positives per km² >= 0 (0: recall before the first), got {v}")
         return v
     calibrate_recall: float = Field(
         0.8, gt=0, le=1,

@@ -51,7 +51,7 @@ def read_vector(path: Path, what: str = "label file", prefer: str | None = None)
         DataError: one line: ``path`` (``what`` it is) not found, or not a readable vector file.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():  # a folder may be a dataset too (FileGDB, a folder of shapefiles)
         raise DataError(f"{path}: {what} not found")
     try:
         if path.suffix.lower() in (".parquet", ".geoparquet"):
@@ -331,7 +331,7 @@ def with_pixel_labels(
 def load_zones(path: str | Path, info: RasterInfo, what: str = "ignore zones") -> gpd.GeoDataFrame:
     """Polygons (ignore zones where labels are incomplete, or an area of interest), reprojected to the raster CRS."""
     p = Path(path)
-    frame = read_vector(p)
+    frame = read_vector(p, what)
     if frame.empty:
         return gpd.GeoDataFrame(geometry=[], crs=info.crs if info.georeferenced else None)
     frame = frame[~(frame.geometry.isna() | frame.geometry.is_empty).to_numpy()]
