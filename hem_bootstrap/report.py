@@ -505,10 +505,10 @@ def compare_runs(run_dirs: list[Path], out_dir: Path | None = None) -> str:
     ``compare.png`` (AP@0.5 and FP/km² per round per run) there.
 
     Raises:
-        RunError: no run given, or one is not a readable run directory.
+        RunError: fewer than two runs given, or one is not a readable run directory.
     """
-    if not run_dirs:
-        raise RunError("compare: no run directories given")
+    if len(run_dirs) < 2:
+        raise RunError(f"compare: {len(run_dirs)} run directory given, expected two or more (one run: hem report RUN)")
     dirs = [Path(p) for p in run_dirs]
     names = _run_names(dirs)
     tables = [round_table(p) for p in dirs]

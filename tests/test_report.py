@@ -175,6 +175,8 @@ def test_compare_names_runs_measured_on_other_imagery(make_run: Callable[..., Pa
     assert "data.test differs" in caplog.text
     (b / "config.resolved.yaml").unlink()
     assert "b: no readable config.resolved.yaml" in compare_runs([a, b])
+    with pytest.raises(RunError, match="1 run directory given, expected two or more"):
+        compare_runs([a])
     # a run saved before evaluate.calibrate_recall existed compares with a new one at its default
     tree = yaml.safe_load((a / "config.resolved.yaml").read_text())
     tree["evaluate"]["calibrate_recall"] = 0.8
