@@ -30,8 +30,9 @@ from hem_bootstrap.geo.labels import (
     read_vector,
     with_pixel_labels,
 )
-from hem_bootstrap.geo.raster import RasterInfo, open_raster
+from hem_bootstrap.geo.raster import RasterInfo, RasterReader, open_raster
 from hem_bootstrap.geo.vrt import virtual_paths
+from hem_bootstrap.geo.windows import Window, map_to_pixel_boxes
 from hem_bootstrap.model.detectors import build_detector
 from hem_bootstrap.model.hard_mining import apply_loss_options
 from hem_bootstrap.remote import apply_gdal_options, exists
@@ -282,11 +283,42 @@ def _check_raster(path: Path, s: ImageSet, what: str, cfg: ExperimentConfig) -> 
             raise DataError(f"{extra}: file not found (data.{what})")
     if labels is not None:
         _warn_labels_above_nms(path, labels, cfg.model.nms_iou)
+        if what != "pool":
+            _warn_labels_on_nodata(path, info, labels, what, cfg.data)
     raster = RasterInput(path, s, what, info, labels=labels)
     raster.zones()  # validated now (polygons, a usable CRS), not after training
     raster.aoi()
     raster.distractors()
     return raster
+
+
+LABELS_SAMPLED_FOR_NODATA = 64
+"""Labelled objects whose centre pixel :func:`_warn_labels_on_nodata` reads (spread over the label file)."""
+
+
+def _warn_labels_on_nodata(path: Path, info: RasterInfo, labels: gpd.GeoDataFrame, what: str, data: DataConfig) -> None:
+    """One warning when most labelled objects sit on no-data pixels (a wrong nodata value, labels of other imagery).
+
+    Training would cut blank chips around them and evaluation would count them all as missed.
+    At most :data:`LABELS_SAMPLED_FOR_NODATA` centres are read, one pixel each.
+    """
+    if not len(labels):
+        return
+    boxes = map_to_pixel_boxes(labels.geometry.bounds.to_numpy(), info.transform)
+    picks = np.unique(np.linspace(0, len(boxes) - 1, min(len(boxes), LABELS_SAMPLED_FOR_NODATA)).astype(np.int64))
+    cols = np.floor((boxes[picks, 0] + boxes[picks, 2]) / 2).astype(np.int64)
+    rows = np.floor((boxes[picks, 1] + boxes[picks, 3]) / 2).astype(np.int64)
+    try:
+        with RasterReader(path, data) as reader:
+            valid = [bool(reader.read(Window(int(c), int(r), 1, 1, 1, 1))[1][0, 0]) for c, r in zip(cols, rows,
+                                                                                                       strict=True)]
+    except DataError:  # a raster whose data does not read is reported where it is read
+        return
+    share = 1 - sum(valid) / len(valid)
+    if share > 0.5:
+        log.warning("%s: %.0f %% of the labelled objects (data.%s; %d sampled) lie on no-data pixels: training "
+                    "cuts blank chips there and evaluation counts them missed; check the raster's nodata value and "
+                    "that the labels belong to this image", path, 100 * share, what, len(valid))
 
 
 def _warn_labels_above_nms(path: Path, labels: gpd.GeoDataFrame, nms_iou: float) -> None:

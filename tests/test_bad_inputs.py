@@ -411,6 +411,21 @@ def test_a_class_without_training_labels_is_a_warning(scenes: Path, tmp_path: Pa
     assert "no training label of class 'van'" in caplog.text
 
 
+def test_labels_on_no_data_pixels_are_a_warning(scenes: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from hem_bootstrap.config import load_config
+    from hem_bootstrap.inputs import check_inputs
+
+    blank = {"images": [str(scenes / "nodata.tif")], "labels": str(scenes / "pool_labels.gpkg")}  # all no-data
+    cfg = load_config(write_config(scenes, tmp_path, data={"test": [blank]}))
+    with caplog.at_level(logging.WARNING, logger="hem_bootstrap.inputs"):
+        check_inputs(cfg, ("test",))
+    assert "nodata.tif: 100 % of the labelled objects (data.test;" in caplog.text and "no-data pixels" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hem_bootstrap.inputs"):
+        check_inputs(load_config(write_config(scenes, tmp_path, name="fine")), ("test",))  # labels on data
+    assert "no-data pixels" not in caplog.text
+
+
 def test_pixel_csv_without_columns(scenes: Path, tmp_path: Path, hem: Hem) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text("image,x,y\nplain.png,1,2\n")
