@@ -32,7 +32,7 @@ from hem_bootstrap.geo.labels import (
 )
 from hem_bootstrap.geo.raster import RasterInfo, RasterReader, open_raster
 from hem_bootstrap.geo.vrt import virtual_paths
-from hem_bootstrap.geo.windows import Window, map_to_pixel_boxes
+from hem_bootstrap.geo.windows import map_to_pixel_boxes
 from hem_bootstrap.model.detectors import build_detector
 from hem_bootstrap.model.hard_mining import apply_loss_options
 from hem_bootstrap.remote import apply_gdal_options, exists
@@ -292,7 +292,7 @@ def _check_raster(path: Path, s: ImageSet, what: str, cfg: ExperimentConfig) -> 
     return raster
 
 
-LABELS_SAMPLED_FOR_NODATA = 64
+LABELS_SAMPLED_FOR_NODATA = 32
 """Labelled objects whose centre pixel :func:`_warn_labels_on_nodata` reads (spread over the label file)."""
 
 
@@ -300,25 +300,26 @@ def _warn_labels_on_nodata(path: Path, info: RasterInfo, labels: gpd.GeoDataFram
     """One warning when most labelled objects sit on no-data pixels (a wrong nodata value, labels of other imagery).
 
     Training would cut blank chips around them and evaluation would count them all as missed.
-    At most :data:`LABELS_SAMPLED_FOR_NODATA` centres are read, one pixel each.
+    The masks of at most :data:`LABELS_SAMPLED_FOR_NODATA` centres on the raster are read, one
+    pixel each (nothing for a raster that declares no nodata or mask).
     """
-    if not len(labels):
-        return
     boxes = map_to_pixel_boxes(labels.geometry.bounds.to_numpy(), info.transform)
-    picks = np.unique(np.linspace(0, len(boxes) - 1, min(len(boxes), LABELS_SAMPLED_FOR_NODATA)).astype(np.int64))
-    cols = np.floor((boxes[picks, 0] + boxes[picks, 2]) / 2).astype(np.int64)
-    rows = np.floor((boxes[picks, 1] + boxes[picks, 3]) / 2).astype(np.int64)
+    cols = np.floor((boxes[:, 0] + boxes[:, 2]) / 2).astype(np.int64)
+    rows = np.floor((boxes[:, 1] + boxes[:, 3]) / 2).astype(np.int64)
+    on = np.flatnonzero((cols >= 0) & (cols < info.width) & (rows >= 0) & (rows < info.height))  # not edge-cut
+    if not len(on):
+        return
+    picks = on[np.unique(np.linspace(0, len(on) - 1, min(len(on), LABELS_SAMPLED_FOR_NODATA)).astype(np.int64))]
     try:
         with RasterReader(path, data) as reader:
-            valid = [bool(reader.read(Window(int(c), int(r), 1, 1, 1, 1))[1][0, 0]) for c, r in zip(cols, rows,
-                                                                                                       strict=True)]
+            valid = reader.valid_at(cols[picks], rows[picks])
     except DataError:  # a raster whose data does not read is reported where it is read
         return
-    share = 1 - sum(valid) / len(valid)
+    share = 1 - float(valid.mean())
     if share > 0.5:
         log.warning("%s: %.0f %% of the labelled objects (data.%s; %d sampled) lie on no-data pixels: training "
                     "cuts blank chips there and evaluation counts them missed; check the raster's nodata value and "
-                    "that the labels belong to this image", path, 100 * share, what, len(valid))
+                    "that the labels belong to this image", path, 100 * share, what, len(picks))
 
 
 def _warn_labels_above_nms(path: Path, labels: gpd.GeoDataFrame, nms_iou: float) -> None:

@@ -332,8 +332,7 @@ def compare(a: dict[int, list[dict[str, Any]]], b: dict[int, list[dict[str, Any]
     # the same as a ratio: FP counts are heavy-tailed (one hard scene can hold most of them), so the
     # mean of per-scene log ratios is read beside the raw difference (same sign per pair)
     d = paired_bootstrap(_per_seed(a, r, "log_avg", log=True), _per_seed(b, r, "log_avg", log=True))
-    row["log_avg_ratio"] = None if d is None else {**d.__dict__, **{k: math.exp(getattr(d, k))
-                                                                    for k in ("mean", "lo", "hi")}}
+    row["log_avg_ratio"] = None if d is None else _as_ratio(d)
     for key in ("ap50", "op_recall", "op_fp_km2"):  # one pooled value per seed
         d = paired_bootstrap({s: [_at(x, r)[key]] for s, x in a.items() if _at(x, r)},
                              {s: [_at(x, r)[key]] for s, x in b.items() if _at(x, r)})
@@ -353,8 +352,14 @@ def headroom(results: dict[str, dict[int, list[dict[str, Any]]]], r: int) -> dic
     out = {}
     for arm, by_seed in results.items():
         d = paired_bootstrap(_per_seed(by_seed, r, "floor", log=True), _per_seed(by_seed, r, "log_avg", log=True))
-        out[arm] = None if d is None else {**d.__dict__, **{k: math.exp(getattr(d, k)) for k in ("mean", "lo", "hi")}}
+        out[arm] = None if d is None else _as_ratio(d)
     return out
+
+
+def _as_ratio(d: Any) -> dict[str, Any]:
+    """A paired difference of logs as a ratio: mean and both intervals exponentiated (counts stay)."""
+    return {**d.__dict__, **{k: math.exp(getattr(d, k)) for k in ("mean", "lo", "hi", "t_lo", "t_hi")
+                             if getattr(d, k) is not None}}
 
 
 def _per_seed(by_seed: dict[int, list[dict[str, Any]]], r: int, metric: str,
@@ -390,7 +395,8 @@ def _seed_level(d: dict[str, Any] | None, fmt: str = ".3g") -> str:
     """The seed-level readings beside the bootstrap: Student t interval of the seed means, exact sign-test p."""
     if d is None or d.get("t_lo") is None:
         return "n/a"
-    return f"[{d['t_lo']:{fmt}}, {d['t_hi']:{fmt}}], p = {d['sign_p']:.3g}"
+    p = "n/a (no seed differs)" if d.get("sign_p") is None else f"{d['sign_p']:.3g}"
+    return f"[{d['t_lo']:{fmt}}, {d['t_hi']:{fmt}}], p = {p}"
 
 
 def markdown(by_density: dict[str, dict[str, dict[int, list[dict[str, Any]]]]], rounds: int,
@@ -429,7 +435,8 @@ def markdown(by_density: dict[str, dict[str, dict[int, list[dict[str, Any]]]]], 
                   "would give; geometric mean over scenes [95 % interval]): "
                   + "; ".join(f"{arm} {_ci(d, '.2f', 1.0).rsplit(' ', 1)[0]}" for arm, d in room.items())]
         lines += ["", f"Round {rounds}, paired difference arm - control: mean [95 % bootstrap interval over seeds "
-                  "and scenes], then the seeds whose mean favours the arm; **below**: the interval lies below zero "
+                  "and scenes], then the seeds on which the arm is lower (for FP measures they favour the arm, for "
+                  "recall and AP the control); **below**: the interval lies below zero "
                   "(for the ratio: below 1). Beside the log-average, the seed-level readings (a percentile bootstrap "
                   "over few seeds is narrow): the Student t 95 % interval of the seed means and the exact sign-test p. "
                   "'at val thr': recall and FP/km² on the test scenes at the threshold chosen on validation (the "

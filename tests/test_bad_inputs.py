@@ -424,6 +424,16 @@ def test_labels_on_no_data_pixels_are_a_warning(scenes: Path, tmp_path: Path, ca
     with caplog.at_level(logging.WARNING, logger="hem_bootstrap.inputs"):
         check_inputs(load_config(write_config(scenes, tmp_path, name="fine")), ("test",))  # labels on data
     assert "no-data pixels" not in caplog.text
+    from hem_bootstrap.config import DataConfig
+    from hem_bootstrap.geo.raster import open_raster
+    from hem_bootstrap.inputs import _warn_labels_on_nodata
+
+    info = open_raster(scenes / "nodata.tif")  # an object cut by the east edge: its centre is off the raster
+    x1, y0 = info.bounds[2], info.bounds[1]
+    edge = gpd.GeoDataFrame(geometry=[shapely.box(x1 - 0.5, y0 + 10, x1 + 3, y0 + 13)], crs=info.crs)
+    with caplog.at_level(logging.WARNING, logger="hem_bootstrap.inputs"):
+        _warn_labels_on_nodata(scenes / "nodata.tif", info, edge, "test", DataConfig())
+    assert "no-data pixels" not in caplog.text
 
 
 def test_pixel_csv_without_columns(scenes: Path, tmp_path: Path, hem: Hem) -> None:

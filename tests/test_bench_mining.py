@@ -48,8 +48,8 @@ def test_bench_mining_toy_sweep(tmp_path: Path) -> None:
     md = (tmp_path / "default.md").read_text()
     assert "paired difference" in md and "seed-level t interval, sign p" in md and "recall at val thr" in md
     topk = next(c for c in out["comparisons"]["0.2"] if (c["arm"], c["control"]) == ("topk", "random"))
-    # the operating point, paired per seed, with the seed-level readings (toy runs: both arms at recall 0)
-    assert topk["op_recall"]["n_seeds"] == 1 and {"t_lo", "t_hi", "sign_p"} <= set(topk["op_recall"])
+    # the operating point, paired per seed (toy runs: both arms at recall 0, so no seed differs and no p exists)
+    assert topk["op_recall"]["n_seeds"] == 1 and topk["op_recall"]["sign_p"] is None
     # finished runs are kept: a second call trains nothing; a run without its table is redone, alone
     runs = tmp_path / "runs" / "default" / "d0.2"
     stamps = {p.name: (p / "manifest.json").stat().st_mtime_ns for p in runs.iterdir()}
@@ -88,3 +88,21 @@ def test_bench_mining_toy_sweep(tmp_path: Path) -> None:
     # the same folders with other settings are refused, not silently reused
     other = _bench(tmp_path, "--arms", "none", "--k", "3")
     assert other.returncode != 0 and "--k 4" in other.stderr and "--work or --tag" in other.stderr
+
+
+def test_seed_level_column_and_ratios() -> None:
+    """The seed-level text of a comparison (also when no seed differs) and ratios exponentiated whole."""
+    import importlib.util
+
+    from hem_bootstrap.scoring.paired import paired_bootstrap
+
+    spec = importlib.util.spec_from_file_location("bench_mining", ROOT / "scripts" / "bench_mining.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    same = paired_bootstrap({1: [2.0], 2: [3.0]}, {1: [2.0], 2: [3.0]}, n_boot=100)
+    assert bench._seed_level(same.__dict__) == "[0, 0], p = n/a (no seed differs)"
+    d = paired_bootstrap({s: [v] for s, v in enumerate([-0.5, -0.4, -0.6])}, {s: [0.0] for s in range(3)}, n_boot=100)
+    ratio = bench._as_ratio(d)
+    assert ratio["t_lo"] < ratio["mean"] < ratio["t_hi"] < 1 and ratio["mean"] == pytest.approx(0.6065, abs=1e-3)
+    assert bench._seed_level(d.__dict__).endswith("p = 0.25")

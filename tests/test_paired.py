@@ -54,3 +54,9 @@ def test_seed_level_readings_beside_the_bootstrap() -> None:
     assert d.hi < 0 < d.t_hi  # the percentile bootstrap over 5 seeds is the narrower reading
     one = paired_bootstrap({1: [3.0]}, {1: [1.0]}, n_boot=100)
     assert one is not None and (one.t_lo, one.t_hi, one.sign_p) == (None, None, 1.0)
+
+
+def test_no_seed_that_differs_has_no_sign_test() -> None:
+    """Two arms that gave the same models (nothing mined, deterministic training): a zero interval, no p."""
+    d = paired_bootstrap({1: [2.0], 2: [3.0]}, {1: [2.0], 2: [3.0]}, n_boot=100)
+    assert d is not None and (d.t_lo, d.t_hi, d.sign_p) == (0.0, 0.0, None)

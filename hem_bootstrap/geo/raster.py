@@ -342,6 +342,22 @@ class RasterReader:
         with self._read_errors(window):
             return self._read_raw(src, window)
 
+    def valid_at(self, cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Whether each pixel ``(cols[i], rows[i])`` (inside the raster) holds data: its masks only, nothing
+        read when the raster declares no nodata or mask, one pixel's masks each otherwise.
+
+        Raises:
+            DataError: as :meth:`read`.
+        """
+        src = self.dataset()
+        if self._all_valid:
+            return np.ones(len(cols), dtype=bool)
+        out = np.zeros(len(cols), dtype=bool)
+        for i, (c, r) in enumerate(zip(cols, rows, strict=True)):
+            with self._read_errors(Window(int(c), int(r), 1, 1, 1, 1)):
+                out[i] = bool((src.read_masks(self.bands, window=RioWindow(int(c), int(r), 1, 1)) > 0).all())
+        return out
+
     def data_beyond(self, window: Window) -> tuple[bool, bool, bool, bool]:
         """Whether valid data lies just outside each edge of ``window`` (left, top, right, bottom).
 
