@@ -263,10 +263,9 @@ def _roofline_rows(args: argparse.Namespace, fp: dict) -> dict:
 
 
 def child_sahi(args: argparse.Namespace) -> dict:
-    """SAHI's sliced prediction with the same torchvision model, tile and overlap."""
+    """SAHI's sliced prediction with the same torchvision model, tile and overlap (``scripts/sahi_compare.py``)."""
     import torch
-    from sahi.models.torchvision import TorchVisionDetectionModel  # type: ignore[import-not-found]
-    from sahi.predict import get_sliced_prediction  # type: ignore[import-not-found]
+    from sahi_compare import sahi_child
 
     from hem_bootstrap.model.detectors import build_detector
 
@@ -279,43 +278,8 @@ def child_sahi(args: argparse.Namespace) -> dict:
         from hem_bootstrap.model.checkpoints import load_checkpoint
 
         load_checkpoint(Path(args.weights), model)
-    model = model.eval()
-    det = TorchVisionDetectionModel(model=model, confidence_threshold=cfg.model.score_floor,
-                                    device="cuda" if _cuda() else "cpu", category_mapping={"1": "vehicle"},
-                                    load_at_init=True, image_size=args.tile)
-    import rasterio
-
-    t0 = time.perf_counter()
-    with rasterio.open(args.raster) as src:
-        image = np.transpose(src.read(), (1, 2, 0))  # SAHI needs the whole image in memory
-    ratio = args.overlap / args.tile
-    res = get_sliced_prediction(image, det, slice_height=args.tile, slice_width=args.tile,
-                                overlap_height_ratio=ratio, overlap_width_ratio=ratio, verbose=0)
-    secs = time.perf_counter() - t0
-    if args.dump:
-        rows = [[*p.bbox.to_xyxy(), p.score.value] for p in res.object_prediction_list]
-        np.save(args.dump, np.asarray(rows, dtype=np.float64).reshape(-1, 5))
-    return {"seconds": secs, "detections": len(res.object_prediction_list), "peak_rss_mb": _peak_rss_mb()}
-
-
-def _agreement(ours_gpkg: Path, sahi_npy: Path, min_score: float = 0.3, iou: float = 0.5) -> dict:
-    """How many detections scoring >= ``min_score`` each method finds that the other also finds (IoU >= ``iou``)."""
-    import geopandas as gpd
-    import shapely
-
-    ours = gpd.read_file(ours_gpkg)
-    a = ours.loc[ours["score"] >= min_score, ["px_xmin", "px_ymin", "px_xmax", "px_ymax"]].to_numpy(float)
-    sahi = np.load(sahi_npy)
-    b = sahi[sahi[:, 4] >= min_score, :4]
-    if len(a) == 0 or len(b) == 0:
-        return {"ours": len(a), "sahi": len(b), "ours_found_by_sahi": 0, "sahi_found_by_ours": 0}
-    ga, gb = shapely.box(*a.T), shapely.box(*b.T)
-    i, j = shapely.STRtree(gb).query(ga, predicate="intersects")
-    inter = shapely.area(shapely.intersection(ga[i], gb[j]))
-    good = inter / (shapely.area(ga[i]) + shapely.area(gb[j]) - inter) >= iou
-    return {"min_score": min_score, "iou": iou, "ours": len(a), "sahi": len(b),
-            "ours_found_by_sahi": int(len(np.unique(i[good]))) / len(a),
-            "sahi_found_by_ours": int(len(np.unique(j[good]))) / len(b)}
+    return sahi_child(model.eval(), cfg.model.score_floor, "cuda" if _cuda() else "cpu", Path(args.raster), args.tile,
+                      args.overlap, Path(args.dump) if args.dump else None, _peak_rss_mb)
 
 
 def _run_child(kind: str, args: argparse.Namespace, **extra: object) -> dict:
@@ -440,7 +404,9 @@ def _sahi_row(args: argparse.Namespace, data_dir: Path, size: int, e2e: dict, ou
         if "seconds" in sahi_res and "seconds" in e2e:
             row["sahi_wall_ratio"] = sahi_res["seconds"] / e2e["seconds"]
             row["rss_ratio_ours_over_sahi"] = e2e["peak_rss_mb"] / sahi_res["peak_rss_mb"]
-            row["agreement"] = _agreement(ours_dump, sahi_dump)
+            from sahi_compare import agreement
+
+            row["agreement"] = agreement(ours_dump, sahi_dump)
     except ImportError:
         row["sahi"] = "not installed"
     return row

@@ -73,3 +73,24 @@ def test_fast_path_table_has_agreement_and_a_roofline(tmp_path: Path) -> None:
         row = fast[mode]
         assert "error" not in row, row
         assert row["agreement"]["detections_ref"] >= 0 and row["speedup_vs_eager"] > 0
+
+
+def test_sahi_agreement_counts_the_boxes_each_side_finds(tmp_path: Path) -> None:
+    """scripts/sahi_compare.agreement: confident boxes matched at IoU >= 0.5 both ways (SAHI itself is optional)."""
+    import importlib.util
+
+    import geopandas as gpd
+    import numpy as np
+    import shapely
+
+    spec = importlib.util.spec_from_file_location("sahi_compare", ROOT / "scripts" / "sahi_compare.py")
+    assert spec is not None and spec.loader is not None
+    sahi_compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sahi_compare)
+    boxes = {"px_xmin": [0, 50, 0], "px_ymin": [0, 50, 0], "px_xmax": [10, 60, 5], "px_ymax": [10, 60, 5]}
+    gpd.GeoDataFrame({"score": [0.9, 0.8, 0.1], **boxes}, geometry=[shapely.box(0, 0, 1, 1)] * 3,
+                     crs="EPSG:32633").to_file(tmp_path / "ours.gpkg")
+    np.save(tmp_path / "sahi.npy", np.array([[0, 0, 10, 11, 0.9], [100, 100, 110, 110, 0.95], [50, 50, 60, 60, 0.2]]))
+    got = sahi_compare.agreement(tmp_path / "ours.gpkg", tmp_path / "sahi.npy")
+    assert (got["ours"], got["sahi"]) == (2, 2)  # below min_score 0.3 left out on both sides
+    assert got["ours_found_by_sahi"] == 0.5 and got["sahi_found_by_ours"] == 0.5
