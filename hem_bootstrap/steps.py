@@ -22,7 +22,7 @@ import torch
 from hem_bootstrap.config import EvaluateConfig, ExperimentConfig, TrainConfig
 from hem_bootstrap.data.sampling import RatioBatchSampler
 from hem_bootstrap.data.training import ChipDataset, TrainImage, collate_chips
-from hem_bootstrap.detections import Naming, empty_detections, read_detections, write_detections
+from hem_bootstrap.detections import Naming, read_detections, write_detections
 from hem_bootstrap.distributed import broadcast_from_rank0
 from hem_bootstrap.evaluate import EvalImage, evaluate, write_metrics
 from hem_bootstrap.files import atomic_copy, atomic_path
@@ -264,8 +264,8 @@ def step_detect(ctx: Context, r: int) -> dict[str, Any]:
     if not _needs_pool_scan(ctx.cfg, NegativeBank.load(ctx.run.round_dir(r - 1) / "bank.gpkg")):
         if ctx.is_main:
             crs = next((t.header().crs for t in ctx.data.readable("pool")), None)
-            write_detections(iter([empty_detections(crs)]), rd / "detections.gpkg",
-                             naming=Naming(tuple(ctx.cfg.data.classes)))
+            write_detections(iter(()), rd / "detections.gpkg", naming=Naming(tuple(ctx.cfg.data.classes)),
+                             empty_crs=crs)
         return {"detections": 0, "tiles": 0, "skipped": "mining.strategies: none, and no bank to refresh"}
     info = scan(ctx, model, "pool", rd / "detections.gpkg")
     if ctx.cfg.train.hard_positive_factor > 1:
